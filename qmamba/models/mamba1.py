@@ -1,0 +1,50 @@
+"""Mamba1 mixer (selective SSM), parameter for parameter the same as mamba_ssm's ``Mamba`` module."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qmamba.config import MambaConfig
+from qmamba.models.parts import CausalConv1d, SelectiveScan
+
+
+def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, floor: float) -> torch.Tensor:
+    """Bias whose softplus is a time step drawn log-uniformly in [dt_min, dt_max] (mamba_ssm's dt init)."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class Mamba1Mixer(nn.Module):
+    """(B, L, d_model) -> (B, L, d_model). Parts: in_proj, conv1d (+SiLU), x_proj, dt_proj, scan, out_proj."""
+
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        d, di, n, r = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank_value
+        self.d_inner, self.d_state, self.dt_rank = di, n, r
+        self.in_proj = nn.Linear(d, 2 * di, bias=cfg.bias)
+        self.conv1d = CausalConv1d(di, cfg.d_conv, bias=cfg.conv_bias)
+        self.x_proj = nn.Linear(di, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, di, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(di, 1))  # (di, n)
+        self.D = nn.Parameter(torch.ones(di))
+        self.scan = SelectiveScan()
+        self.out_proj = nn.Linear(di, d, bias=cfg.bias)
+
+        with torch.no_grad():
+            std = r ** -0.5
+            self.dt_proj.weight.uniform_(-std, std)
+            self.dt_proj.bias.copy_(inverse_softplus_dt(di, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
+        self.dt_proj.bias._keep_init = True
+        for p in (self.A_log, self.D):
+            p._no_weight_decay = True
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, L, di) each
+        x = self.conv1d(x.transpose(1, 2))  # (B, di, L)
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = self.dt_proj(dt).transpose(1, 2)  # (B, di, L)
+        y = self.scan(x, delta, self.A_log, B.transpose(1, 2), C.transpose(1, 2), self.D, z.transpose(1, 2))
+        return self.out_proj(y.transpose(1, 2))  # (B, L, d_model)

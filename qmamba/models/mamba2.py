@@ -1,0 +1,42 @@
+"""Mamba2 mixer (SSD), parameter for parameter the same as mamba_ssm's ``Mamba2`` module (no MLP half)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qmamba.config import MambaConfig
+from qmamba.models.mamba1 import inverse_softplus_dt
+from qmamba.models.parts import CausalConv1d, RMSNormGated, SSDScan
+
+
+class Mamba2Mixer(nn.Module):
+    """(B, L, d_model) -> (B, L, d_model). Parts: in_proj, conv1d (+SiLU), scan, norm (gated), out_proj."""
+
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        d, di, n, g = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.ngroups
+        self.d_inner, self.d_state, self.ngroups = di, n, g
+        self.nheads, self.headdim = cfg.nheads, cfg.headdim
+        self.conv_dim = di + 2 * g * n
+        self.in_proj = nn.Linear(d, 2 * di + 2 * g * n + self.nheads, bias=cfg.bias)  # [z, x, B, C, dt]
+        self.conv1d = CausalConv1d(self.conv_dim, cfg.d_conv, bias=cfg.conv_bias)
+        self.dt_bias = nn.Parameter(inverse_softplus_dt(self.nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(1, 16)))
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        self.scan = SSDScan(cfg.chunk_size)
+        self.norm = RMSNormGated(di, eps=1e-5, group_size=di // g, norm_before_gate=False)
+        self.out_proj = nn.Linear(di, d, bias=cfg.bias)
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        b, L, _ = hidden.shape
+        z, xBC, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xBC = self.conv1d(xBC.transpose(1, 2)).transpose(1, 2)  # (B, L, conv_dim)
+        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        y = self.scan(x.reshape(b, L, self.nheads, self.headdim), dt, self.A_log,
+                      B.reshape(b, L, self.ngroups, self.d_state), C.reshape(b, L, self.ngroups, self.d_state),
+                      self.D, self.dt_bias)  # (B, L, H, P)
+        y = self.norm(y.reshape(b, L, self.d_inner), z)
+        return self.out_proj(y)  # (B, L, d_model)

@@ -1,0 +1,49 @@
+"""Choosing between the pure-torch reference of an op and its CUDA fast path.
+
+Every op takes ``backend``: ``"torch"`` (the reference, any device), ``"cuda"`` (the fast path; an error naming the fix
+when it cannot load) or ``"auto"`` (the fast path when the inputs are on a GPU and it imports, else the reference).
+Fast-path packages are imported lazily, on first use, so ``import qmamba`` never needs them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+BACKENDS = ("auto", "torch", "cuda")
+
+# package that provides each fast path, and how a user gets it
+_INSTALL_HINT = {
+    "mamba_ssm": 'pip install "qmamba[cuda]" (mamba-ssm needs a CUDA GPU and nvcc to build)',
+    "causal_conv1d": 'pip install "qmamba[cuda]" (causal-conv1d needs a CUDA GPU and nvcc to build)',
+}
+
+
+@functools.lru_cache(maxsize=None)
+def try_import(module: str):
+    """The module, or None when it cannot be imported here (CPU machine, missing package, broken build)."""
+    try:
+        return importlib.import_module(module)
+    except Exception:  # a broken CUDA build raises OSError / ImportError / RuntimeError alike
+        return None
+
+
+def validate_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def use_fast_path(backend: str, tensor: torch.Tensor, module: str, op: str) -> bool:
+    """True when ``op`` should run its fast path from ``module`` for inputs like ``tensor``."""
+    validate_backend(backend)
+    if backend == "torch":
+        return False
+    available = tensor.is_cuda and try_import(module) is not None
+    if backend == "cuda" and not available:
+        why = "its inputs are not on a CUDA device" if not tensor.is_cuda else f"`import {module}` fails"
+        raise RuntimeError(f"{op}: backend='cuda' was asked for but {why}. "
+                           f"Install the fast path with {_INSTALL_HINT[module]}, or use backend='torch'.")
+    return available
