@@ -73,6 +73,12 @@ def model_from_state_dict(cfg: MambaConfig, state: dict[str, torch.Tensor], sour
     state = dict(state)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)  # the same tensor as the embedding
+    expected = model.state_dict()
+    wrong = [f"{k}: {tuple(v.shape)} in the weights, {tuple(expected[k].shape)} in the config"
+             for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if wrong:  # load_state_dict would raise a RuntimeError that does not name the source
+        raise ValueError(f"{source}: weights do not fit the config. shape mismatches: {wrong[:8]}"
+                         f"{' ...' if len(wrong) > 8 else ''}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if cfg.tie_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]

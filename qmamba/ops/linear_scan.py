@@ -7,7 +7,7 @@ start; a short loop over chunks (L / chunk steps on one state-sized tensor) carr
 boundaries. The products only ever multiply numbers of the recurrence (no division, no exp of a sum), so it is as
 stable as the sequential loop.
 
-The backward is the same recurrence run in reverse: with ``g[t] = dLoss/dh[t] + a[t+1] * g[t+1]``,
+The backward is the same recurrence run in reverse (``reverse=True``): with ``g[t] = dLoss/dh[t] + a[t+1] * g[t+1]``,
 ``dLoss/db[t] = g[t]`` and ``dLoss/da[t] = g[t] * h[t-1]``. Only ``a`` and the output ``h`` are saved.
 """
 
@@ -16,35 +16,49 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK = 16
+DEFAULT_CHUNK = 8
 
 
-def _scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, chunk: int) -> torch.Tensor:
-    """Forward recurrence along dim -2 of ``a``, ``b`` (shape (..., L, N)); ``h0`` of shape (..., N) or None."""
+def _scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, chunk: int,
+          reverse: bool = False) -> torch.Tensor:
+    """Recurrence along dim -2 of ``a``, ``b`` (shape (..., L, N)); ``h0`` of shape (..., N) or None.
+
+    ``reverse=True`` runs it from the end: ``h[t] = a[t] * h[t+1] + b[t]``, ``h[L] = h0``."""
     L = a.shape[-2]
     T = max(1, min(chunk, L))
     pad = (-L) % T
     if pad:  # a = 1, b = 0 on padded steps leaves the state unchanged
-        a = F.pad(a, (0, 0, 0, pad), value=1.0)
-        b = F.pad(b, (0, 0, 0, pad), value=0.0)
+        where = (0, 0, pad, 0) if reverse else (0, 0, 0, pad)
+        a = F.pad(a, where, value=1.0)
+        b = F.pad(b, where, value=0.0)
     lead, N = a.shape[:-2], a.shape[-1]
     nc = (L + pad) // T
-    prod = a.reshape(*lead, nc, T, N).clone()  # after the doubling: product of a since the chunk start
-    h = b.reshape(*lead, nc, T, N).clone()  # after the doubling: state reached from a zero start in the chunk
+    # prod: product of a from the chunk start (chunk end if reverse) to the step; h: state reached from zero there
+    prod = a.reshape(*lead, nc, T, N)
+    h = b.reshape(*lead, nc, T, N)
     step = 1
-    while step < T:
-        # combine each step with the partial result `step` steps earlier (right side is evaluated before the write)
-        h[..., step:, :] = h[..., step:, :] + prod[..., step:, :] * h[..., :-step, :]
-        prod[..., step:, :] = prod[..., step:, :] * prod[..., :-step, :]
+    while step < T:  # Hillis-Steele doubling: combine each step with the partial result `step` steps before it
+        new_h, new_prod = torch.empty_like(h), torch.empty_like(prod)
+        if reverse:
+            cur, src, keep = slice(None, -step), slice(step, None), slice(T - step, None)
+        else:
+            cur, src, keep = slice(step, None), slice(None, -step), slice(None, step)
+        new_h[..., keep, :] = h[..., keep, :]
+        new_prod[..., keep, :] = prod[..., keep, :]
+        torch.addcmul(h[..., cur, :], prod[..., cur, :], h[..., src, :], out=new_h[..., cur, :])
+        torch.mul(prod[..., cur, :], prod[..., src, :], out=new_prod[..., cur, :])
+        h, prod = new_h, new_prod
         step *= 2
     # carry the state across chunk boundaries: carry[c] is the state entering chunk c
     carry = torch.empty(*lead, nc, N, dtype=h.dtype, device=h.device)
     state = h0 if h0 is not None else torch.zeros(*lead, N, dtype=h.dtype, device=h.device)
-    for c in range(nc):
+    last = 0 if reverse else -1
+    for c in (range(nc - 1, -1, -1) if reverse else range(nc)):
         carry[..., c, :] = state
-        state = prod[..., c, -1, :] * state + h[..., c, -1, :]
-    h = h + prod * carry.unsqueeze(-2)  # (..., nc, T, N)
-    return h.reshape(*lead, nc * T, N)[..., :L, :]
+        state = torch.addcmul(h[..., c, last, :], prod[..., c, last, :], state)
+    h = torch.addcmul(h, prod, carry.unsqueeze(-2))  # (..., nc, T, N)
+    h = h.reshape(*lead, nc * T, N)
+    return h[..., pad:, :] if reverse else h[..., :L, :]
 
 
 class _LinearScan(torch.autograd.Function):
@@ -60,7 +74,7 @@ class _LinearScan(torch.autograd.Function):
         a, h, h0 = ctx.saved_tensors
         # reverse recurrence g[t] = grad_h[t] + a[t+1] * g[t+1], run as a forward scan on flipped time
         a_next = torch.cat([a[..., 1:, :], torch.zeros_like(a[..., :1, :])], dim=-2)
-        g = _scan(a_next.flip(-2), grad_h.flip(-2), None, ctx.chunk).flip(-2)
+        g = _scan(a_next, grad_h, None, ctx.chunk, reverse=True)
         h_prev = torch.cat([h0.unsqueeze(-2) if h0 is not None else torch.zeros_like(h[..., :1, :]),
                             h[..., :-1, :]], dim=-2)
         grad_a = g * h_prev

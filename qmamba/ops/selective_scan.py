@@ -31,50 +31,49 @@ def _grouped(u, delta, A, B, C):
     u5 = u.reshape(b, g, r, L, 1)
     delta5 = delta.reshape(b, g, r, L, 1)
     A5 = A.reshape(g, r, 1, n)
-    B5 = B.transpose(-1, -2).unsqueeze(2)  # (b, g, 1, L, n)
-    C5 = C.transpose(-1, -2).unsqueeze(2)
+    B5 = B.transpose(-1, -2).contiguous().unsqueeze(2)  # (b, g, 1, L, n)
+    C5 = C.transpose(-1, -2).contiguous().unsqueeze(2)
     return u5, delta5, A5, B5, C5
 
 
 class _SelectiveScanCore(torch.autograd.Function):
     """y[t] = sum_n C[t] h[t] with h[t] = exp(delta[t] A) h[t-1] + delta[t] B[t] u[t]; fp32 inputs.
 
-    Saves only the inputs and recomputes the (b, d, L, n) states in backward, as the CUDA kernel does, so a deep
-    model's activation memory stays (b, d, L)-sized.
+    Keeps the (b, d, L, n) decays and states for the backward, which runs the recurrence in reverse.
     """
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, chunk):
         u5, delta5, A5, B5, C5 = _grouped(u, delta, A, B, C)
-        dA = torch.exp(delta5 * A5)  # (b, g, r, L, n)
+        dA = torch.mul(delta5, A5).exp_()  # (b, g, r, L, n)
         h = _scan(dA, (delta5 * u5) * B5, None, chunk)
         y = (h * C5).sum(-1)  # (b, g, r, L)
-        ctx.save_for_backward(u, delta, A, B, C)
+        ctx.save_for_backward(u, delta, A, B, C, dA, h)
         ctx.chunk = chunk
         return y.reshape(u.shape), h[..., -1, :].reshape(u.shape[0], u.shape[1], -1)
 
     @staticmethod
     def backward(ctx, grad_y, grad_last):
-        u, delta, A, B, C = ctx.saved_tensors
+        u, delta, A, B, C, dA, h = ctx.saved_tensors
         u5, delta5, A5, B5, C5 = _grouped(u, delta, A, B, C)
-        du = delta5 * u5
-        dA = torch.exp(delta5 * A5)
-        h = _scan(dA, du * B5, None, ctx.chunk)
         gy = grad_y.reshape(delta5.shape)  # (b, g, r, L, 1)
-        gh = gy * C5  # dLoss/dh[t] from y[t]
+        gh = gy * C5  # dLoss/dh[t] through y[t]
         if grad_last is not None:
             gh[..., -1, :] += grad_last.reshape(gh[..., -1, :].shape)
         grad_C = (h * gy).sum(2)  # (b, g, L, n)
         # reverse recurrence: g[t] = gh[t] + dA[t+1] * g[t+1]
         dA_next = torch.cat([dA[..., 1:, :], torch.zeros_like(dA[..., :1, :])], dim=-2)
-        g = _scan(dA_next.flip(-2), gh.flip(-2), None, ctx.chunk).flip(-2)
+        g = _scan(dA_next, gh, None, ctx.chunk, reverse=True)
+        du = delta5 * u5
         grad_du = (g * B5).sum(-1, keepdim=True)  # (b, g, r, L, 1)
         grad_B = (g * du).sum(2)  # (b, g, L, n)
-        h_prev = torch.cat([torch.zeros_like(h[..., :1, :]), h[..., :-1, :]], dim=-2)
-        grad_dAexp = g * h_prev * dA  # dLoss/d(delta * A)
-        grad_delta = grad_du * u5 + (grad_dAexp * A5).sum(-1, keepdim=True)
+        # dLoss/d(delta * A) = g[t] * h[t-1] * dA[t] (h[-1] = 0)
+        grad_dA = torch.zeros_like(g)
+        torch.mul(g[..., 1:, :], h[..., :-1, :], out=grad_dA[..., 1:, :])
+        grad_dA *= dA
+        grad_delta = grad_du * u5 + (grad_dA * A5).sum(-1, keepdim=True)
         grad_u = grad_du * delta5
-        grad_A = (grad_dAexp * delta5).sum((0, 3))  # (g, r, n)
+        grad_A = (grad_dA * delta5).sum((0, 3))  # (g, r, n)
         grad_B = grad_B.transpose(-1, -2).reshape(B.shape)
         grad_C = grad_C.transpose(-1, -2).reshape(C.shape)
         return (grad_u.reshape(u.shape), grad_delta.reshape(delta.shape), grad_A.reshape(A.shape),
