@@ -1,96 +1,124 @@
-"""The first-order linear recurrence ``h[t] = a[t] * h[t-1] + b[t]`` evaluated in parallel, with its exact backward.
+"""The first-order linear recurrence ``h[t] = a[t] * h[t-1] + b[t]``, as a chunked (blocked) scan.
 
-This is the core of the pure-torch selective scan. It is a chunked scan with no Python loop over time steps:
-time is cut into chunks of ``chunk`` steps; inside every chunk, all chunks at once, a Hillis-Steele doubling scan
-(log2(chunk) tensor-wide steps) gives each step's state from a zero start and the decay product since the chunk
-start; a short loop over chunks (L / chunk steps on one state-sized tensor) carries the state across chunk
-boundaries. The products only ever multiply numbers of the recurrence (no division, no exp of a sum), so it is as
-stable as the sequential loop.
+Time is cut into ``nc`` chunks of ``T`` steps, with T close to sqrt(L), and tensors are laid out *blocked*:
+(..., T, nc, N), so step ``tt`` of every chunk is one contiguous slab. The scan then takes two short passes of
+Python iterations, each one tensor op over all chunks at once, instead of L iterations:
+  1. within chunks (T iterations, every chunk in parallel): the state reached from a zero start, and the product
+     of ``a`` since the chunk start;
+  2. across chunks (nc iterations on one (..., N) state): the state entering each chunk;
+then one fused multiply-add adds the entering state, decayed, to every step. Only products of the recurrence's own
+numbers are formed (no division, no exp of a difference), so it is as stable as the sequential loop. The Mamba1
+selective scan builds its decays and inputs directly in the blocked layout, so no big tensor is ever transposed.
 
-The backward is the same recurrence run in reverse (``reverse=True``): with ``g[t] = dLoss/dh[t] + a[t+1] * g[t+1]``,
-``dLoss/db[t] = g[t]`` and ``dLoss/da[t] = g[t] * h[t-1]``. Only ``a`` and the output ``h`` are saved.
+``reverse=True`` runs the recurrence from the end, ``h[t] = a[t] * h[t+1] + b[t]``, which is what backward needs.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK = 8
+
+def chunk_len(L: int) -> int:
+    """The chunk length used for a sequence of L steps: the power of two nearest sqrt(L)."""
+    return 1 << max(0, round(math.log2(max(1, L)) / 2))
 
 
-def _scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, chunk: int,
-          reverse: bool = False) -> torch.Tensor:
-    """Recurrence along dim -2 of ``a``, ``b`` (shape (..., L, N)); ``h0`` of shape (..., N) or None.
-
-    ``reverse=True`` runs it from the end: ``h[t] = a[t] * h[t+1] + b[t]``, ``h[L] = h0``."""
-    L = a.shape[-2]
-    T = max(1, min(chunk, L))
+def to_blocks(x: torch.Tensor, T: int, dim: int = -2, pad_value: float = 0.0) -> torch.Tensor:
+    """(..., L, ...) -> (..., T, nc, ...) along ``dim`` (padded at the end to a multiple of T with ``pad_value``)."""
+    dim = dim % x.dim()
+    L = x.shape[dim]
     pad = (-L) % T
-    if pad:  # a = 1, b = 0 on padded steps leaves the state unchanged
-        where = (0, 0, pad, 0) if reverse else (0, 0, 0, pad)
-        a = F.pad(a, where, value=1.0)
-        b = F.pad(b, where, value=0.0)
-    lead, N = a.shape[:-2], a.shape[-1]
+    if pad:
+        widths = [0, 0] * (x.dim() - 1 - dim) + [0, pad]
+        x = F.pad(x, widths, value=pad_value)
     nc = (L + pad) // T
-    # prod: product of a from the chunk start (chunk end if reverse) to the step; h: state reached from zero there
-    prod = a.reshape(*lead, nc, T, N)
-    h = b.reshape(*lead, nc, T, N)
-    step = 1
-    while step < T:  # Hillis-Steele doubling: combine each step with the partial result `step` steps before it
-        new_h, new_prod = torch.empty_like(h), torch.empty_like(prod)
-        if reverse:
-            cur, src, keep = slice(None, -step), slice(step, None), slice(T - step, None)
-        else:
-            cur, src, keep = slice(step, None), slice(None, -step), slice(None, step)
-        new_h[..., keep, :] = h[..., keep, :]
-        new_prod[..., keep, :] = prod[..., keep, :]
-        torch.addcmul(h[..., cur, :], prod[..., cur, :], h[..., src, :], out=new_h[..., cur, :])
-        torch.mul(prod[..., cur, :], prod[..., src, :], out=new_prod[..., cur, :])
-        h, prod = new_h, new_prod
-        step *= 2
-    # carry the state across chunk boundaries: carry[c] is the state entering chunk c
-    carry = torch.empty(*lead, nc, N, dtype=h.dtype, device=h.device)
-    state = h0 if h0 is not None else torch.zeros(*lead, N, dtype=h.dtype, device=h.device)
-    last = 0 if reverse else -1
-    for c in (range(nc - 1, -1, -1) if reverse else range(nc)):
+    return x.unflatten(dim, (nc, T)).transpose(dim, dim + 1)
+
+
+def from_blocks(x: torch.Tensor, L: int, dim: int = -3) -> torch.Tensor:
+    """Inverse of ``to_blocks``: (..., T, nc, ...) at ``dim`` -> (..., L, ...)."""
+    dim = dim % x.dim()
+    return x.transpose(dim, dim + 1).flatten(dim, dim + 1).narrow(dim, 0, L)
+
+
+def scan_blocks(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None,
+                reverse: bool = False) -> torch.Tensor:
+    """All states of the recurrence for blocked ``a``, ``b`` of shape (..., T, nc, N); ``h0`` (..., N) enters the
+    first chunk (the last one if ``reverse``). Returns h, blocked like ``a``. No autograd (see ``linear_scan``)."""
+    T, nc = a.shape[-3], a.shape[-2]
+    h = torch.empty_like(b)
+    prod = torch.empty_like(a)
+    steps = range(T - 1, -1, -1) if reverse else range(T)
+    first = steps[0]
+    h[..., first, :, :] = b[..., first, :, :]
+    prod[..., first, :, :] = a[..., first, :, :]
+    prev = first
+    for tt in steps[1:]:  # within every chunk at once
+        torch.addcmul(b[..., tt, :, :], a[..., tt, :, :], h[..., prev, :, :], out=h[..., tt, :, :])
+        torch.mul(a[..., tt, :, :], prod[..., prev, :, :], out=prod[..., tt, :, :])
+        prev = tt
+    last = steps[-1]  # the step where a chunk hands its state on
+    carry = torch.empty_like(h[..., 0, :, :])  # (..., nc, N): state entering each chunk
+    state = h0 if h0 is not None else torch.zeros_like(h[..., 0, 0, :])
+    for c in (range(nc - 1, -1, -1) if reverse else range(nc)):  # across chunks
         carry[..., c, :] = state
-        state = torch.addcmul(h[..., c, last, :], prod[..., c, last, :], state)
-    h = torch.addcmul(h, prod, carry.unsqueeze(-2))  # (..., nc, T, N)
-    h = h.reshape(*lead, nc * T, N)
-    return h[..., pad:, :] if reverse else h[..., :L, :]
+        state = torch.addcmul(h[..., last, c, :], prod[..., last, c, :], state)
+    return h.addcmul_(prod, carry.unsqueeze(-3))
+
+
+def shift_blocks(x: torch.Tensor, forward: bool, fill: float = 0.0) -> torch.Tensor:
+    """The blocked tensor of x[t+1] (``forward``) or x[t-1] (else) along time, ``fill`` past the ends."""
+    out = torch.empty_like(x)
+    if forward:
+        out[..., :-1, :, :] = x[..., 1:, :, :]
+        out[..., -1, :-1, :] = x[..., 0, 1:, :]
+        out[..., -1, -1, :] = fill
+    else:
+        out[..., 1:, :, :] = x[..., :-1, :, :]
+        out[..., 0, 1:, :] = x[..., -1, :-1, :]
+        out[..., 0, 0, :] = fill
+    return out
 
 
 class _LinearScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, h0, chunk):
-        h = _scan(a, b, h0, chunk)
-        ctx.save_for_backward(a, h, h0)
-        ctx.chunk = chunk
-        return h
+        L = a.shape[-2]
+        T = chunk or chunk_len(L)
+        ab, bb = to_blocks(a, T, pad_value=1.0).contiguous(), to_blocks(b, T).contiguous()
+        hb = scan_blocks(ab, bb, h0)
+        ctx.save_for_backward(ab, hb, h0)
+        ctx.L = L
+        return from_blocks(hb, L)
 
     @staticmethod
     def backward(ctx, grad_h):
-        a, h, h0 = ctx.saved_tensors
-        # reverse recurrence g[t] = grad_h[t] + a[t+1] * g[t+1], run as a forward scan on flipped time
-        a_next = torch.cat([a[..., 1:, :], torch.zeros_like(a[..., :1, :])], dim=-2)
-        g = _scan(a_next, grad_h, None, ctx.chunk, reverse=True)
-        h_prev = torch.cat([h0.unsqueeze(-2) if h0 is not None else torch.zeros_like(h[..., :1, :]),
-                            h[..., :-1, :]], dim=-2)
-        grad_a = g * h_prev
-        grad_h0 = a[..., 0, :] * g[..., 0, :] if h0 is not None and ctx.needs_input_grad[2] else None
-        return grad_a, g, grad_h0, None
+        ab, hb, h0 = ctx.saved_tensors
+        T = ab.shape[-3]
+        # g[t] = grad_h[t] + a[t+1] * g[t+1]; then dL/db = g, dL/da[t] = g[t] * h[t-1], dL/dh0 = a[0] * g[0]
+        g = scan_blocks(shift_blocks(ab, forward=True), to_blocks(grad_h, T).contiguous(), reverse=True)
+        h_prev = shift_blocks(hb, forward=False)
+        if h0 is not None:
+            h_prev[..., 0, 0, :] = h0
+        grad_a = from_blocks(g * h_prev, ctx.L)
+        grad_h0 = ab[..., 0, 0, :] * g[..., 0, 0, :] if h0 is not None and ctx.needs_input_grad[2] else None
+        return grad_a, from_blocks(g, ctx.L), grad_h0, None
 
 
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None,
-                chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+                chunk: int | None = None) -> torch.Tensor:
     """All states of ``h[t] = a[t] * h[t-1] + b[t]`` along dim -2, ``h[-1] = h0`` (zeros if None).
 
-    a, b: (..., L, N), same shape and dtype (broadcast them first); h0: (..., N). Returns h: (..., L, N).
-    Differentiable in a, b and h0.
+    a, b: (..., L, N), same shape (broadcast them first); h0: (..., N). Returns h: (..., L, N).
+    Differentiable in a, b and h0. ``chunk``: steps per chunk (default ``chunk_len(L)``, about sqrt(L)).
     """
     if a.shape != b.shape:
         raise ValueError(f"linear_scan: a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"linear_scan: chunk must be >= 1, got {chunk}")
     return _LinearScan.apply(a, b, h0, chunk)
 
 

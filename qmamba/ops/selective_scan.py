@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from qmamba.ops.backend import try_import, use_fast_path
-from qmamba.ops.linear_scan import DEFAULT_CHUNK, _scan
+from qmamba.ops.linear_scan import chunk_len, from_blocks, scan_blocks, shift_blocks, to_blocks
 
 
 def _grouped(u, delta, A, B, C):
-    """Views that make the (b, d, L) channel axis (g, r) so grouped B / C broadcast: (b, g, r, L, 1) and
-    (b, g, 1, L, n); A becomes (g, r, 1, n)."""
+    """Plain views that make the (b, d, L) channel axis (g, r) so grouped B / C broadcast: u, delta (b, g, r, L, 1),
+    A (g, r, 1, n), B, C (b, g, 1, L, n)."""
     if B.dim() == 3:
         B, C = B.unsqueeze(1), C.unsqueeze(1)
     b, d, L = u.shape
@@ -28,56 +28,61 @@ def _grouped(u, delta, A, B, C):
     if d % g:
         raise ValueError(f"selective_scan: B/C have {g} groups, which must divide the {d} channels of u")
     r = d // g
-    u5 = u.reshape(b, g, r, L, 1)
-    delta5 = delta.reshape(b, g, r, L, 1)
-    A5 = A.reshape(g, r, 1, n)
-    B5 = B.transpose(-1, -2).contiguous().unsqueeze(2)  # (b, g, 1, L, n)
-    C5 = C.transpose(-1, -2).contiguous().unsqueeze(2)
-    return u5, delta5, A5, B5, C5
+    return (u.reshape(b, g, r, L, 1), delta.reshape(b, g, r, L, 1), A.reshape(g, r, 1, n),
+            B.transpose(-1, -2).unsqueeze(2), C.transpose(-1, -2).unsqueeze(2))
+
+
+def _blocked(x: torch.Tensor, T: int) -> torch.Tensor:
+    """(..., L, k) -> contiguous (..., T, nc, k), zero-padded in time (zero delta = no decay, no input)."""
+    return to_blocks(x, T, dim=-2).contiguous()
 
 
 class _SelectiveScanCore(torch.autograd.Function):
     """y[t] = sum_n C[t] h[t] with h[t] = exp(delta[t] A) h[t-1] + delta[t] B[t] u[t]; fp32 inputs.
 
-    Keeps the (b, d, L, n) decays and states for the backward, which runs the recurrence in reverse.
+    Works in the blocked layout of ``linear_scan`` (time as (T, nc)); keeps the (b, d, L, n) decays and states for
+    the backward, which runs the recurrence in reverse.
     """
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, chunk):
         u5, delta5, A5, B5, C5 = _grouped(u, delta, A, B, C)
-        dA = torch.mul(delta5, A5).exp_()  # (b, g, r, L, n)
-        h = _scan(dA, (delta5 * u5) * B5, None, chunk)
-        y = (h * C5).sum(-1)  # (b, g, r, L)
-        ctx.save_for_backward(u, delta, A, B, C, dA, h)
-        ctx.chunk = chunk
-        return y.reshape(u.shape), h[..., -1, :].reshape(u.shape[0], u.shape[1], -1)
+        L = u.shape[-1]
+        T = chunk or chunk_len(L)
+        u6, delta6, B6, C6 = (_blocked(x, T) for x in (u5, delta5, B5, C5))  # (b, g, r|1, T, nc, 1|n)
+        A6 = A5.unsqueeze(-2)  # (g, r, 1, 1, n)
+        dA = torch.mul(delta6, A6).exp_()  # (b, g, r, T, nc, n)
+        h = scan_blocks(dA, (delta6 * u6) * B6)
+        y = (h * C6).sum(-1, keepdim=True)  # (b, g, r, T, nc, 1)
+        ctx.save_for_backward(u6, delta6, A6, B6, C6, dA, h)
+        ctx.shapes = (u.shape, B.shape, C.shape)
+        last = h[..., -1, -1, :]  # padded steps keep the state, so the final slot holds the state after step L-1
+        return from_blocks(y, L).reshape(u.shape), last.reshape(u.shape[0], u.shape[1], -1)
 
     @staticmethod
     def backward(ctx, grad_y, grad_last):
-        u, delta, A, B, C, dA, h = ctx.saved_tensors
-        u5, delta5, A5, B5, C5 = _grouped(u, delta, A, B, C)
-        gy = grad_y.reshape(delta5.shape)  # (b, g, r, L, 1)
-        gh = gy * C5  # dLoss/dh[t] through y[t]
+        u6, delta6, A6, B6, C6, dA, h = ctx.saved_tensors
+        u_shape, B_shape, C_shape = ctx.shapes
+        b, g, r = u6.shape[:3]
+        L, T = u_shape[-1], u6.shape[3]
+        gy6 = _blocked(grad_y.reshape(b, g, r, L, 1), T)  # (b, g, r, T, nc, 1)
+        gh = gy6 * C6  # dLoss/dh[t] through y[t]
         if grad_last is not None:
-            gh[..., -1, :] += grad_last.reshape(gh[..., -1, :].shape)
-        grad_C = (h * gy).sum(2)  # (b, g, L, n)
-        # reverse recurrence: g[t] = gh[t] + dA[t+1] * g[t+1]
-        dA_next = torch.cat([dA[..., 1:, :], torch.zeros_like(dA[..., :1, :])], dim=-2)
-        g = _scan(dA_next, gh, None, ctx.chunk, reverse=True)
-        du = delta5 * u5
-        grad_du = (g * B5).sum(-1, keepdim=True)  # (b, g, r, L, 1)
-        grad_B = (g * du).sum(2)  # (b, g, L, n)
-        # dLoss/d(delta * A) = g[t] * h[t-1] * dA[t] (h[-1] = 0)
-        grad_dA = torch.zeros_like(g)
-        torch.mul(g[..., 1:, :], h[..., :-1, :], out=grad_dA[..., 1:, :])
-        grad_dA *= dA
-        grad_delta = grad_du * u5 + (grad_dA * A5).sum(-1, keepdim=True)
-        grad_u = grad_du * delta5
-        grad_A = (grad_dA * delta5).sum((0, 3))  # (g, r, n)
-        grad_B = grad_B.transpose(-1, -2).reshape(B.shape)
-        grad_C = grad_C.transpose(-1, -2).reshape(C.shape)
-        return (grad_u.reshape(u.shape), grad_delta.reshape(delta.shape), grad_A.reshape(A.shape),
-                grad_B, grad_C, None)
+            gh[..., -1, -1, :] += grad_last.reshape(gh[..., -1, -1, :].shape)
+        grad_C = (h * gy6).sum(2)  # (b, g, T, nc, n)
+        gs = scan_blocks(shift_blocks(dA, forward=True), gh, reverse=True)  # g[t] = gh[t] + dA[t+1] g[t+1]
+        grad_du = (gs * B6).sum(-1, keepdim=True)  # (b, g, r, T, nc, 1)
+        grad_B = (gs * (delta6 * u6)).sum(2)  # (b, g, T, nc, n)
+        grad_dA = shift_blocks(h, forward=False).mul_(gs).mul_(dA)  # dLoss/d(delta A) = g[t] h[t-1] dA[t]
+        grad_delta = grad_du * u6 + (grad_dA * A6).sum(-1, keepdim=True)
+        grad_u = grad_du * delta6
+        grad_A = (grad_dA * delta6).sum((0, 3, 4))  # (g, r, n)
+
+        def unblock_bc(x, shape):  # (b, g, T, nc, n) -> (b, g, n, L) -> the input's shape
+            return from_blocks(x, L).transpose(-1, -2).reshape(shape)
+
+        return (from_blocks(grad_u, L).reshape(u_shape), from_blocks(grad_delta, L).reshape(u_shape),
+                grad_A.reshape(-1, grad_A.shape[-1]), unblock_bc(grad_B, B_shape), unblock_bc(grad_C, C_shape), None)
 
 
 def _prepare(u, delta, A, delta_bias, delta_softplus):
@@ -98,8 +103,9 @@ def _finish(y, u, D, z, dtype):
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False, chunk: int = DEFAULT_CHUNK):
-    """Pure-torch selective scan (chunked parallel scan over time; see module docstring for the math)."""
+                       return_last_state=False, chunk: int | None = None):
+    """Pure-torch selective scan (chunked scan over time, see ``linear_scan``; the math is in the module docstring).
+    ``chunk``: time steps per chunk (default about sqrt(L))."""
     dtype = u.dtype
     u, delta, A = _prepare(u, delta, A, delta_bias, delta_softplus)
     y, last = _SelectiveScanCore.apply(u.contiguous(), delta.contiguous(), A.contiguous(), B.float().contiguous(),
