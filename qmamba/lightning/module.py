@@ -93,8 +93,12 @@ class LMModule(L.LightningModule):
         return values
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-        if not self.trainer.sanity_checking and self.hparams.sample_tokens > 0:
+        values = self._log_epoch("val")
+        if self.trainer.sanity_checking:
+            return
+        self.print(f"step {self.global_step}: val loss {values['loss']:.4f}  ppl {values['ppl']:.4f}  "
+                   f"bpb {values['bpb']:.4f}  ({int(values['tokens'])} tokens)")
+        if self.hparams.sample_tokens > 0:
             self._log_sample()
 
     def on_test_epoch_end(self) -> None:
