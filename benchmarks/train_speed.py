@@ -1,0 +1,63 @@
+"""Training step time of a preset on the current device: forward + backward + AdamW step, timed after warm-up.
+
+    python benchmarks/train_speed.py --preset house-mamba1 --batch 64 --seq-len 512 [--precision bf16] [--backend auto]
+
+Prints ms per step, tokens per second and peak GPU memory. Used to size max_steps of the GPU configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from qmamba import MambaLM, preset, set_backend
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="house-mamba1")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    ap.add_argument("--backend", default="auto")
+    args = ap.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = set_backend(MambaLM(preset(args.preset)).to(device), args.backend)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len + 1), device=device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+
+    def step() -> None:
+        with torch.autocast(device_type=device, dtype=dtype, enabled=args.precision == "bf16"):
+            logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - start) / args.steps * 1e3
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    print(f"{args.preset} ({model.num_parameters() / 1e6:.1f}M) {args.precision} backend={args.backend} "
+          f"batch {args.batch}x{args.seq_len} on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}: "
+          f"{ms:.1f} ms/step, {args.batch * args.seq_len / ms * 1e3:,.0f} tokens/s, peak {peak:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
