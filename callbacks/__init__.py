@@ -1,0 +1,5 @@
+"""Lightning callbacks of the quantization pipeline (calibration, fake-quant / QAT, mode validation, finalize).
+
+Importable as a package (``callbacks.<name>``) from configs/ by ``class_path``. The pipeline that fills it builds on
+qmamba's models and LightningModule; none is defined yet.
+"""
