@@ -19,7 +19,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                     help="a qmamba .ckpt, a mamba_ssm / Hugging Face model folder, or a hub id "
                          f"(default: {DEFAULT_CHECKPOINT}, written by `python train.py --config configs/pretrain.yaml`)")
-    ap.add_argument("--mode", default="fp", help="int8 | fp | fakequant (aliases 0 | 1 | 2)")
+    ap.add_argument("--mode", default="fp", help="int8 | fp | fakequant (aliases 0 | 1 | 2), a comma list, or all")
     ap.add_argument("--split", default="test", choices=["test", "validation"])
     ap.add_argument("--corpus", help="override the checkpoint's corpus (shakespeare, a folder, hf:<name>[:<config>])")
     ap.add_argument("--tokenizer", help="override the checkpoint's tokenizer (bytes, or a transformers name)")
@@ -40,7 +40,8 @@ def main(argv=None) -> None:
     from qmamba.evaluation import evaluate, format_table
     from qmamba.modes import parse_mode
 
-    mode = parse_mode(args.mode)
+    modes = "all" if args.mode == "all" else [parse_mode(m) for m in args.mode.split(",")]
+    mode = "all" if modes == "all" else "+".join(modes)
     data = {"eval_batch_size": args.batch_size}
     for key, value in (("corpus", args.corpus), ("tokenizer", args.tokenizer), ("seq_len", args.seq_len)):
         if value is not None:
@@ -57,13 +58,14 @@ def main(argv=None) -> None:
                              save_dir="runs", config={"checkpoint": str(args.checkpoint), "mode": mode,
                                                       "split": args.split, **data})
     limit = int(args.limit_batches) if args.limit_batches > 1 else args.limit_batches
-    result = evaluate(args.checkpoint, mode=mode, split=args.split, data=data, backend=args.backend,
-                      accelerator=args.accelerator, limit_batches=limit, logger=logger)
+    results = evaluate(args.checkpoint, modes=modes, split=args.split, data=data, backend=args.backend,
+                       accelerator=args.accelerator, limit_batches=limit, logger=logger)
     if logger is not None:
-        logger.experiment.summary.update({"eval/perplexity": result.perplexity,
-                                          "eval/bits_per_byte": result.bits_per_byte,
-                                          "eval/tokens": result.tokens, "eval/seconds": result.seconds})
-    print(format_table([result]))
+        for r in results:
+            logger.experiment.summary.update({f"eval/{r.mode}/perplexity": r.perplexity,
+                                              f"eval/{r.mode}/bits_per_byte": r.bits_per_byte,
+                                              f"eval/{r.mode}/tokens": r.tokens, f"eval/{r.mode}/seconds": r.seconds})
+    print(format_table(results))
 
 
 if __name__ == "__main__":

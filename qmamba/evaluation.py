@@ -16,7 +16,9 @@ import torch
 
 from qmamba.data import TextDataModule
 from qmamba.lightning.module import LMModule
-from qmamba.modes import parse_mode
+from qmamba.modes import MODES, parse_mode
+from qmamba.ops.backend import try_import
+from qmamba.qnn import is_converted, is_prepared, set_mode
 
 SPLITS = ("test", "validation")
 
@@ -54,32 +56,61 @@ def data_config_of(source: str) -> dict[str, Any]:
     return {k: v for k, v in saved.items() if not k.startswith("_")}  # LightningCLI adds _class_path etc.
 
 
-def evaluate(source: str, mode: str = "fp", split: str = "test", data: dict[str, Any] | None = None,
-             backend: str = "auto", accelerator: str = "auto", limit_batches: int | float = 1.0,
-             logger: Any = None) -> EvalResult:
-    """Score the model at ``source`` (a ``.ckpt``, a model folder or a hub id) on ``split`` in ``mode``.
+def supported_modes(module: LMModule) -> tuple[str, ...]:
+    """The modes a loaded model can run in: fp only for an fp model; all three once prepared and calibrated;
+    int8 and fakequant (from the dequantized int8 weights) for a converted model."""
+    if is_converted(module.model):
+        return ("int8", "fakequant")
+    if is_prepared(module.model):
+        return MODES
+    return ("fp",)
 
-    ``data`` overrides the datamodule settings stored in the checkpoint (corpus, tokenizer, seq_len ...)."""
-    mode = parse_mode(mode)
+
+def check_backend(backend: str) -> None:
+    if backend == "cuda" and not (torch.cuda.is_available() and try_import("mamba_ssm") is not None):
+        why = "no CUDA GPU is visible" if not torch.cuda.is_available() else "`import mamba_ssm` fails"
+        raise ValueError(f"--backend cuda cannot load here: {why}. Use --backend torch (the reference, any device) "
+                         'or auto; on a GPU install the kernels with pip install "qmamba[cuda]"')
+
+
+def evaluate(source: str, modes: str | list[str] = "fp", split: str = "test", data: dict[str, Any] | None = None,
+             backend: str = "auto", accelerator: str = "auto", limit_batches: int | float = 1.0,
+             logger: Any = None) -> list[EvalResult]:
+    """Score the model at ``source`` (a ``.ckpt``, a model folder or a hub id) on ``split`` in each of ``modes``
+    ("all" = every mode the checkpoint supports). ``data`` overrides the datamodule settings stored in the
+    checkpoint (corpus, tokenizer, seq_len ...)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if mode != "fp":
-        raise ValueError(f"{source} holds an fp model: mode {mode!r} needs a calibrated (prepared) or int8 "
-                         "checkpoint; evaluate it with --mode fp")
+    check_backend(backend)
     settings = {**data_config_of(source), **(data or {})}
     datamodule = TextDataModule(**settings)
     module = LMModule(init_from=str(source), backend=backend, sample_tokens=0)
-    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=logger if logger is not None else False,
-                        enable_checkpointing=False, enable_model_summary=False, limit_test_batches=limit_batches,
-                        limit_val_batches=limit_batches)
-    start = time.perf_counter()
-    if split == "test":
-        trainer.test(module, datamodule=datamodule, verbose=False)
-        prefix = "test"
-    else:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-        prefix = "val"
-    seconds = time.perf_counter() - start
-    m = trainer.callback_metrics
-    return EvalResult(mode=mode, split=split, tokens=int(m[f"{prefix}/tokens"]), perplexity=float(m[f"{prefix}/ppl"]),
-                      bits_per_byte=float(m[f"{prefix}/bpb"]), seconds=seconds)
+    supported = supported_modes(module)
+    wanted = list(supported) if modes == "all" else [parse_mode(m) for m in
+                                                     ([modes] if isinstance(modes, str) else modes)]
+    for mode in wanted:
+        if mode not in supported:
+            kind = "an int8" if is_converted(module.model) else ("a prepared" if is_prepared(module.model) else "an fp")
+            raise ValueError(f"{source} holds {kind} model, which runs in {', '.join(supported)}; mode {mode!r} "
+                             + ("needs a calibrated (prepared) or int8 checkpoint, e.g. from "
+                                "`python train.py --config configs/ptq.yaml`" if kind == "an fp" else
+                                "needs the fp / prepared checkpoint it came from"))
+    results = []
+    for mode in wanted:
+        set_mode(module.model, mode)
+        trainer = L.Trainer(accelerator=accelerator, devices=1, logger=logger if logger is not None else False,
+                            enable_checkpointing=False, enable_model_summary=False, limit_test_batches=limit_batches,
+                            limit_val_batches=limit_batches)
+        start = time.perf_counter()
+        if split == "test":
+            trainer.test(module, datamodule=datamodule, verbose=False)
+            prefix = "test"
+        else:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+            prefix = "val"
+        seconds = time.perf_counter() - start
+        m = trainer.callback_metrics
+        results.append(EvalResult(mode=mode, split=split, tokens=int(m[f"{prefix}/tokens"]),
+                                  perplexity=float(m[f"{prefix}/ppl"]), bits_per_byte=float(m[f"{prefix}/bpb"]),
+                                  seconds=seconds))
+    return results

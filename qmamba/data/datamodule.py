@@ -63,6 +63,25 @@ class TokenWindows(Dataset):
         return x, y, nbytes
 
 
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A fresh permutation every epoch, drawn from ``seed + epoch`` alone (Lightning calls ``set_epoch``), so a run
+    resumed at an epoch boundary sees exactly the batches an uninterrupted run would. The seed is torch's initial
+    seed (``seed_everything``) when the loader is made."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class TextDataModule(L.LightningDataModule):
     """Corpus -> tokenizer -> ``TokenWindows`` for train / validation / test, plus a calibration loader.
 
@@ -171,7 +190,7 @@ class TextDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(dataset), torch.initial_seed()) if shuffle else None,
             drop_last=drop_last,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,

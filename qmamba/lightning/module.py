@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from qmamba.config import MambaConfig, preset
 from qmamba.data import IGNORE_INDEX
 from qmamba.lightning.metrics import LMMetrics
-from qmamba.models import MambaLM, load_model, set_backend
+from qmamba.lightning.checkpoint import checkpoint_entry, load_checkpoint_model
+from qmamba.models import MambaLM, set_backend
 from qmamba.models.loading import CHECKPOINT_KEY
 
 
@@ -31,7 +32,7 @@ class LMModule(L.LightningModule):
         sample_tokens, sample_prompt, sample_temperature: a generated sample logged after each validation (0 = off).
     """
 
-    def __init__(self, model: str = "demo", model_overrides: dict[str, Any] | None = None,
+    def __init__(self, model: str | None = "demo", model_overrides: dict[str, Any] | None = None,
                  init_from: str | None = None, lr: float = 3e-3, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 100, min_lr_ratio: float = 0.1,
                  backend: str = "auto", sample_tokens: int = 200, sample_prompt: str = "ROMEO.",
@@ -41,7 +42,9 @@ class LMModule(L.LightningModule):
         if init_from:
             if model_overrides:
                 raise ValueError("model_overrides cannot change a model loaded with init_from; drop one of them")
-            self.model = load_model(init_from)
+            self.model = load_checkpoint_model(init_from)
+        elif model is None:
+            raise ValueError("give a model preset (model: demo, ...) or weights to start from (init_from: ...)")
         else:
             self.model = MambaLM(preset(model, **(model_overrides or {})))
         set_backend(self.model, backend)
@@ -122,14 +125,19 @@ class LMModule(L.LightningModule):
 
     # ---- optimizer -----------------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for p in self.model.parameters():
+        decay, no_decay, scales = [], [], []
+        for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+            if ".quant_points." in name:  # learnable quantization scales (QAT)
+                scales.append(p)
+            else:
+                (no_decay if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
         hp = self.hparams
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if scales:  # the QAT callback sets scale_lr; scales never decay
+            groups.append({"params": scales, "weight_decay": 0.0, "lr": getattr(self, "scale_lr", hp.lr)})
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(hp.warmup_steps, total)
 
@@ -144,7 +152,7 @@ class LMModule(L.LightningModule):
 
     # ---- checkpoints carry the model config (nothing is inferred from file names) -----------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"config": self.config.to_dict()}
+        checkpoint[CHECKPOINT_KEY] = checkpoint_entry(self.model)
 
     def on_fit_start(self) -> None:
         if self.logger is not None:

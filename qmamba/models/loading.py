@@ -129,9 +129,17 @@ def load_lightning_checkpoint(path: str | os.PathLike) -> tuple[MambaLM, dict]:
     if CHECKPOINT_KEY not in ckpt:
         raise ValueError(f"{path} is not a qmamba checkpoint (no '{CHECKPOINT_KEY}' entry); for a mamba_ssm or "
                          "Hugging Face model give its folder or hub id instead")
+    if ckpt[CHECKPOINT_KEY].get("recipe"):
+        kind = "an int8" if ckpt[CHECKPOINT_KEY].get("int8") else "a quantization-prepared"
+        raise ValueError(f"{path} is {kind} checkpoint (recipe {ckpt[CHECKPOINT_KEY]['recipe'].get('name')!r}); "
+                         "load it with qmamba.lightning.load_checkpoint_model (evaluate.py does), not as an fp model")
     cfg = MambaConfig.from_dict(ckpt[CHECKPOINT_KEY]["config"])
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    return model_from_state_dict(cfg, state, source=str(path)), ckpt
+    return model_from_state_dict(cfg, checkpoint_state(ckpt), source=str(path)), ckpt
+
+
+def checkpoint_state(ckpt: dict) -> dict[str, torch.Tensor]:
+    """The model's entries of a Lightning checkpoint's state dict (the ``model.`` prefix removed)."""
+    return {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
 
 
 def load_model(source: str | os.PathLike) -> MambaLM:

@@ -30,7 +30,7 @@ class Mamba1Mixer(nn.Module):
         self.dt_proj = nn.Linear(r, di, bias=True)
         self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(di, 1))  # (di, n)
         self.D = nn.Parameter(torch.ones(di))
-        self.scan = SelectiveScan()
+        self.scan = SelectiveScan(di, n)
         self.out_proj = nn.Linear(di, d, bias=cfg.bias)
 
         with torch.no_grad():

@@ -24,7 +24,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(inverse_softplus_dt(self.nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
         self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(1, 16)))
         self.D = nn.Parameter(torch.ones(self.nheads))
-        self.scan = SSDScan(cfg.chunk_size)
+        self.scan = SSDScan(cfg.chunk_size, self.nheads, g)
         self.norm = RMSNormGated(di, eps=1e-5, group_size=di // g, norm_before_gate=False)
         self.out_proj = nn.Linear(di, d, bias=cfg.bias)
         for p in (self.dt_bias, self.A_log, self.D):

@@ -29,10 +29,12 @@ class CausalConv1d(nn.Conv1d):
 
 class SelectiveScan(nn.Module):
     """Mamba1 scan. Inputs in mamba_ssm's layout: u, delta, z (B, D, L); B, C (B, N, L); A_log (D, N); D (D,).
-    ``delta`` is the dt_proj output (bias included); softplus is applied here."""
+    ``delta`` is the dt_proj output (bias included); softplus is applied here. ``d_inner`` / ``d_state`` record the
+    channel counts (quantized twins size their scales from them)."""
 
-    def __init__(self):
+    def __init__(self, d_inner: int, d_state: int):
         super().__init__()
+        self.d_inner, self.d_state = d_inner, d_state
         self.backend = "auto"
 
     def forward(self, u, delta, A_log, B, C, D, z):
@@ -44,9 +46,9 @@ class SSDScan(nn.Module):
     """Mamba2 scan. x (B, L, H, P), dt (B, L, H) before bias and softplus, B / C (B, L, G, N), A_log / D / dt_bias
     (H,). Returns y (B, L, H, P)."""
 
-    def __init__(self, chunk_size: int):
+    def __init__(self, chunk_size: int, nheads: int, ngroups: int):
         super().__init__()
-        self.chunk_size = chunk_size
+        self.chunk_size, self.nheads, self.ngroups = chunk_size, nheads, ngroups
         self.backend = "auto"
 
     def forward(self, x, dt, A_log, B, C, D, dt_bias):

@@ -1,0 +1,172 @@
+"""Quantizable twins of the mixer's parts. Each keeps its float twin's parameters (same names, same objects) and adds
+quantization points; ``qmode`` picks the path:
+
+- ``fp``: the float part, untouched (observers watch the inputs while calibrating);
+- ``fakequant``: inputs and weights pass through dequantize(quantize(.)) with the straight-through estimator;
+- ``int8``: the ``torch`` backend of the int8 math: integer GEMM / conv with int32 accumulation then
+  ``acc * (s_x * s_w)`` in fp32 (DESIGN §3); the scans dequantize their int8 inputs to fp32.
+
+A point the recipe leaves out stays floating point in every mode.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qmamba import ops
+from qmamba.models.parts import CausalConv1d, RMSNormGated, SelectiveScan, SSDScan
+from qmamba.qnn.point import QuantPoint
+from qmamba.quant.granularity import PerTensor
+from qmamba.quant.numerics import dequantize, int8_linear_ref
+from qmamba.quant.recipe import QuantSpec
+
+QMODES = ("fp", "fakequant", "int8")
+
+
+class QuantTwin:
+    """Mixin: the quantization points of a part. ``POINTS`` maps point -> (is_weight, channel count getter)."""
+
+    POINTS: dict = {}
+
+    @classmethod
+    def from_float(cls, module: nn.Module, name: str, specs: dict[str, QuantSpec | None]):
+        """The twin of ``module`` sharing its parameters and buffers (nothing is copied or re-initialized)."""
+        twin = cls.__new__(cls)
+        twin.__dict__ = dict(module.__dict__)
+        twin._parameters, twin._buffers, twin._modules = ({k: (torch.nn.Parameter(v.detach().clone()) if v is not None else v) for k, v in module._parameters.items()}, dict(module._buffers),
+                                                         dict(module._modules))
+        twin.qmode = "fp"
+        twin.quant_points = nn.ModuleDict()
+        for point, spec in specs.items():
+            if spec is None:
+                continue
+            is_weight, channels = cls.POINTS[point]
+            twin._check_spec(point, spec)
+            twin.quant_points[point] = QuantPoint(f"{name}.{point}", spec, channels(twin), is_weight=is_weight)
+        return twin
+
+    def _check_spec(self, point: str, spec: QuantSpec) -> None:
+        pass
+
+    def q(self, point: str) -> QuantPoint | None:
+        return self.quant_points[point] if point in self.quant_points else None
+
+    def _int8_weight(self, qw: QuantPoint) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 weight codes and their scale (stored after convert, else quantized on the fly)."""
+        if self.weight.dtype == torch.int8:
+            return self.weight, qw.scale_for(self.weight)
+        return qw.quantize(self.weight)
+
+    def _weight_in_mode(self, qw: QuantPoint | None) -> torch.Tensor:
+        """The float weight the current mode computes with."""
+        if qw is None or self.qmode == "fp":
+            if self.weight.dtype == torch.int8:
+                raise RuntimeError(f"{qw.name if qw else 'this layer'} holds int8 weights (a converted model): "
+                                   "run it in int8 mode, or load the fp / prepared checkpoint instead")
+            return self.weight
+        if self.weight.dtype == torch.int8:
+            return dequantize(self.weight, qw.scale_for(self.weight))
+        return qw.fake(self.weight)
+
+    def _in(self, point: str, x: torch.Tensor) -> torch.Tensor:
+        """An activation input through its point in the current mode (fp32 dequantized codes in int8 mode)."""
+        qp = self.q(point)
+        if qp is None or x is None:
+            return x
+        qp.observe(x)
+        if self.qmode == "fakequant":
+            return qp.fake(x)
+        if self.qmode == "int8":
+            return qp.roundtrip(x)
+        return x
+
+
+class QuantLinear(QuantTwin, nn.Linear):
+    POINTS = {"input": (False, lambda m: m.in_features), "weight": (True, lambda m: m.out_features)}
+
+    def _check_spec(self, point, spec):
+        if point == "input" and not isinstance(spec.granularity, PerTensor):
+            raise ValueError(f"linear input scales must be per-tensor (the int8 GEMM factors s_x out of the sum), "
+                             f"got {spec.granularity} — fix the recipe target for {point}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qi, qw = self.q("input"), self.q("weight")
+        if self.qmode == "int8" and qi is not None and qw is not None:
+            qi.observe(x)
+            qx, sx = qi.quantize(x)
+            wq, sw = self._int8_weight(qw)
+            out = int8_linear_ref(qx, sx.reshape(()), wq, sw.reshape(-1) if sw.numel() > 1 else sw.reshape(()),
+                                  self.bias)
+            return out.to(x.dtype)
+        x = self._in("input", x)
+        return F.linear(x, self._weight_in_mode(qw).to(x.dtype), self.bias)
+
+
+class QuantCausalConv1d(QuantTwin, CausalConv1d):
+    POINTS = {"input": (False, lambda m: m.in_channels), "weight": (True, lambda m: m.out_channels)}
+
+    def _check_spec(self, point, spec):
+        if point == "input" and not isinstance(spec.granularity, PerTensor):
+            raise ValueError(f"conv1d input scales must be per-tensor, got {spec.granularity} — fix the recipe")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D, L) -> (B, D, L)
+        qi, qw = self.q("input"), self.q("weight")
+        if self.qmode == "int8" and qi is not None and qw is not None:
+            qi.observe(x)
+            return self._int8_forward(x, qi, qw)
+        x = self._in("input", x)
+        w = self._weight_in_mode(qw)
+        return ops.causal_conv1d(x, w.squeeze(1).to(x.dtype), self.bias, self.activation, backend=self.backend)
+
+    def _int8_forward(self, x, qi, qw):
+        """Integer depthwise causal conv: int32 sums of int8 x int8, then acc * (s_x * s_w) + bias, then SiLU."""
+        qx, sx = qi.quantize(x)
+        wq, sw = self._int8_weight(qw)
+        k, L = wq.shape[-1], x.shape[-1]
+        xp = F.pad(qx.to(torch.int32), (k - 1, 0))
+        w32 = wq.reshape(wq.shape[0], k).to(torch.int32)
+        acc = torch.zeros(qx.shape, dtype=torch.int32, device=x.device)
+        for i in range(k):  # k = d_conv taps (4): acc[t] += w[i] * x[t - (k - 1) + i]
+            acc += w32[:, i, None] * xp[..., i: i + L]
+        # acc * (s_x * s_w): the scales multiply first, as in the int8 GEMM (DESIGN §3), not (acc * s_x) * s_w
+        out = acc.float() * ((sx.reshape(-1, 1) if sx.numel() > 1 else sx.reshape(())) * sw.reshape(-1, 1))
+        if self.bias is not None:
+            out = out + self.bias.float()[:, None]
+        return (F.silu(out) if self.activation else out).to(x.dtype)
+
+
+class QuantSelectiveScan(QuantTwin, SelectiveScan):
+    """Mamba1 scan with quantized u, delta, B, C, z (A_log, D stay fp32). Channel counts come from the mixer."""
+
+    POINTS = {p: (False, lambda m: m.d_inner) for p in ("u", "delta", "z")} | \
+             {p: (False, lambda m: m.d_state) for p in ("B", "C")}
+
+    def forward(self, u, delta, A_log, B, C, D, z):
+        u, delta, B, C, z = (self._in(p, t) for p, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)))
+        return super().forward(u, delta, A_log, B, C, D, z)
+
+
+class QuantSSDScan(QuantTwin, SSDScan):
+    """Mamba2 scan with quantized x (per head), dt, B, C (per SSD group)."""
+
+    POINTS = {"x": (False, lambda m: m.nheads), "dt": (False, lambda m: m.nheads),
+              "B": (False, lambda m: m.ngroups), "C": (False, lambda m: m.ngroups)}
+
+    def forward(self, x, dt, A_log, B, C, D, dt_bias):
+        x, dt, B, C = (self._in(p, t) for p, t in (("x", x), ("dt", dt), ("B", B), ("C", C)))
+        return super().forward(x, dt, A_log, B, C, D, dt_bias)
+
+
+class QuantRMSNormGated(QuantTwin, RMSNormGated):
+    """Mamba2's gated norm with a quantized gate z."""
+
+    POINTS = {"z": (False, lambda m: m.weight.shape[0])}
+
+    def forward(self, x, z=None):
+        return super().forward(x, self._in("z", z))
+
+
+TWINS: dict[type, type] = {nn.Linear: QuantLinear, CausalConv1d: QuantCausalConv1d, SelectiveScan: QuantSelectiveScan,
+                           SSDScan: QuantSSDScan, RMSNormGated: QuantRMSNormGated}

@@ -1,0 +1,197 @@
+"""Quantization recipes as typed data: which tensors get quantized, with how many bits, at what granularity, and how
+their scales are observed. A recipe is plain YAML / dict data and travels inside checkpoints.
+
+Quantization points are named ``<module path>.<tensor>``, e.g. ``backbone.layers.3.mixer.in_proj.input``,
+``backbone.layers.3.mixer.in_proj.weight``, ``backbone.layers.3.mixer.scan.delta``. A recipe maps glob patterns
+(``fnmatch``) to specs: the first pattern matching a point wins; points matched by an ``ignores`` pattern, or by no
+target, stay in floating point.
+
+Points of one mixer (consumer-side: every quantized op quantizes its own inputs):
+  Mamba1: in_proj.{input,weight}, conv1d.{input,weight}, x_proj.{input,weight}, dt_proj.{input,weight},
+          scan.{u,delta,B,C,z}, out_proj.{input,weight}
+  Mamba2: in_proj.{input,weight}, conv1d.{input,weight}, scan.{x,dt,B,C}, norm.z, out_proj.{input,weight}
+``x_proj.input`` and ``scan.u`` observe the same tensor (the conv output u); give them the same spec so both see the
+same int8 codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qmamba.quant.granularity import Granularity, PerChannel, PerTensor, granularity_from_dict
+
+OBSERVER_KINDS = ("minmax", "percentile", "ema")
+
+
+@dataclass(frozen=True)
+class ObserverSpec:
+    """How an activation's clipping value is estimated during calibration."""
+
+    kind: str = "minmax"
+    alpha: float = 0.9999  # percentile
+    momentum: float = 0.99  # ema
+
+    def __post_init__(self):
+        if self.kind not in OBSERVER_KINDS:
+            raise ValueError(f"observer kind must be one of {OBSERVER_KINDS}, got {self.kind!r}")
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"percentile alpha must be in (0, 1], got {self.alpha}")
+
+    def kwargs(self) -> dict[str, float]:
+        return {"percentile": {"alpha": self.alpha}, "ema": {"momentum": self.momentum}}.get(self.kind, {})
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One quantized tensor: symmetric ``bits``-bit integers with scales at ``granularity``. Weights take their
+    scale from the weight itself (absmax at that granularity); activations from ``observer``. ``learnable_scale``
+    makes an activation scale a parameter during QAT (LSQ-style gradient)."""
+
+    bits: int = 8
+    granularity: Granularity = PerTensor()
+    observer: ObserverSpec = ObserverSpec()
+    learnable_scale: bool = False
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be an int in 2..8, got {self.bits!r}")
+        if not self.symmetric:
+            raise ValueError("only symmetric quantization is supported (DESIGN §3); set symmetric: true")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bits": self.bits, "granularity": self.granularity.to_dict(),
+                "observer": dataclasses.asdict(self.observer), "learnable_scale": self.learnable_scale,
+                "symmetric": self.symmetric}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantSpec":
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown quantization spec field(s) {unknown}; known: {sorted(known)}")
+        if isinstance(data.get("granularity"), (dict, str)):  # bare names ("per_channel") too, for YAML brevity
+            data["granularity"] = granularity_from_dict(data["granularity"])
+        if isinstance(data.get("observer"), dict):
+            obs_known = {f.name for f in dataclasses.fields(ObserverSpec)}
+            obs_unknown = sorted(set(data["observer"]) - obs_known)
+            if obs_unknown:
+                raise ValueError(f"unknown observer field(s) {obs_unknown}; known: {sorted(obs_known)}")
+            data["observer"] = ObserverSpec(**data["observer"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    targets: tuple[tuple[str, QuantSpec], ...]
+    ignores: tuple[str, ...] = ()
+
+    def spec_for(self, point: str) -> QuantSpec | None:
+        """The spec of quantization point ``point`` (full dotted name), or None if it stays floating point."""
+        if any(fnmatch.fnmatchcase(point, pattern) for pattern in self.ignores):
+            return None
+        for pattern, spec in self.targets:
+            if fnmatch.fnmatchcase(point, pattern):
+                return spec
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "targets": {p: s.to_dict() for p, s in self.targets},
+                "ignores": list(self.ignores)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        unknown = sorted(set(data) - {"name", "targets", "ignores"})
+        if unknown:
+            raise ValueError(f"unknown recipe field(s) {unknown}; a recipe has name, targets, ignores")
+        targets = data.get("targets") or {}
+        if not isinstance(targets, dict) or not targets:
+            raise ValueError("a recipe needs `targets`: a mapping from point patterns to specs")
+        return cls(name=str(data.get("name", "custom")),
+                   targets=tuple((str(p), QuantSpec.from_dict(s or {})) for p, s in targets.items()),
+                   ignores=_patterns(data.get("ignores")))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _patterns(value) -> tuple[str, ...]:
+    """``ignores`` as a tuple of patterns; a single string is one pattern (not one pattern per character)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value)
+
+
+# ---- presets ---------------------------------------------------------------------------------------------------------
+W8 = QuantSpec()
+A8 = QuantSpec()
+A8_PERCENTILE = QuantSpec(observer=ObserverSpec("percentile", alpha=0.9995))
+
+_MAMBA1_POINTS = ("in_proj.input", "conv1d.input", "dt_proj.input", "scan.delta", "scan.B", "scan.C", "scan.z",
+                  "out_proj.input")
+_WEIGHTS = ("in_proj.weight", "conv1d.weight", "x_proj.weight", "dt_proj.weight", "out_proj.weight")
+
+
+def _targets(items: dict[str, QuantSpec]) -> tuple[tuple[str, QuantSpec], ...]:
+    return tuple((f"*.mixer.{point}", spec) for point, spec in items.items())
+
+
+def quamba_w8a8() -> Recipe:
+    """Quamba's Mamba1 W8A8: static per-tensor scales everywhere; the SSM input u (x_proj / scan input) clipped at
+    a percentile, the other activations at their min-max."""
+    items = {p: A8 for p in _MAMBA1_POINTS} | {p: W8 for p in _WEIGHTS}
+    items |= {"x_proj.input": A8_PERCENTILE, "scan.u": A8_PERCENTILE}
+    return Recipe("quamba_w8a8", _targets(items), ignores=("lm_head.*", "backbone.embedding.*"))
+
+
+def quamba2_w8a8() -> Recipe:
+    """Quamba2-style Mamba2 W8A8: per-tensor static scales, with the SSM input x scaled per head and B / C per
+    SSD group (their channel axis is dim -2 of (batch, L, heads|groups, ...))."""
+    items = {p: A8 for p in ("in_proj.input", "conv1d.input", "scan.dt", "norm.z", "out_proj.input")}
+    items |= {p: W8 for p in ("in_proj.weight", "conv1d.weight", "out_proj.weight")}
+    items |= {"scan.x": QuantSpec(granularity=PerChannel(axis=-2), observer=ObserverSpec("percentile", 0.9995)),
+              "scan.B": QuantSpec(granularity=PerChannel(axis=-2)),
+              "scan.C": QuantSpec(granularity=PerChannel(axis=-2))}
+    return Recipe("quamba2_w8a8", _targets(items), ignores=("lm_head.*", "backbone.embedding.*"))
+
+
+def qat_w8a8() -> Recipe:
+    """W8A8 for QAT on either mixer: per-output-channel weights (their scales follow the weights as they train),
+    activations calibrated like the PTQ recipes, then learned (LSQ)."""
+    learn = QuantSpec(learnable_scale=True)
+    learn_pct = QuantSpec(learnable_scale=True, observer=ObserverSpec("percentile", alpha=0.9995))
+    weight = QuantSpec(granularity=PerChannel(axis=0))
+    items = {p: learn for p in _MAMBA1_POINTS + ("scan.dt", "norm.z")}
+    items |= {"x_proj.input": learn_pct, "scan.u": learn_pct, "scan.x": learn_pct}
+    items |= {p: weight for p in _WEIGHTS}
+    return Recipe("qat_w8a8", _targets(items), ignores=("lm_head.*", "backbone.embedding.*"))
+
+
+_PRESETS = {"quamba_w8a8": quamba_w8a8, "quamba2_w8a8": quamba2_w8a8, "qat_w8a8": qat_w8a8}
+RECIPE_PRESETS = tuple(_PRESETS)
+
+
+def load_recipe(source: str | dict | Recipe) -> Recipe:
+    """A recipe from a preset name, a YAML file path, a dict, or a Recipe."""
+    if isinstance(source, Recipe):
+        return source
+    if isinstance(source, dict):
+        return Recipe.from_dict(source)
+    if source in _PRESETS:
+        return _PRESETS[source]()
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            raise FileNotFoundError(f"recipe file {path} does not exist")
+        return Recipe.from_dict(yaml.safe_load(path.read_text()))
+    raise ValueError(f"unknown recipe {source!r}; use a preset ({', '.join(RECIPE_PRESETS)}) or a .yaml file")
