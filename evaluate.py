@@ -31,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--wandb-project", default="qmamba")
     ap.add_argument("--run-name", help="W&B run name (default: eval-<mode>-<checkpoint name>)")
     ap.add_argument("--no-wandb", action="store_true", help="do not log to W&B")
+    ap.add_argument("--agreement", action="store_true",
+                    help="also print the fakequant-vs-int8 agreement of every quantized activation (first test batch)")
     return ap.parse_args(argv)
 
 
@@ -66,6 +68,20 @@ def main(argv=None) -> None:
                                               f"eval/{r.mode}/bits_per_byte": r.bits_per_byte,
                                               f"eval/{r.mode}/tokens": r.tokens, f"eval/{r.mode}/seconds": r.seconds})
     print(format_table(results))
+    if args.agreement:
+        from qmamba.evaluation import agreement
+        from qmamba.qnn import format_agreement
+
+        rows = agreement(args.checkpoint, data=data, backend=args.backend)
+        print(format_agreement(rows))
+        worst = min(rows, key=lambda r: (r.identical, -r.max_lsb))
+        ok = all(r.meets_contract for r in rows)
+        print(f"agreement: {len(rows)} points, worst {worst.point}: {100 * worst.identical:.3f}% identical, "
+              f"max {max(r.max_lsb for r in rows)} LSB -> {'meets' if ok else 'BREAKS'} the contract "
+              "(>= 99.9% identical, <= 1 LSB)")
+        if logger is not None:
+            logger.experiment.summary.update({"agreement/min_identical": worst.identical,
+                                              "agreement/max_lsb": max(r.max_lsb for r in rows)})
 
 
 if __name__ == "__main__":

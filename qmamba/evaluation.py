@@ -60,7 +60,7 @@ def supported_modes(module: LMModule) -> tuple[str, ...]:
     """The modes a loaded model can run in: fp only for an fp model; all three once prepared and calibrated;
     int8 and fakequant (from the dequantized int8 weights) for a converted model."""
     if is_converted(module.model):
-        return ("int8", "fakequant")
+        return MODES
     if is_prepared(module.model):
         return MODES
     return ("fp",)
@@ -114,3 +114,24 @@ def evaluate(source: str, modes: str | list[str] = "fp", split: str = "test", da
                                   perplexity=float(m[f"{prefix}/ppl"]), bits_per_byte=float(m[f"{prefix}/bpb"]),
                                   seconds=seconds))
     return results
+
+
+def agreement(source: str, data: dict[str, Any] | None = None, backend: str = "auto",
+              device: str | None = None, batches: int = 1):
+    """The fakequant-vs-int8 agreement report of a prepared or int8 checkpoint on its first test batch(es)."""
+    from qmamba.qnn import agreement_report
+
+    check_backend(backend)
+    module = LMModule(init_from=str(source), backend=backend, sample_tokens=0)
+    if not is_prepared(module.model):
+        raise ValueError(f"{source} is an fp model: the agreement report needs a calibrated or int8 checkpoint")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = module.model.to(device).eval()
+    datamodule = TextDataModule(**{**data_config_of(source), **(data or {})})
+    datamodule.setup("test")
+    rows = []
+    for i, (x, _, _) in enumerate(datamodule.test_dataloader()):
+        if i >= batches:
+            break
+        rows += agreement_report(model, x.to(device))
+    return rows

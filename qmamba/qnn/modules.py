@@ -35,7 +35,7 @@ class QuantTwin:
         """The twin of ``module`` sharing its parameters and buffers (nothing is copied or re-initialized)."""
         twin = cls.__new__(cls)
         twin.__dict__ = dict(module.__dict__)
-        twin._parameters, twin._buffers, twin._modules = ({k: (torch.nn.Parameter(v.detach().clone()) if v is not None else v) for k, v in module._parameters.items()}, dict(module._buffers),
+        twin._parameters, twin._buffers, twin._modules = (dict(module._parameters), dict(module._buffers),
                                                          dict(module._modules))
         twin.qmode = "fp"
         twin.quant_points = nn.ModuleDict()

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# On the device: pretrain a house model, then PTQ and QAT it, evaluating every checkpoint in every mode it runs in,
+# with the fakequant-vs-int8 agreement report. Usage: bash scripts/house_quant.sh "" | _mamba2
+set -euo pipefail
+sfx=${1:-}
+out=${OUT:-runs}
+export PYTHONUNBUFFERED=1
+ev() { python3 evaluate.py --no-wandb "$@" 2>&1 | grep -v -i warn | grep -E "^(mode|int8|fp|fakequant) |agreement|BREAK"; }
+[ -f "runs/pretrain_gpu$sfx/checkpoints/best.ckpt" ] || bash scripts/house_train.sh "pretrain_gpu$sfx" >/dev/null
+echo "== fp"; ev --checkpoint "runs/pretrain_gpu$sfx/checkpoints/best.ckpt" --mode fp
+for kind in ptq qat; do
+  cfg="${kind}_gpu$sfx"; start=$(date +%s)
+  python3 train.py --config "configs/$cfg.yaml" --trainer.enable_progress_bar false 2>&1 | tee "$out/$cfg.log" \
+    | grep -E "^step|val ppl|calibrated|checkpoint \(" || true
+  echo "== $cfg (train.py wall $(( $(date +%s) - start )) s)"
+  ev --checkpoint "runs/$cfg/checkpoints/int8.ckpt" --mode all --agreement | tee "$out/$cfg.eval.log"
+done
