@@ -60,7 +60,7 @@ def supported_modes(module: LMModule) -> tuple[str, ...]:
     """The modes a loaded model can run in: fp only for an fp model; all three once prepared and calibrated;
     int8 and fakequant (from the dequantized int8 weights) for a converted model."""
     if is_converted(module.model):
-        return MODES
+        return ("int8", "fakequant")
     if is_prepared(module.model):
         return MODES
     return ("fp",)

@@ -162,19 +162,42 @@ class Agreement:
 
 @torch.no_grad()
 def agreement_report(model: nn.Module, input_ids: torch.Tensor) -> list[Agreement]:
-    """For every quantized activation: fakequant vs int8 codes on the same input (DESIGN §3 contract:
-    >= 99.9 % identical and never more than 1 LSB apart)."""
+    """For every quantized activation: fakequant vs int8 codes (DESIGN §3 contract: >= 99.9 % identical and never
+    more than 1 LSB apart).
+
+    The model runs once in int8; then every residual block runs again in fakequant on the very inputs it received
+    in that int8 run. So each block's report measures its own two paths, not the drift that earlier blocks'
+    differences carry down the residual stream (that drift shows in the perplexities of the two modes)."""
+    from qmamba.models.lm import Block
+
     points = [p for p in quant_points(model) if not p.is_weight]
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
     mode = current_mode(model)
-    codes = {}
+    block_inputs: dict[int, tuple] = {}
+    hooks = [b.register_forward_pre_hook(lambda mod, args, i=i: block_inputs.__setitem__(i, args))
+             for i, b in enumerate(blocks)]
+    codes: dict[str, dict[str, torch.Tensor]] = {"int8": {}, "fakequant": {}}
     try:
         for p in points:
             p.recording = True
-        for m in ("fakequant", "int8"):
-            set_mode(model, m)
+        set_mode(model, "int8")
+        model(input_ids)
+        codes["int8"] = {p.name: p.recorded for p in points}
+        for p in points:
+            p.recorded = None
+        for h in hooks:
+            h.remove()
+        hooks = []
+        set_mode(model, "fakequant")
+        if blocks:
+            for i, block in enumerate(blocks):
+                block(*block_inputs[i])
+        else:
             model(input_ids)
-            codes[m] = {p.name: p.recorded for p in points}
+        codes["fakequant"] = {p.name: p.recorded for p in points}
     finally:
+        for h in hooks:
+            h.remove()
         for p in points:
             p.recording, p.recorded = False, None
         set_mode(model, mode if mode != "mixed" else "fp")
