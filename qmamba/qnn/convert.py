@@ -46,7 +46,9 @@ def prepare(model: nn.Module, recipe: Recipe | str | dict) -> nn.Module:
     if not swaps:
         raise ValueError(f"recipe {recipe.name!r} matches no quantization point of this model; check its targets "
                          "(e.g. '*.mixer.in_proj.input')")
+    device = next(model.parameters()).device  # new points (observers, scales) live where the model does
     for name, twin in swaps:
+        twin.quant_points.to(device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, twin)
     model.quant_recipe = recipe
