@@ -118,7 +118,11 @@ class QuantCausalConv1d(QuantTwin, CausalConv1d):
             return self._int8_forward(x, qi, qw)
         x = self._in("input", x)
         w = self._weight_in_mode(qw)
-        return ops.causal_conv1d(x, w.squeeze(1).to(x.dtype), self.bias, self.activation, backend=self.backend)
+        if self.qmode == "fp":
+            return ops.causal_conv1d(x, w.squeeze(1).to(x.dtype), self.bias, self.activation, backend=self.backend)
+        # fakequant simulates exact integer sums: keep cuDNN from rounding the products to TF32
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            return ops.causal_conv1d(x, w.squeeze(1).to(x.dtype), self.bias, self.activation, backend=self.backend)
 
     def _int8_forward(self, x, qi, qw):
         """Integer depthwise causal conv: int32 sums of int8 x int8, then acc * (s_x * s_w) + bias, then SiLU."""
