@@ -41,6 +41,10 @@ def load_checkpoint_model(source: str | os.PathLike) -> MambaLM:
     if entry.get("int8"):
         int8_layout_(model)
     state = checkpoint_state(ckpt)
+    for name, param in model.named_parameters():
+        if param.dtype == torch.int8 and name in state and state[name].dtype != torch.int8:
+            raise ValueError(f"{path} says int8 but holds {state[name].dtype} weights at {name}; the file is "
+                             "inconsistent — regenerate it with the Finalize callback")
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)

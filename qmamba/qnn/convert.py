@@ -34,6 +34,10 @@ def prepare(model: nn.Module, recipe: Recipe | str | dict) -> nn.Module:
     an already prepared model changes nothing. The recipe is kept on the model (``model.quant_recipe``)."""
     recipe = load_recipe(recipe)
     if is_prepared(model):
+        current = getattr(model, "quant_recipe", None)
+        if current is not None and current.to_dict() != recipe.to_dict():
+            raise ValueError(f"this model is already prepared with recipe {current.name!r}; preparing it again with "
+                             f"{recipe.name!r} would mix the two — start from the fp model")
         return model
     swaps = []
     for name, module in model.named_modules():
@@ -114,19 +118,23 @@ def calibrate(model: nn.Module, batches: Iterable, max_batches: int | None = Non
         from tqdm.auto import tqdm
 
         iterator = tqdm(batches, desc="calibrating", total=max_batches, leave=False)
-    with observing(model):
-        for batch in iterator:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(device))
-            seen += 1
-            if max_batches is not None and seen >= max_batches:
-                break
-    if seen == 0:
-        raise ValueError("the calibration set is empty: give at least one batch (check calibration_samples / "
-                         "the calibration dataloader)")
-    freeze_scales_(model)
-    set_mode(model, mode if mode != "mixed" else "fp")
-    model.train(was_training)
+    try:
+        with observing(model) as points:
+            for p in points:  # a new calibration starts from nothing
+                p.observer.reset_()
+            for batch in iterator:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(x.to(device))
+                seen += 1
+                if max_batches is not None and seen >= max_batches:
+                    break
+        if seen == 0:
+            raise ValueError("the calibration set is empty: give at least one batch (check calibration_samples / "
+                             "the calibration dataloader)")
+        freeze_scales_(model)
+    finally:
+        set_mode(model, mode if mode != "mixed" else "fp")
+        model.train(was_training)
     return seen
 
 

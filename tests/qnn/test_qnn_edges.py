@@ -1,0 +1,56 @@
+"""Edge cases of the transforms: re-preparing with another recipe, recalibrating, a failed calibration, an
+inconsistent int8 checkpoint."""
+
+import pytest
+import torch
+
+from qmamba import MambaLM, preset
+from qmamba.lightning.checkpoint import checkpoint_entry, load_checkpoint_model
+from qmamba.qnn import calibrate, convert, current_mode, prepare, quant_points, set_mode
+
+
+def calibrated_tiny(batches):
+    torch.manual_seed(0)  # the same weights every call
+    model = prepare(MambaLM(preset("tiny")), "quamba_w8a8")
+    calibrate(model, batches, progress=False)
+    return model
+
+
+def test_prepare_again_with_another_recipe_is_refused():
+    model = prepare(MambaLM(preset("tiny")), "quamba_w8a8")
+    assert prepare(model, "quamba_w8a8") is model  # the same recipe: a no-op
+    with pytest.raises(ValueError, match="already prepared with recipe 'quamba_w8a8'"):
+        prepare(model, "qat_w8a8")
+
+
+def test_recalibration_starts_from_nothing():
+    big = [torch.randint(0, 256, (2, 32)) for _ in range(2)]
+    model = calibrated_tiny(big)
+    small = [torch.zeros(2, 32, dtype=torch.long)]
+    calibrate(model, small, progress=False)
+    fresh = calibrated_tiny(small)
+    for a, b in zip(quant_points(model), quant_points(fresh)):
+        torch.testing.assert_close(a.scale, b.scale, rtol=0, atol=0, msg=a.name)
+
+
+def test_failed_calibration_restores_mode_and_training_flag():
+    model = calibrated_tiny([torch.randint(0, 256, (2, 32))])
+    set_mode(model, "fakequant")
+    model.train()
+    with torch.no_grad():
+        model.backbone.embedding.weight[3] = float("nan")
+    with pytest.raises(ValueError, match="backbone.layers.0.mixer"):
+        calibrate(model, [torch.full((2, 32), 3)], progress=False)
+    assert current_mode(model) == "fakequant" and model.training
+    assert not any(p.observing for p in quant_points(model))
+
+
+def test_int8_checkpoint_with_float_weights_is_refused(tmp_path):
+    model = calibrated_tiny([torch.randint(0, 256, (2, 32))])
+    entry_float = checkpoint_entry(model)  # prepared, not converted
+    state_float = {f"model.{k}": v for k, v in model.state_dict().items()}
+    convert(model)
+    bad = {"state_dict": state_float, "qmamba": {**entry_float, "int8": True}}
+    torch.save(bad, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match="says int8 but holds"):
+        load_checkpoint_model(tmp_path / "bad.ckpt")
