@@ -1,5 +1,5 @@
 # Two commands a newcomer needs (see README.md):
-#   make demo   set up, pretrain the demo model on Shakespeare, evaluate it
+#   make demo   set up, pretrain the demo model on Shakespeare, quantize it (PTQ, W8A8), evaluate fp / fakequant / int8
 #   make test   set up, run the test suite (what CI runs)
 PYTHON ?= python3
 
@@ -13,7 +13,8 @@ setup:
 
 demo: setup
 	$(PYTHON) train.py --config configs/pretrain.yaml --test false
-	$(PYTHON) evaluate.py --checkpoint runs/pretrain/checkpoints/best.ckpt --mode fp
+	$(PYTHON) train.py --config configs/ptq.yaml
+	$(PYTHON) evaluate.py --checkpoint runs/ptq/checkpoints/calibrated.ckpt --mode all --agreement
 
 test: setup
 	$(PYTHON) -m pytest -q tests
