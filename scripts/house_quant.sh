@@ -5,7 +5,10 @@ set -euo pipefail
 sfx=${1:-}
 out=${OUT:-runs}
 export PYTHONUNBUFFERED=1
-ev() { python3 evaluate.py --no-wandb "$@" 2>&1 | grep -v -i warn | grep -E "^(mode|int8|fp|fakequant) |agreement|BREAK"; }
+# evaluate.py; the whole output (with every agreement row) goes to $out/eval-<n>.log, the summary to stdout
+n=0
+ev() { n=$((n + 1)); python3 evaluate.py --no-wandb "$@" > "$out/eval$sfx-$n.log" 2>&1
+       grep -E "^(mode|int8|fp|fakequant) |agreement:|breaks" "$out/eval$sfx-$n.log"; }
 [ -f "runs/pretrain_gpu$sfx/checkpoints/best.ckpt" ] || bash scripts/house_train.sh "pretrain_gpu$sfx" >/dev/null
 echo "== fp"; ev --checkpoint "runs/pretrain_gpu$sfx/checkpoints/best.ckpt" --mode fp
 for kind in ptq qat; do
@@ -13,5 +16,5 @@ for kind in ptq qat; do
   python3 train.py --config "configs/$cfg.yaml" --trainer.enable_progress_bar false 2>&1 | tee "$out/$cfg.log" \
     | grep -E "^step|val ppl|calibrated|checkpoint \(" || true
   echo "== $cfg (train.py wall $(( $(date +%s) - start )) s)"
-  ev --checkpoint "runs/$cfg/checkpoints/int8.ckpt" --mode all --agreement | tee "$out/$cfg.eval.log"
+  ev --checkpoint "runs/$cfg/checkpoints/int8.ckpt" --mode all --agreement
 done
