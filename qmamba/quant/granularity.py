@@ -28,8 +28,19 @@ def _norm_axis(axis: int, ndim: int, who: str) -> int:
     return axis % ndim
 
 
+class _StatsFromView:
+    """absmax and signed min / max of each stat: reductions over the last dim of ``stat_view(x)``
+    ((*stat_shape, n))."""
+
+    def absmax(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stat_view(x).abs().amax(-1)
+
+    def min_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.aminmax(self.stat_view(x), dim=-1)
+
+
 @dataclass(frozen=True)
-class PerTensor:
+class PerTensor(_StatsFromView):
     """One scale for the whole tensor."""
 
     def stat_shape(self, channels: int = 1) -> tuple[int, ...]:
@@ -38,12 +49,6 @@ class PerTensor:
     def stat_view(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as (*stat_shape, n): row s holds every element that stat s covers. Here: (numel,)."""
         return x.reshape(-1)
-
-    def absmax(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stat_view(x).abs().amax(-1)
-
-    def min_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.aminmax(self.stat_view(x), dim=-1)
 
     def broadcast(self, stat: torch.Tensor, ndim: int) -> torch.Tensor:
         if stat.numel() != 1:
@@ -55,7 +60,7 @@ class PerTensor:
 
 
 @dataclass(frozen=True)
-class PerChannel:
+class PerChannel(_StatsFromView):
     """One scale per index along ``axis``."""
 
     axis: int = -1
@@ -67,12 +72,6 @@ class PerChannel:
         """``x`` as (C, n): row c holds every element of channel c."""
         a = _norm_axis(self.axis, x.ndim, "PerChannel")
         return x.movedim(a, 0).reshape(x.shape[a], -1)
-
-    def absmax(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stat_view(x).abs().amax(-1)
-
-    def min_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.aminmax(self.stat_view(x), dim=-1)
 
     def broadcast(self, stat: torch.Tensor, ndim: int) -> torch.Tensor:
         """(C,) -> shape with C at ``axis`` and 1 elsewhere, e.g. (1, 1, C) for ndim=3, axis=-1."""
@@ -88,7 +87,7 @@ class PerChannel:
 
 
 @dataclass(frozen=True)
-class PerGroup:
+class PerGroup(_StatsFromView):
     """One scale per ``group_size`` consecutive channels along ``axis`` (Quamba2: per head group / per SSD group)."""
 
     group_size: int
@@ -111,12 +110,6 @@ class PerGroup:
         (groups,) = self.stat_shape(x.shape[a])
         xc = x.movedim(a, -1).reshape(-1, groups, self.group_size)  # (n / C, G, group_size)
         return xc.transpose(0, 1).reshape(groups, -1)
-
-    def absmax(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stat_view(x).abs().amax(-1)
-
-    def min_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.aminmax(self.stat_view(x), dim=-1)
 
     def broadcast(self, stat: torch.Tensor, ndim: int) -> torch.Tensor:
         """(G,) -> (C,) by repeating each group's stat ``group_size`` times, placed at ``axis``."""
