@@ -1,5 +1,5 @@
 # Two commands a newcomer needs (see README.md):
-#   make demo   set up, pretrain the demo model on Shakespeare, quantize it (PTQ, W8A8), evaluate fp / fakequant / int8
+#   make demo   set up, pretrain the demo model on Shakespeare, quantize it (PTQ and QAT, W8A8), evaluate fp / fakequant / int8
 #   make test   set up, run the test suite (what CI runs)
 PYTHON ?= python3
 
@@ -15,6 +15,8 @@ demo: setup
 	$(PYTHON) train.py --config configs/pretrain.yaml --test false
 	$(PYTHON) train.py --config configs/ptq.yaml
 	$(PYTHON) evaluate.py --checkpoint runs/ptq/checkpoints/calibrated.ckpt --mode all --agreement
+	$(PYTHON) train.py --config configs/qat.yaml
+	$(PYTHON) evaluate.py --checkpoint runs/qat/checkpoints/int8.ckpt --mode int8
 
 test: setup
 	$(PYTHON) -m pytest -q tests
