@@ -10,7 +10,7 @@ import torch
 
 from qmamba.config import MambaConfig
 from qmamba.models import MambaLM, load_model
-from qmamba.models.loading import CHECKPOINT_KEY, checkpoint_state
+from qmamba.models.loading import CHECKPOINT_KEY, checkpoint_state, load_state_strict
 from qmamba.qnn import int8_layout_, is_converted, is_prepared, prepare
 
 
@@ -45,11 +45,4 @@ def load_checkpoint_model(source: str | os.PathLike) -> MambaLM:
         if param.dtype == torch.int8 and name in state and state[name].dtype != torch.int8:
             raise ValueError(f"{path} says int8 but holds {state[name].dtype} weights at {name}; the file is "
                              "inconsistent — regenerate it with the Finalize callback")
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise ValueError(f"{path}: quantized state does not fit its recipe; missing {missing[:6]}, "
-                         f"unexpected {unexpected[:6]}")
-    return model
+    return load_state_strict(model, state, str(path), what="quantized state does not fit its recipe")

@@ -69,23 +69,28 @@ def _load_folder(folder: Path) -> MambaLM:
 
 def model_from_state_dict(cfg: MambaConfig, state: dict[str, torch.Tensor], source: str = "state dict") -> MambaLM:
     """Build a model and load ``state`` (mamba_ssm key names) strictly; a tied lm_head may be absent."""
-    model = MambaLM(cfg)
+    return load_state_strict(MambaLM(cfg), state, source)
+
+
+def load_state_strict(model: MambaLM, state: dict[str, torch.Tensor], source: str = "state dict",
+                      what: str = "weights do not fit the config") -> MambaLM:
+    """Load ``state`` into ``model`` strictly, with errors that name ``source``: shapes first (load_state_dict's own
+    RuntimeError names no file), then missing / unexpected keys. A tied lm_head may be absent."""
     state = dict(state)
-    if cfg.tie_embeddings:
+    tied = model.config.tie_embeddings
+    if tied:
         state.pop("lm_head.weight", None)  # the same tensor as the embedding
     expected = model.state_dict()
     wrong = [f"{k}: {tuple(v.shape)} in the weights, {tuple(expected[k].shape)} in the config"
              for k, v in state.items() if k in expected and v.shape != expected[k].shape]
-    if wrong:  # load_state_dict would raise a RuntimeError that does not name the source
-        raise ValueError(f"{source}: weights do not fit the config. shape mismatches: {wrong[:8]}"
-                         f"{' ...' if len(wrong) > 8 else ''}")
+    if wrong:
+        raise ValueError(f"{source}: {what}. shape mismatches: {wrong[:8]}{' ...' if len(wrong) > 8 else ''}")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if cfg.tie_embeddings:
+    if tied:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise ValueError(f"{source}: weights do not fit the config. missing keys: {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}; unexpected keys: {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
+        raise ValueError(f"{source}: {what}. missing keys: {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
+                         f"unexpected keys: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
     return model
 
 
