@@ -51,7 +51,7 @@ def data_config_of(source: str) -> dict[str, Any]:
     """The datamodule settings saved in a qmamba checkpoint (empty for model folders / hub ids)."""
     if not str(source).endswith(".ckpt") or not Path(source).exists():
         return {}
-    ckpt = torch.load(source, map_location="cpu", weights_only=False)
+    ckpt = torch.load(source, map_location="cpu", weights_only=False, mmap=True)  # mmap: the tensors stay unread
     saved = dict(ckpt.get("datamodule_hyper_parameters") or {})
     return {k: v for k, v in saved.items() if not k.startswith("_")}  # LightningCLI adds _class_path etc.
 

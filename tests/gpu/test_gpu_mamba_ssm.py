@@ -54,6 +54,21 @@ def _grads(leaves: dict) -> dict:
     return {k: v.grad for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.requires_grad}
 
 
+def _assert_norm_matches_kernel(ref, kernel, inputs: dict, dtype, rtol: float) -> None:
+    """Outputs and input gradients (under a fixed linear loss) of ``ref`` and ``kernel`` agree within ``rtol``."""
+    results = []
+    for fn in (ref, kernel):
+        leaves = _leaves(inputs)
+        out = fn(**leaves)
+        (out.float() * torch.linspace(-1, 1, out.numel(), device=DEVICE).reshape(out.shape)).sum().backward()
+        results.append((out, _grads(leaves)))
+    (out, grads), (out_k, grads_k) = results
+    assert out.dtype == out_k.dtype == dtype
+    assert _rel_err(out, out_k) <= rtol
+    for name in grads:
+        assert _rel_err(grads[name], grads_k[name], GRAD_ABS_FLOOR) <= rtol, name
+
+
 def _torch_causal_conv1d_fn(x, weight, bias=None, activation=None, **_):
     return causal_conv1d_ref(x, weight, bias, activation)
 
@@ -230,18 +245,8 @@ def test_rms_norm_matches_kernel(dtype):
     inputs = dict(x=3 * torch.randn(4, 100, 256, device=DEVICE, dtype=dtype),
                   weight=1 + 0.1 * torch.randn(256, device=DEVICE))
     rtol = NORM_RTOL_FP32 if dtype == torch.float32 else NORM_RTOL_BF16
-    results = []
-    for fn in (lambda x, weight: rms_norm_ref(x, weight, eps=1e-5),
-               lambda x, weight: ln.rms_norm_fn(x, weight, None, eps=1e-5)):
-        leaves = _leaves(inputs)
-        out = fn(**leaves)
-        (out.float() * torch.linspace(-1, 1, out.numel(), device=DEVICE).reshape(out.shape)).sum().backward()
-        results.append((out, _grads(leaves)))
-    (out, grads), (out_k, grads_k) = results
-    assert out.dtype == out_k.dtype == dtype
-    assert _rel_err(out, out_k) <= rtol
-    for name in grads:
-        assert _rel_err(grads[name], grads_k[name], GRAD_ABS_FLOOR) <= rtol, name
+    _assert_norm_matches_kernel(lambda x, weight: rms_norm_ref(x, weight, eps=1e-5),
+                                lambda x, weight: ln.rms_norm_fn(x, weight, None, eps=1e-5), inputs, dtype, rtol)
 
 
 @pytest.mark.parametrize("group_size", [None, 64])
@@ -254,18 +259,8 @@ def test_gated_rms_norm_matches_kernel(group_size, norm_before_gate, dtype):
                   weight=1 + 0.1 * torch.randn(256, device=DEVICE))
     rtol = NORM_RTOL_FP32 if dtype == torch.float32 else NORM_RTOL_BF16
     kw = dict(eps=1e-5, group_size=group_size, norm_before_gate=norm_before_gate)
-    results = []
-    for fn in (lambda x, z, weight: gated_rms_norm_ref(x, weight, z, **kw),
-               lambda x, z, weight: lng.rmsnorm_fn(x, weight, None, z=z, **kw)):
-        leaves = _leaves(inputs)
-        out = fn(**leaves)
-        (out.float() * torch.linspace(-1, 1, out.numel(), device=DEVICE).reshape(out.shape)).sum().backward()
-        results.append((out, _grads(leaves)))
-    (out, grads), (out_k, grads_k) = results
-    assert out.dtype == out_k.dtype == dtype
-    assert _rel_err(out, out_k) <= rtol
-    for name in grads:
-        assert _rel_err(grads[name], grads_k[name], GRAD_ABS_FLOOR) <= rtol, name
+    _assert_norm_matches_kernel(lambda x, z, weight: gated_rms_norm_ref(x, weight, z, **kw),
+                                lambda x, z, weight: lng.rmsnorm_fn(x, weight, None, z=z, **kw), inputs, dtype, rtol)
 
 
 # ------------------------------------------------------------------------------------ (c) one bf16 training step
