@@ -117,8 +117,9 @@ def evaluate(source: str, modes: str | list[str] = "fp", split: str = "test", da
 
 
 def agreement(source: str, data: dict[str, Any] | None = None, backend: str = "auto",
-              device: str | None = None, batches: int = 1):
-    """The fakequant-vs-int8 agreement report of a prepared or int8 checkpoint on its first test batch(es)."""
+              device: str | None = None, batches: int = 1, forcing: str = "op"):
+    """The fakequant-vs-int8 agreement report of a prepared or int8 checkpoint on its first test batch(es)
+    (``forcing``: "op" or "block", see ``qmamba.qnn.agreement_report``)."""
     from qmamba.qnn import agreement_report
 
     check_backend(backend)
@@ -133,5 +134,5 @@ def agreement(source: str, data: dict[str, Any] | None = None, backend: str = "a
     for i, (x, _, _) in enumerate(datamodule.test_dataloader()):
         if i >= batches:
             break
-        rows += agreement_report(model, x.to(device))
+        rows += agreement_report(model, x.to(device), forcing=forcing)
     return rows

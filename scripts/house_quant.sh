@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED=1
 # evaluate.py; the whole output (with every agreement row) goes to $out/eval-<n>.log, the summary to stdout
 n=0
 ev() { n=$((n + 1)); python3 evaluate.py --no-wandb "$@" > "$out/eval$sfx-$n.log" 2>&1
-       grep -E "^(mode|int8|fp|fakequant) |agreement:|breaks" "$out/eval$sfx-$n.log"; }
+       grep -E "^(mode|int8|fp|fakequant) |agreement:|block drift|breaks" "$out/eval$sfx-$n.log"; }
 [ -f "runs/pretrain_gpu$sfx/checkpoints/best.ckpt" ] || bash scripts/house_train.sh "pretrain_gpu$sfx" >/dev/null
 echo "== fp"; ev --checkpoint "runs/pretrain_gpu$sfx/checkpoints/best.ckpt" --mode fp
 for kind in ptq qat; do

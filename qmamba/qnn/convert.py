@@ -148,8 +148,9 @@ def convert(model: nn.Module) -> nn.Module:
         qw = twin.q("weight") if "weight" in twin.POINTS else None
         if qw is None or twin.weight.dtype == torch.int8:
             continue
-        qw.store_weight_scale_(twin.weight)
-        codes, _ = qw.quantize(twin.weight)
+        weight = twin.weight_to_quantize()  # the weight in the frame of the quantized input (rotated or not)
+        qw.store_weight_scale_(weight)
+        codes, _ = qw.quantize(weight)
         twin.weight = nn.Parameter(codes, requires_grad=False)
     return set_mode(model, "int8")
 
@@ -171,15 +172,22 @@ class Agreement:
 
 
 @torch.no_grad()
-def agreement_report(model: nn.Module, input_ids: torch.Tensor) -> list[Agreement]:
+def agreement_report(model: nn.Module, input_ids: torch.Tensor, forcing: str = "op") -> list[Agreement]:
     """For every quantized activation: fakequant vs int8 codes (DESIGN §3 contract: >= 99.9 % identical and never
     more than 1 LSB apart).
 
-    The model runs once in int8; then every residual block runs again in fakequant on the very inputs it received
-    in that int8 run. So each block's report measures its own two paths, not the drift that earlier blocks'
-    differences carry down the residual stream (that drift shows in the perplexities of the two modes)."""
+    The model runs once in int8, recording every point's codes, then every residual block runs again in fakequant
+    on the inputs (residual stream included) it received in that int8 run. With
+    - ``forcing="op"`` (the contract's measure), every point inside the block also records its own fakequant codes
+      but hands the int8 run's codes on, so each op computes on exactly the int8 inputs its int8 twin had, and a
+      point's row measures the one op that produced its tensor;
+    - ``forcing="block"``, differences inside a block propagate through it (the scan carries them along the
+      sequence): drift, not op numerics.
+    Differences carried across blocks show in the perplexities of the two modes."""
     from qmamba.models.lm import Block
 
+    if forcing not in ("op", "block"):
+        raise ValueError(f"forcing must be 'op' or 'block', got {forcing!r}")
     points = [p for p in quant_points(model) if not p.is_weight]
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     mode = current_mode(model)
@@ -195,6 +203,8 @@ def agreement_report(model: nn.Module, input_ids: torch.Tensor) -> list[Agreemen
         codes["int8"] = {p.name: p.recorded for p in points}
         for p in points:
             p.recorded = None
+            if forcing == "op":
+                p.forced = codes["int8"][p.name]
         for h in hooks:
             h.remove()
         hooks = []
@@ -209,7 +219,7 @@ def agreement_report(model: nn.Module, input_ids: torch.Tensor) -> list[Agreemen
         for h in hooks:
             h.remove()
         for p in points:
-            p.recording, p.recorded = False, None
+            p.recording, p.recorded, p.forced = False, None, None
         set_mode(model, mode if mode != "mixed" else "fp")
     rows = []
     for p in points:

@@ -48,7 +48,14 @@ class QuantTwin:
         return twin
 
     def _check_spec(self, point: str, spec: QuantSpec) -> None:
-        pass
+        if spec.rotation is not None:
+            raise ValueError(f"rotation {spec.rotation!r} applies to a linear layer's input only, not to "
+                             f"{type(self).__name__} point {point!r} — fix the recipe")
+
+    def weight_to_quantize(self) -> torch.Tensor:
+        """The float weight in the frame of the quantized input, which the weight point quantizes (the layer's own
+        weight; a rotated linear's is rotated)."""
+        return self.weight
 
     def q(self, point: str) -> QuantPoint | None:
         return self.quant_points[point] if point in self.quant_points else None
@@ -57,7 +64,7 @@ class QuantTwin:
         """The int8 weight codes and their scale (stored after convert, else quantized on the fly)."""
         if self.weight.dtype == torch.int8:
             return self.weight, qw.scale_for(self.weight)
-        return qw.quantize(self.weight)
+        return qw.quantize(self.weight_to_quantize())
 
     def _weight_in_mode(self, qw: QuantPoint | None) -> torch.Tensor:
         """The float weight the current mode computes with."""
@@ -65,10 +72,10 @@ class QuantTwin:
             if self.weight.dtype == torch.int8:
                 raise RuntimeError(f"{qw.name if qw else 'this layer'} holds int8 weights (a converted model): "
                                    "run it in int8 mode, or load the fp / prepared checkpoint instead")
-            return self.weight
+            return self.weight if self.qmode == "fp" else self.weight_to_quantize()
         if self.weight.dtype == torch.int8:
             return dequantize(self.weight, qw.scale_for(self.weight))
-        return qw.fake(self.weight)
+        return qw.fake(self.weight_to_quantize())
 
     def _in(self, point: str, x: torch.Tensor) -> torch.Tensor:
         """An activation input through its point in the current mode (fp32 dequantized codes in int8 mode)."""
@@ -84,24 +91,45 @@ class QuantTwin:
 
 
 class QuantLinear(QuantTwin, nn.Linear):
+    """A linear layer with quantized input and weight. With ``rotation: hadamard`` on the input point, the fakequant
+    and int8 paths compute ``(H x) (W H)^T`` (= W x, H orthonormal and symmetric) and quantize H x and W H; converted
+    weights hold the codes of W H. The fp path uses W and x as they are."""
+
     POINTS = {"input": (False, lambda m: m.in_features), "weight": (True, lambda m: m.out_features)}
 
     def _check_spec(self, point, spec):
         if point == "input" and not isinstance(spec.granularity, PerTensor):
             raise ValueError(f"linear input scales must be per-tensor (the int8 GEMM factors s_x out of the sum), "
                              f"got {spec.granularity} — fix the recipe target for {point}")
+        if point == "weight":
+            super()._check_spec(point, spec)
+
+    @property
+    def rotated(self) -> bool:
+        qi = self.q("input")
+        return qi is not None and qi.spec.rotation == "hadamard"
+
+    def weight_to_quantize(self) -> torch.Tensor:
+        return ops.hadamard_transform(self.weight) if self.rotated else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qi, qw = self.q("input"), self.q("weight")
+        dtype = x.dtype
+        if self.qmode == "fp":  # observers (calibration) see the input in the frame it is quantized in
+            if qi is not None and qi.observing:
+                qi.observe(ops.hadamard_transform(x) if self.rotated else x)
+            return F.linear(x, self._weight_in_mode(qw).to(dtype), self.bias)
+        if self.rotated:
+            x = ops.hadamard_transform(x)
         if self.qmode == "int8" and qi is not None and qw is not None:
             qi.observe(x)
             qx, sx = qi.quantize(x)
             wq, sw = self._int8_weight(qw)
             out = int8_linear_ref(qx, sx.reshape(()), wq, sw.reshape(-1) if sw.numel() > 1 else sw.reshape(()),
                                   self.bias)
-            return out.to(x.dtype)
-        x = self._in("input", x)
-        return F.linear(x, self._weight_in_mode(qw).to(x.dtype), self.bias)
+            return out.to(dtype)
+        x = self._in("input", x).to(dtype)
+        return F.linear(x, self._weight_in_mode(qw).to(dtype), self.bias)
 
 
 class QuantCausalConv1d(QuantTwin, CausalConv1d):
@@ -110,6 +138,7 @@ class QuantCausalConv1d(QuantTwin, CausalConv1d):
     def _check_spec(self, point, spec):
         if point == "input" and not isinstance(spec.granularity, PerTensor):
             raise ValueError(f"conv1d input scales must be per-tensor, got {spec.granularity} — fix the recipe")
+        super()._check_spec(point, spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D, L) -> (B, D, L)
         qi, qw = self.q("input"), self.q("weight")

@@ -32,6 +32,7 @@ class QuantPoint(nn.Module):
         self.observing = False
         self.recorded: torch.Tensor | None = None  # int8 codes of the last forward, when recording
         self.recording = False
+        self.forced: torch.Tensor | None = None  # codes fakequant hands on instead of its own (agreement_report)
 
     def extra_repr(self) -> str:
         return f"{self.name}, bits={self.spec.bits}, {self.spec.granularity}"
@@ -73,6 +74,8 @@ class QuantPoint(nn.Module):
         scale = self.scale_for(x)
         if self.recording:
             self.recorded = quantize(x.detach(), scale.detach(), self.spec.bits)
+        if self.forced is not None:  # teacher forcing: downstream ops see the int8 run's codes, not ours
+            return dequantize(self.forced, scale.detach()).to(x.dtype)
         return fake_quantize(x, scale, self.spec.bits)
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

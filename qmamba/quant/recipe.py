@@ -27,6 +27,7 @@ import yaml
 from qmamba.quant.granularity import Granularity, PerChannel, PerTensor, granularity_from_dict
 
 OBSERVER_KINDS = ("minmax", "percentile", "ema")
+ROTATIONS = (None, "hadamard")
 
 
 @dataclass(frozen=True)
@@ -51,24 +52,29 @@ class ObserverSpec:
 class QuantSpec:
     """One quantized tensor: symmetric ``bits``-bit integers with scales at ``granularity``. Weights take their
     scale from the weight itself (absmax at that granularity); activations from ``observer``. ``learnable_scale``
-    makes an activation scale a parameter during QAT (LSQ-style gradient)."""
+    makes an activation scale a parameter during QAT (LSQ-style gradient). ``rotation: hadamard`` on a linear's
+    input point quantizes ``H x`` and ``W H`` instead of ``x`` and ``W`` (same product; outliers spread over the
+    channels first), as Quamba does for out_proj."""
 
     bits: int = 8
     granularity: Granularity = PerTensor()
     observer: ObserverSpec = ObserverSpec()
     learnable_scale: bool = False
     symmetric: bool = True
+    rotation: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be an int in 2..8, got {self.bits!r}")
         if not self.symmetric:
             raise ValueError("only symmetric quantization is supported (DESIGN §3); set symmetric: true")
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"bits": self.bits, "granularity": self.granularity.to_dict(),
                 "observer": dataclasses.asdict(self.observer), "learnable_scale": self.learnable_scale,
-                "symmetric": self.symmetric}
+                "symmetric": self.symmetric, "rotation": self.rotation}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantSpec":
@@ -136,6 +142,7 @@ def _patterns(value) -> tuple[str, ...]:
 W8 = QuantSpec()
 A8 = QuantSpec()
 A8_PERCENTILE = QuantSpec(observer=ObserverSpec("percentile", alpha=0.9995))
+A8_ROTATED = QuantSpec(rotation="hadamard")
 
 _MAMBA1_POINTS = ("in_proj.input", "conv1d.input", "dt_proj.input", "scan.delta", "scan.B", "scan.C", "scan.z",
                   "out_proj.input")
@@ -148,16 +155,17 @@ def _targets(items: dict[str, QuantSpec]) -> tuple[tuple[str, QuantSpec], ...]:
 
 def quamba_w8a8() -> Recipe:
     """Quamba's Mamba1 W8A8: static per-tensor scales everywhere; the SSM input u (x_proj / scan input) clipped at
-    a percentile, the other activations at their min-max."""
+    a percentile, the out_proj input quantized after a Hadamard rotation, the other activations at their min-max."""
     items = {p: A8 for p in _MAMBA1_POINTS} | {p: W8 for p in _WEIGHTS}
-    items |= {"x_proj.input": A8_PERCENTILE, "scan.u": A8_PERCENTILE}
+    items |= {"x_proj.input": A8_PERCENTILE, "scan.u": A8_PERCENTILE, "out_proj.input": A8_ROTATED}
     return Recipe("quamba_w8a8", _targets(items), ignores=("lm_head.*", "backbone.embedding.*"))
 
 
 def quamba2_w8a8() -> Recipe:
     """Quamba2-style Mamba2 W8A8: per-tensor static scales, with the SSM input x scaled per head and B / C per
-    SSD group (their channel axis is dim -2 of (batch, L, heads|groups, ...))."""
-    items = {p: A8 for p in ("in_proj.input", "conv1d.input", "scan.dt", "norm.z", "out_proj.input")}
+    SSD group (their channel axis is dim -2 of (batch, L, heads|groups, ...)), the out_proj input rotated."""
+    items = {p: A8 for p in ("in_proj.input", "conv1d.input", "scan.dt", "norm.z")}
+    items |= {"out_proj.input": A8_ROTATED}
     items |= {p: W8 for p in ("in_proj.weight", "conv1d.weight", "out_proj.weight")}
     items |= {"scan.x": QuantSpec(granularity=PerChannel(axis=-2), observer=ObserverSpec("percentile", 0.9995)),
               "scan.B": QuantSpec(granularity=PerChannel(axis=-2)),
@@ -167,12 +175,13 @@ def quamba2_w8a8() -> Recipe:
 
 def qat_w8a8() -> Recipe:
     """W8A8 for QAT on either mixer: per-output-channel weights (their scales follow the weights as they train),
-    activations calibrated like the PTQ recipes, then learned (LSQ)."""
+    activations calibrated like the PTQ recipes (out_proj input rotated), then learned (LSQ)."""
     learn = QuantSpec(learnable_scale=True)
     learn_pct = QuantSpec(learnable_scale=True, observer=ObserverSpec("percentile", alpha=0.9995))
     weight = QuantSpec(granularity=PerChannel(axis=0))
     items = {p: learn for p in _MAMBA1_POINTS + ("scan.dt", "norm.z")}
-    items |= {"x_proj.input": learn_pct, "scan.u": learn_pct, "scan.x": learn_pct}
+    items |= {"x_proj.input": learn_pct, "scan.u": learn_pct, "scan.x": learn_pct,
+              "out_proj.input": QuantSpec(learnable_scale=True, rotation="hadamard")}
     items |= {p: weight for p in _WEIGHTS}
     return Recipe("qat_w8a8", _targets(items), ignores=("lm_head.*", "backbone.embedding.*"))
 

@@ -60,6 +60,11 @@ def act_scale(point, ndim):
     return point.spec.granularity.broadcast(point.scale.detach(), ndim)
 
 
+def rot(lin, t):
+    """A rotated linear's operands in the rotated frame (the rotation itself is checked in tests/ops)."""
+    return qmamba.ops.hadamard_transform(t) if lin.rotated else t
+
+
 class Capture:
     """The positional inputs and the output of every call of a module."""
 
@@ -91,11 +96,11 @@ def test_fakequant_linear_is_linear_of_fake_quantized_operands(name, recipe):
         cap.handle.remove()
         (x,), out = cap.calls[0]
         sx = act_scale(lin.quant_points["input"], x.dim())
-        w = lin.weight
+        w = rot(lin, lin.weight)
         sw = weight_scale(w, lin.quant_points["weight"].spec)
-        expected = F.linear(hfq(x, sx), hfq(w, sw), lin.bias)
+        expected = F.linear(hfq(rot(lin, x), sx), hfq(w, sw), lin.bias)
         assert torch.equal(out, expected), lname
-        assert not torch.equal(out, F.linear(x, w, lin.bias)), lname  # quantization did something
+        assert not torch.equal(out, F.linear(x, lin.weight, lin.bias)), lname  # quantization did something
 
 
 @pytest.mark.parametrize("name, recipe", CASES)
@@ -110,11 +115,12 @@ def test_int8_linear_is_integer_matmul_times_scales(name, recipe):
     for (lname, lin), cap in zip(linears, caps):
         cap.handle.remove()
         (x,), out = cap.calls[0]
+        x, w = rot(lin, x), rot(lin, lin.weight)
         sx = lin.quant_points["input"].scale.detach().float().reshape(())
-        sw = weight_scale(lin.weight, lin.quant_points["weight"].spec).reshape(-1)
+        sw = weight_scale(w, lin.quant_points["weight"].spec).reshape(-1)
         if sw.numel() == 1:
             sw = sw.reshape(())
-        qx, qw = hq(x, sx).long(), hq(lin.weight, weight_scale(lin.weight, lin.quant_points["weight"].spec)).long()
+        qx, qw = hq(x, sx).long(), hq(w, weight_scale(w, lin.quant_points["weight"].spec)).long()
         acc = (qx.unsqueeze(-2) * qw).sum(-1)  # (..., N) int64, exact
         assert acc.abs().max() < 2 ** 24  # so acc.float() is exact too
         expected = acc.float() * (sx * sw)
@@ -349,8 +355,10 @@ def test_convert_stores_int8_weights_and_matches_int8_mode(name, recipe):
             assert not twin.weight.requires_grad
             qp = twin.quant_points["weight"]
             assert bool(qp.ready)
-            sw = weight_scale(float_before[f"{tname}.weight"], qp.spec)
-            assert torch.equal(twin.weight.long(), hq(float_before[f"{tname}.weight"], sw).long()), tname
+            w = rot(twin, float_before[f"{tname}.weight"]) if isinstance(twin, QuantLinear) else \
+                float_before[f"{tname}.weight"]  # a rotated linear stores the codes of W H
+            sw = weight_scale(w, qp.spec)
+            assert torch.equal(twin.weight.long(), hq(w, sw).long()), tname
             quantized.add(f"{tname}.weight")
     assert quantized
     for n, p in model.named_parameters():  # everything else keeps its float values

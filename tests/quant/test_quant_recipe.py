@@ -36,6 +36,11 @@ def test_quamba_preset_choices():
     assert u1 == u2 and u1.observer.kind == "percentile" and u1.observer.alpha < 1
     assert r.spec_for(f"{M}.in_proj.input").observer.kind == "minmax"
     assert r.spec_for(f"{M}.A_log") is None
+    # Quamba quantizes the out_proj input after a Hadamard rotation; nothing else is rotated.
+    for name in PRESETS:
+        p = load_recipe(name)
+        assert p.spec_for(f"{M}.out_proj.input").rotation == "hadamard", name
+        assert p.spec_for(f"{M}.in_proj.input").rotation is None, name
 
 
 def test_quamba2_and_qat_preset_choices():
@@ -77,7 +82,7 @@ def test_dict_and_yaml_round_trip(name):
 
 def test_round_trip_keeps_every_field():
     spec = QuantSpec(bits=4, granularity=PerGroup(16, axis=-1), observer=ObserverSpec("ema", momentum=0.9),
-                     learnable_scale=True)
+                     learnable_scale=True, rotation="hadamard")
     r = Recipe("custom", targets=(("*.x", spec), ("*.y", QuantSpec(observer=ObserverSpec("percentile", 0.99)))),
                ignores=("a.*", "b.*"))
     back = Recipe.from_dict(yaml.safe_load(r.to_yaml()))
@@ -121,6 +126,7 @@ def _targets(spec: dict) -> dict:
     (_targets({"symmetric": False}), "symmetric"),
     (_targets({"observer": {"kind": "percentile", "alpha": 1.5}}), "alpha"),
     (_targets({"granularity": {"type": "per_row"}}), "granularity"),
+    (_targets({"rotation": "fourier"}), "rotation"),
     ({"name": "empty", "targets": {}}, "targets"),
 ])
 def test_invalid_recipes_name_the_field(data, field):
