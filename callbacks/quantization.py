@@ -21,7 +21,8 @@ import torch
 
 from qmamba.lightning.checkpoint import checkpoint_entry
 from qmamba.lightning.metrics import LMMetrics
-from qmamba.models.loading import CHECKPOINT_KEY
+from qmamba.models import set_backend
+from qmamba.models.loading import CHECKPOINT_KEY, load_model
 from qmamba.modes import parse_mode
 from qmamba.qnn import calibrate, convert, current_mode, is_calibrated, prepare, quant_points, set_mode
 from qmamba.quant.recipe import load_recipe
@@ -66,17 +67,40 @@ class QAT(L.Callback):
     """Fake-quant training. Args:
         scale_lr: learning rate of learnable scales (their own AdamW group, no weight decay).
         freeze_scales_at_step: stop learning the scales from this global step on (None = never).
+        distill: weight of the distillation term: the loss is ``(1 - distill) * cross-entropy + distill *
+            KL(teacher || student)``; 0 trains on cross-entropy alone. Distilling from the fp model keeps QAT
+            aiming at the fp model's predictions instead of fitting the training text further (a pretrained model
+            fine-tuned on its own corpus overfits).
+        teacher: the fp model to distill from: a checkpoint, model folder or hub id; default the module's
+            ``init_from`` (the weights QAT starts from, loaded afresh, so a resumed run has the same teacher).
     """
 
-    def __init__(self, scale_lr: float = 1e-4, freeze_scales_at_step: int | None = None):
+    def __init__(self, scale_lr: float = 1e-4, freeze_scales_at_step: int | None = None, distill: float = 0.0,
+                 teacher: str | None = None):
+        if not 0 <= distill <= 1:
+            raise ValueError(f"QAT distill must be in [0, 1] (0 = cross-entropy only), got {distill}")
         self.scale_lr = scale_lr
         self.freeze_scales_at_step = freeze_scales_at_step
+        self.distill, self.teacher = distill, teacher
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         pl_module.scale_lr = self.scale_lr  # read by LMModule.configure_optimizers
+        if self.distill > 0 and stage == "fit":
+            source = self.teacher or pl_module.hparams.get("init_from")
+            if not source:
+                raise ValueError("QAT distill needs a teacher: set the QAT callback's `teacher` (an fp checkpoint) "
+                                 "or start from trained weights with model.init_args.init_from")
+            teacher = load_model(source)  # fp weights only: a quantized checkpoint is refused, named
+            set_backend(teacher, pl_module.hparams.get("backend", "auto"))
+            if teacher.config != pl_module.model.config:
+                raise ValueError(f"the distillation teacher {source} is a different model from the one trained "
+                                 "(configs differ); point `teacher` at the fp checkpoint QAT starts from")
+            pl_module.set_teacher(teacher, self.distill)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         set_mode(pl_module.model, "fakequant")
+        if pl_module._teacher is not None:
+            pl_module._teacher[0].to(pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.freeze_scales_at_step is not None and trainer.global_step == self.freeze_scales_at_step:

@@ -18,6 +18,15 @@ from qmamba.models import MambaLM, set_backend
 from qmamba.models.loading import CHECKPOINT_KEY
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, summed over the vocabulary, averaged over the
+    positions that have a target (padding, ``IGNORE_INDEX``, is left out as in the cross-entropy)."""
+    keep = targets.flatten() != IGNORE_INDEX
+    s = F.log_softmax(student.flatten(0, 1)[keep].float(), dim=-1)
+    t = F.log_softmax(teacher.flatten(0, 1)[keep].float(), dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="sum") / keep.sum().clamp_min(1)
+
+
 class LMModule(L.LightningModule):
     """A Mamba language model under Lightning.
 
@@ -51,6 +60,19 @@ class LMModule(L.LightningModule):
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         self.metrics = torch.nn.ModuleDict({s: LMMetrics(self.config.vocab_size) for s in ("val", "test")})
+        self._teacher: tuple[torch.nn.Module, float] | None = None  # (frozen fp model, distillation weight)
+
+    def set_teacher(self, teacher: torch.nn.Module | None, weight: float = 1.0) -> None:
+        """Distill from ``teacher`` (a frozen fp model; the QAT callback loads it): the training loss becomes
+        ``(1 - weight) * cross-entropy + weight * KL(teacher || student)`` per token. The teacher is not a
+        submodule: it is neither trained nor saved in checkpoints. ``None`` turns distillation off."""
+        if teacher is None:
+            self._teacher = None
+            return
+        if not 0 < weight <= 1:
+            raise ValueError(f"distillation weight must be in (0, 1], got {weight}")
+        teacher.eval().requires_grad_(False)
+        self._teacher = (teacher, float(weight))
 
     @property
     def config(self) -> MambaConfig:
@@ -73,8 +95,16 @@ class LMModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
-        loss = self._loss(self(x), y)
+        logits = self(x)
+        loss = self._loss(logits, y)
         self.log("train/loss", loss, prog_bar=True)
+        if self._teacher is not None:
+            teacher, weight = self._teacher
+            with torch.no_grad():
+                target = teacher(x)
+            kd = distillation_loss(logits, target, y)
+            self.log("train/kd", kd)
+            loss = (1 - weight) * loss + weight * kd
         return loss
 
     def _eval_step(self, stage: str, batch) -> None:

@@ -76,7 +76,7 @@ def test_ptq_then_evaluate_all_modes(pretrained):
 
 def qat_callbacks(tmp: Path, name: str) -> list:
     return [{"class_path": "callbacks.Calibration", "init_args": {"recipe": "qat_w8a8"}},
-            {"class_path": "callbacks.QAT", "init_args": {"scale_lr": 1e-3}},
+            {"class_path": "callbacks.QAT", "init_args": {"scale_lr": 1e-3, "distill": 0.5}},
             {"class_path": "callbacks.ModeValidation", "init_args": {"modes": ["fp", "int8"]}},
             {"class_path": "callbacks.Finalize", "init_args": {"path": str(tmp / name / "int8.ckpt")}}]
 
