@@ -10,14 +10,10 @@ from lightning.pytorch.cli import LightningCLI
 
 from qmamba.data import TextDataModule
 from qmamba.lightning.module import LMModule
+from qmamba.tracking import default_wandb_offline  # noqa: F401  (train.py / evaluate.py import it from here)
 
 # Errors a user fixes by changing a flag, a file or an install: printed as one message, without a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, ModuleNotFoundError, ImportError)
-
-
-def default_wandb_offline() -> None:
-    """W&B runs offline unless the user set WANDB_MODE (sync later with `wandb sync runs/wandb/offline-run-*`)."""
-    os.environ.setdefault("WANDB_MODE", "offline")
 
 
 def run_with_clear_errors(main: Callable[[], None]) -> None:

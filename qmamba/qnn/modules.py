@@ -116,7 +116,7 @@ class QuantLinear(QuantTwin, nn.Linear):
         qi, qw = self.q("input"), self.q("weight")
         dtype = x.dtype
         if self.qmode == "fp":  # observers (calibration) see the input in the frame it is quantized in
-            if qi is not None and qi.observing:
+            if qi is not None and qi.watching:
                 qi.observe(ops.hadamard_transform(x) if self.rotated else x)
             return F.linear(x, self._weight_in_mode(qw).to(dtype), self.bias)
         if self.rotated:

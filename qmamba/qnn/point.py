@@ -33,14 +33,23 @@ class QuantPoint(nn.Module):
         self.recorded: torch.Tensor | None = None  # int8 codes of the last forward, when recording
         self.recording = False
         self.forced: torch.Tensor | None = None  # codes fakequant hands on instead of its own (agreement_report)
+        self.enabled = True  # fakequant passes x through unquantized when False (qmamba.sensitivity: one at a time)
+        self.probe = None  # callable(point, x) that sees the tensor in fp mode too (qmamba.sensitivity: SQNR)
 
     def extra_repr(self) -> str:
         return f"{self.name}, bits={self.spec.bits}, {self.spec.granularity}"
 
     # ---- calibration -------------------------------------------------------------------------------------------
+    @property
+    def watching(self) -> bool:
+        """Someone wants to see this point's tensor in fp mode: its observer (calibrating) or a probe."""
+        return self.observing or self.probe is not None
+
     def observe(self, x: torch.Tensor) -> None:
         if self.observing and not self.is_weight:
             self.observer(x.detach())
+        if self.probe is not None:
+            self.probe(self, x.detach())
 
     def freeze_(self) -> None:
         """Set the scale from what the observer saw (an error names this point if it saw nothing)."""
@@ -71,6 +80,8 @@ class QuantPoint(nn.Module):
     # ---- the three paths ---------------------------------------------------------------------------------------
     def fake(self, x: torch.Tensor) -> torch.Tensor:
         """fakequant: dequantize(quantize(x)) with the straight-through estimator."""
+        if not self.enabled:
+            return x
         scale = self.scale_for(x)
         if self.recording:
             self.recorded = quantize(x.detach(), scale.detach(), self.spec.bits)
