@@ -1,5 +1,6 @@
 # Two commands a newcomer needs (see README.md):
-#   make demo   set up, pretrain the demo model on Shakespeare, quantize it (PTQ and QAT, W8A8), evaluate fp / fakequant / int8
+#   make demo   set up, pretrain the demo model on Shakespeare, quantize it (PTQ and QAT, W8A8), evaluate fp / fakequant /
+#               int8, and compare the evaluation runs (table + runs/compare.png)
 #   make test   set up, run the test suite (what CI runs)
 PYTHON ?= python3
 
@@ -17,6 +18,7 @@ demo: setup
 	$(PYTHON) evaluate.py --checkpoint runs/ptq/checkpoints/calibrated.ckpt --mode all --agreement
 	$(PYTHON) train.py --config configs/qat.yaml
 	$(PYTHON) evaluate.py --checkpoint runs/qat/checkpoints/int8.ckpt --mode int8
+	$(PYTHON) -m qmamba.compare runs --plot runs/compare.png
 
 test: setup
 	$(PYTHON) -m pytest -q tests

@@ -55,10 +55,14 @@ def main(argv=None) -> None:
     if not args.no_wandb:
         from lightning.pytorch.loggers import WandbLogger
 
-        name = args.run_name or f"eval-{mode}-{Path(str(args.checkpoint)).stem}"
+        from qmamba.evaluation import checkpoint_info
+        from qmamba.tracking import define_summary_metrics, run_label
+
+        info = checkpoint_info(str(args.checkpoint))
+        name = args.run_name or f"eval-{mode}-{run_label(str(args.checkpoint))}"
         logger = WandbLogger(project=args.wandb_project, name=name, group="evaluate", job_type="evaluate",
-                             save_dir="runs", config={"checkpoint": str(args.checkpoint), "mode": mode,
-                                                      "split": args.split, **data})
+                             save_dir="runs", config={**info, "mode": mode, "split": args.split, **data})
+        define_summary_metrics(logger.experiment)
     limit = int(args.limit_batches) if args.limit_batches > 1 else args.limit_batches
     results = evaluate(args.checkpoint, modes=modes, split=args.split, data=data, backend=args.backend,
                        accelerator=args.accelerator, limit_batches=limit, logger=logger)

@@ -50,6 +50,8 @@ class Calibration(L.Callback):
                              "(qmamba.data.TextDataModule)")
         seen = calibrate(pl_module.model, dm.calibration_dataloader(), max_batches=self.num_batches,
                          progress=trainer.progress_bar_callback is not None)
+        if trainer.logger is not None:  # the run's config says which recipe made its scales
+            trainer.logger.log_hyperparams({"recipe": self.recipe.to_dict(), "calibration_batches": seen})
         pl_module.print(f"calibrated {sum(1 for p in quant_points(pl_module.model) if not p.is_weight)} activation "
                         f"scales on {seen} batches (recipe {self.recipe.name})")
 

@@ -56,6 +56,33 @@ def data_config_of(source: str) -> dict[str, Any]:
     return {k: v for k, v in saved.items() if not k.startswith("_")}  # LightningCLI adds _class_path etc.
 
 
+def checkpoint_info(source: str) -> dict[str, Any]:
+    """What a run comparison needs to know of a checkpoint: its kind (fp / prepared / int8), its recipe name, and
+    its base, the fp checkpoint it was quantized from (the checkpoint itself for an fp one), so that quantized
+    results can be set against the fp result of the same model."""
+    info = {"checkpoint": str(source), "kind": "fp", "recipe": None, "base": str(source)}
+    if not str(source).endswith(".ckpt") or not Path(source).exists():
+        return info
+    from qmamba.models.loading import CHECKPOINT_KEY
+
+    ckpt = torch.load(source, map_location="cpu", weights_only=False, mmap=True)
+    entry = ckpt.get(CHECKPOINT_KEY) or {}
+    if entry.get("config"):
+        from qmamba.config import MambaConfig
+        from qmamba.models import MambaLM
+
+        with torch.device("meta"):  # the size without building the weights
+            info["params"] = MambaLM(MambaConfig.from_dict(entry["config"])).num_parameters()
+        info["layer"] = entry["config"].get("layer")
+    if entry.get("recipe"):
+        info["kind"] = "int8" if entry.get("int8") else "prepared"
+        info["recipe"] = entry["recipe"].get("name")
+        init_from = (ckpt.get("hyper_parameters") or {}).get("init_from")
+        if init_from:
+            info["base"] = str(init_from)
+    return info
+
+
 def supported_modes(module: LMModule) -> tuple[str, ...]:
     """The modes a loaded model can run in: fp only for an fp model; all three once prepared and calibrated;
     int8 and fakequant (from the dequantized int8 weights) for a converted model."""

@@ -23,6 +23,15 @@ def default_wandb_offline() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
 
 
+def run_label(checkpoint: str) -> str:
+    """A short, readable name for a checkpoint: ``runs/ptq/checkpoints/int8.ckpt`` -> ``ptq/int8``."""
+    path = Path(checkpoint)
+    if path.suffix != ".ckpt":
+        return str(checkpoint)
+    parent = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return f"{parent.name}/{path.stem}" if parent.name else path.stem
+
+
 def define_summary_metrics(run) -> None:
     """Tell W&B how to summarize qmamba's metrics (lower perplexity is better, and so on)."""
     for pattern, summary in SUMMARY_METRICS.items():

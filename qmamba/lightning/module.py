@@ -188,3 +188,8 @@ class LMModule(L.LightningModule):
         if self.logger is not None:
             self.logger.log_hyperparams({"model/params": self.model.num_parameters(),
                                          "model/config": self.config.to_dict()})
+            experiment = getattr(self.logger, "experiment", None)
+            if hasattr(experiment, "define_metric"):  # W&B: best-of summaries for the run table
+                from qmamba.tracking import define_summary_metrics
+
+                define_summary_metrics(experiment)

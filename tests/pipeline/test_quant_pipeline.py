@@ -120,3 +120,50 @@ def test_qat_resume_matches_uninterrupted_run(pretrained):
     for e in evals:
         assert e.returncode == 0, e.stderr[-3000:]
     assert rows(evals[0].stdout)["int8"][:5] == rows(evals[1].stdout)["int8"][:5]
+
+
+def test_compare_evaluation_runs(pretrained):
+    """Real offline W&B runs of evaluate.py, compared by `python -m qmamba.compare`: deltas against fp, a plot, a
+    corrupt run folder skipped by name, a run on other data kept apart, an empty folder refused."""
+    tmp, base = pretrained
+    calibrated = tmp / "ptq" / "calibrated.ckpt"
+    if not calibrated.exists():  # this test run alone: make the PTQ checkpoint as test_ptq_then_evaluate_all_modes does
+        test_ptq_then_evaluate_all_modes(pretrained)
+    work = tmp / "compare"
+    work.mkdir(exist_ok=True)
+    fp_run = run(str(ROOT / "evaluate.py"), "--checkpoint", str(tmp / "ckpt" / "best.ckpt"), "--mode", "fp",
+                 "--limit-batches", "2", cwd=work)
+    q_run = run(str(ROOT / "evaluate.py"), "--checkpoint", str(calibrated), "--mode", "fakequant,int8",
+                "--limit-batches", "2", cwd=work)
+    other = run(str(ROOT / "evaluate.py"), "--checkpoint", str(calibrated), "--mode", "int8", "--limit-batches", "2",
+                "--seq-len", "32", cwd=work)
+    for r in (fp_run, q_run, other):
+        assert r.returncode == 0, r.stderr[-3000:]
+    fp, fq, i8 = float(rows(fp_run.stdout)["fp"][3]), float(rows(q_run.stdout)["fakequant"][3]), \
+        float(rows(q_run.stdout)["int8"][3])
+    broken = work / "runs" / "wandb" / "offline-run-20260101_000000-broken"
+    broken.mkdir(parents=True)
+    (broken / "run-broken.wandb").write_bytes(b"not a wandb log at all")
+    c = run("-m", "qmamba.compare", "runs", "--no-wandb", "--plot", "compare.png", cwd=work)
+    assert c.returncode == 0, c.stderr[-3000:]
+    out = c.stdout
+    assert "skipped:" in out and "broken" in out  # named, and the good runs are still compared
+    table = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 8 and parts[2] in ("fp", "fakequant", "int8"):
+            table.setdefault((parts[0], parts[2]), []).append(parts)
+    assert float(table["ckpt/best", "fp"][0][3]) == pytest.approx(fp, abs=1e-4)
+    assert table["ckpt/best", "fp"][0][5] == "+0.00%"
+    for mode, value in (("fakequant", fq), ("int8", i8)):
+        got = [p for p in table["ptq/calibrated", mode] if p[5] != "—"]
+        assert len(got) == 1 and float(got[0][3]) == pytest.approx(value, abs=1e-4)
+        assert float(got[0][5].rstrip("%")) == pytest.approx(100 * (value / fp - 1), abs=0.006)
+    # the seq_len 32 run is other data: no fp result for it, so no delta, and a note that says which command gives one
+    assert any(p[5] == "—" for p in table["ptq/calibrated", "int8"])
+    assert "no fp result for" in out and "python evaluate.py --checkpoint" in out
+    assert (work / "compare.png").stat().st_size > 10_000
+    empty = tmp / "empty"
+    empty.mkdir(exist_ok=True)
+    e = run("-m", "qmamba.compare", str(empty), "--no-wandb", cwd=work)
+    assert e.returncode == 2 and "no W&B runs found" in e.stderr
