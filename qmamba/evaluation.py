@@ -56,6 +56,19 @@ def data_config_of(source: str) -> dict[str, Any]:
     return {k: v for k, v in saved.items() if not k.startswith("_")}  # LightningCLI adds _class_path etc.
 
 
+def scoring_batches(source: str, split: str = "validation", limit: int | None = None) -> tuple[TextDataModule, list]:
+    """The datamodule saved with checkpoint ``source`` (set up) and the first ``limit`` batches (all if None) of
+    ``split``: what the analysis commands (sensitivity, sweeps) score on."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    dm = TextDataModule(**data_config_of(source))
+    dm.setup("fit")
+    dm.setup("test")
+    loader = dm.val_dataloader() if split == "validation" else dm.test_dataloader()
+    batches = list(loader) if limit is None else [b for _, b in zip(range(limit), loader)]
+    return dm, batches
+
+
 def checkpoint_info(source: str) -> dict[str, Any]:
     """What a run comparison needs to know of a checkpoint: its kind (fp / prepared / int8), its recipe name, and
     its base, the fp checkpoint it was quantized from (the checkpoint itself for an fp one), so that quantized

@@ -147,8 +147,7 @@ def plot(fp: float, rows: list[SweepPoint], path: Path, title: str = "") -> Path
 
 
 def main(argv=None) -> int:
-    from qmamba.data import TextDataModule
-    from qmamba.evaluation import data_config_of
+    from qmamba.evaluation import scoring_batches
     from qmamba.lightning.checkpoint import load_checkpoint_model
     from qmamba.qnn import is_prepared
 
@@ -172,11 +171,7 @@ def main(argv=None) -> int:
     if not alphas:
         raise ValueError("--alphas is empty")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dm = TextDataModule(**data_config_of(args.checkpoint))
-    dm.setup("fit")
-    dm.setup("test")
-    loader = dm.val_dataloader() if args.split == "validation" else dm.test_dataloader()
-    batches = [b for _, b in zip(range(max(1, args.limit_batches)), loader)]
+    dm, batches = scoring_batches(args.checkpoint, args.split, max(1, args.limit_batches))
     model = load_checkpoint_model(args.checkpoint).to(device).eval()
     if is_prepared(model):
         raise ValueError(f"{args.checkpoint} is a quantized checkpoint: the sweep recalibrates, give the fp one")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import csv
 import math
 import re
@@ -54,11 +53,16 @@ class PointSensitivity:
 
 # ---- scoring ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def perplexity(model: nn.Module, batches: list, device) -> float:
+def perplexity_and_bpb(model: nn.Module, batches: list, device) -> dict[str, float]:
+    """Token-weighted perplexity and bits per byte of ``model`` (in its current mode) over ``batches``."""
     metrics = LMMetrics(model.config.vocab_size).to(device)
     for x, y, nbytes in batches:
         metrics.update(model(x.to(device)), y.to(device), nbytes.to(device))
-    return float(metrics.compute()["ppl"])
+    return {k: float(v) for k, v in metrics.compute().items()}
+
+
+def perplexity(model: nn.Module, batches: list, device) -> float:
+    return perplexity_and_bpb(model, batches, device)["ppl"]
 
 
 @contextlib.contextmanager
@@ -235,8 +239,7 @@ def _load(checkpoint: str, recipe: str | None, device, batches_for_calibration):
 
 
 def main(argv=None) -> int:
-    from qmamba.data import TextDataModule
-    from qmamba.evaluation import data_config_of
+    from qmamba.evaluation import scoring_batches
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="an fp checkpoint (with --recipe) or a calibrated one")
@@ -251,11 +254,7 @@ def main(argv=None) -> int:
     if args.limit_batches < 1:
         raise ValueError(f"--limit-batches must be >= 1, got {args.limit_batches}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dm = TextDataModule(**data_config_of(args.checkpoint))
-    dm.setup("fit")
-    dm.setup("test")
-    loader = dm.val_dataloader() if args.split == "validation" else dm.test_dataloader()
-    batches = [b for _, b in zip(range(args.limit_batches), loader)]
+    dm, batches = scoring_batches(args.checkpoint, args.split, args.limit_batches)
     start = time.perf_counter()
     model = _load(args.checkpoint, args.recipe, device, dm.calibration_dataloader)
     fp, rows = sensitivity(model, batches, device)

@@ -20,23 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qmamba.data import TextDataModule  # noqa: E402
-from qmamba.evaluation import data_config_of  # noqa: E402
+from qmamba.evaluation import scoring_batches  # noqa: E402
 from qmamba.lightning.checkpoint import load_checkpoint_model  # noqa: E402
-from qmamba.lightning.metrics import LMMetrics  # noqa: E402
 from qmamba.modes import parse_mode  # noqa: E402
 from qmamba.qnn import calibrate, prepare, set_mode  # noqa: E402
 from qmamba.quant.recipe import load_recipe  # noqa: E402
-
-
-@torch.no_grad()
-def score(model, loader, limit: int | None, device) -> dict[str, float]:
-    metrics = LMMetrics(model.config.vocab_size).to(device)
-    for i, (x, y, nbytes) in enumerate(loader):
-        if limit is not None and i >= limit:
-            break
-        metrics.update(model(x.to(device)), y.to(device), nbytes.to(device))
-    return metrics.compute()
+from qmamba.sensitivity import perplexity_and_bpb as score  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -49,12 +38,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     modes = [parse_mode(m) for m in args.modes.split(",")]
-    dm = TextDataModule(**data_config_of(args.checkpoint))
-    dm.setup("fit")
-    dm.setup("test")
-    loader = dm.val_dataloader() if args.split == "validation" else dm.test_dataloader()
+    dm, batches = scoring_batches(args.checkpoint, args.split, args.limit_batches)
     base = load_checkpoint_model(args.checkpoint).to(device).eval()
-    fp = score(base, loader, args.limit_batches, device)
+    fp = score(base, batches, device)
     print(f"{'recipe':40s} {'mode':9s} {'ppl':>9s} {'bpb':>8s} {'Δ ppl':>8s} {'s':>6s}", flush=True)
     print(f"{'(none)':40s} {'fp':9s} {fp['ppl']:9.4f} {fp['bpb']:8.4f} {'':>8s}", flush=True)
     for source in args.recipe:
@@ -64,7 +50,7 @@ def main(argv=None) -> int:
         calibrate(model, dm.calibration_dataloader(), progress=False)
         for mode in modes:
             set_mode(model, mode)
-            r = score(model, loader, args.limit_batches, device)
+            r = score(model, batches, device)
             print(f"{Path(source).stem:40s} {mode:9s} {r['ppl']:9.4f} {r['bpb']:8.4f} "
                   f"{100 * (r['ppl'] / fp['ppl'] - 1):+7.2f}% {time.perf_counter() - start:6.1f}", flush=True)
     return 0

@@ -9,6 +9,7 @@ from qmamba.ops.norm import gated_rms_norm, gated_rms_norm_ref, rms_norm, rms_no
 from qmamba.ops.selective_scan import selective_scan, selective_scan_loop_ref, selective_scan_ref
 from qmamba.ops.ssd import ssd_chunk_scan, ssd_chunk_scan_ref, ssd_loop_ref
 
-__all__ = ["BACKENDS", "causal_conv1d", "causal_conv1d_ref", "hadamard_transform", "linear_scan", "rms_norm", "rms_norm_ref",
+__all__ = ["BACKENDS", "causal_conv1d", "causal_conv1d_ref", "hadamard_transform", "linear_scan", "rms_norm",
+           "rms_norm_ref",
            "gated_rms_norm", "gated_rms_norm_ref", "selective_scan", "selective_scan_ref", "selective_scan_loop_ref",
            "ssd_chunk_scan", "ssd_chunk_scan_ref", "ssd_loop_ref"]

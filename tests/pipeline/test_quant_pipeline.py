@@ -3,7 +3,6 @@ PTQ (calibrate + finalize) -> QAT (fake-quant training, resumable) -> evaluate.p
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
