@@ -18,7 +18,6 @@ import copy
 import csv
 import dataclasses
 import fnmatch
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qmamba.qnn import calibrate, prepare, quant_points, set_mode
+from qmamba.qnn import calibrate, planned_activation_points, prepare, set_mode
 from qmamba.quant.recipe import ObserverSpec, Recipe, load_recipe
-from qmamba.sensitivity import perplexity
+from qmamba.sensitivity import layer_of, perplexity
 
 
 @dataclass
@@ -37,12 +36,6 @@ class SweepPoint:
     alpha: float
     ppl: float
     delta_ppl: float  # relative to fp
-
-
-def point_names(model: nn.Module, recipe: Recipe) -> list[str]:
-    """Every activation point ``recipe`` creates on ``model`` (prepared on a throwaway copy)."""
-    probe = prepare(copy.deepcopy(model), recipe)
-    return [p.name for p in quant_points(probe) if not p.is_weight]
 
 
 def with_percentile(recipe: Recipe, points: list[str], alpha: float) -> Recipe:
@@ -69,8 +62,8 @@ def groups_of(names: list[str], patterns: list[str], per_layer: bool) -> dict[st
             groups[spec] = hit
             continue
         for n in hit:
-            m = re.search(r"layers\.(\d+)\.", n)
-            groups.setdefault(f"{spec} @ layer {m.group(1) if m else '-'}", []).append(n)
+            layer = layer_of(n)
+            groups.setdefault(f"{spec} @ layer {'-' if layer is None else layer}", []).append(n)
     return groups
 
 
@@ -176,7 +169,7 @@ def main(argv=None) -> int:
     if is_prepared(model):
         raise ValueError(f"{args.checkpoint} is a quantized checkpoint: the sweep recalibrates, give the fp one")
     recipe = load_recipe(args.recipe)
-    names = point_names(model, recipe)
+    names = planned_activation_points(model, recipe)
     patterns = args.points
     if not patterns:
         clipped = [n for n in names if recipe.spec_for(n).observer.kind == "percentile"]

@@ -32,6 +32,12 @@ from qmamba.qnn.point import QuantPoint
 from qmamba.quant.numerics import fake_quantize
 
 
+def layer_of(point: str) -> int | None:
+    """The layer index in a point name (``backbone.layers.3.mixer.scan.u`` -> 3), None outside the layers."""
+    m = re.search(r"layers\.(\d+)\.", point)
+    return int(m.group(1)) if m else None
+
+
 @dataclass
 class PointSensitivity:
     point: str
@@ -42,8 +48,7 @@ class PointSensitivity:
 
     @property
     def layer(self) -> int | None:
-        m = re.search(r"layers\.(\d+)\.", self.point)
-        return int(m.group(1)) if m else None
+        return layer_of(self.point)
 
     @property
     def tensor(self) -> str:
@@ -141,9 +146,6 @@ def sensitivity(model: nn.Module, batches: list, device=None, progress: bool = T
                          "recipe to the command line)")
     device = device or next(model.parameters()).device
     mode = current_mode(model)
-    set_mode(model, "fp")
-    fp = perplexity(model, batches, device)
-    sqnr = activation_sqnr(model, batches, device) | weight_sqnr(model)
     points = list(quant_points(model))
     iterator = points
     if progress:
@@ -152,6 +154,9 @@ def sensitivity(model: nn.Module, batches: list, device=None, progress: bool = T
         iterator = tqdm(points, desc="one point at a time", leave=False)
     rows = []
     try:
+        set_mode(model, "fp")
+        fp = perplexity(model, batches, device)
+        sqnr = activation_sqnr(model, batches, device) | weight_sqnr(model)
         set_mode(model, "fakequant")
         for p in iterator:
             with only_points(model, [p.name]):

@@ -17,8 +17,8 @@ import qmamba
 from qmamba.lightning.checkpoint import checkpoint_entry
 from qmamba.models import MambaLM
 from qmamba.models.loading import CHECKPOINT_KEY
-from qmamba.percentile_sweep import groups_of, point_names, sweep, with_percentile
-from qmamba.qnn import calibrate, convert, prepare, quant_points, set_mode
+from qmamba.percentile_sweep import groups_of, sweep, with_percentile
+from qmamba.qnn import calibrate, convert, planned_activation_points, prepare, quant_points, set_mode
 from qmamba.quant.recipe import load_recipe
 from qmamba.sensitivity import only_points, perplexity, sensitivity
 
@@ -111,10 +111,19 @@ def test_sensitivity_refuses_converted_or_uncalibrated():
 
 
 # ---- percentile sweep --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, recipe", [("tiny", "quamba_w8a8"), ("tiny-mamba2", "quamba2_w8a8")])
+def test_planned_points_are_the_points_prepare_creates(name, recipe):
+    model = MambaLM(qmamba.preset(name))
+    planned = planned_activation_points(model, recipe)
+    assert not any(True for _ in quant_points(model))  # nothing prepared
+    prepared = [p.name for p in quant_points(prepare(model, recipe)) if not p.is_weight]
+    assert planned == prepared
+
+
 def test_with_percentile_changes_only_the_named_points():
     model = MambaLM(qmamba.preset("tiny-mamba2"))
     recipe = load_recipe("quamba2_w8a8")
-    names = point_names(model, recipe)
+    names = planned_activation_points(model, recipe)
     x = [n for n in names if n.endswith("scan.x")]
     r = with_percentile(recipe, x[:1], 0.99)
     assert r.spec_for(x[0]).observer.alpha == 0.99 and r.spec_for(x[0]).observer.kind == "percentile"
@@ -133,7 +142,7 @@ def test_sweep_rows_and_alpha_one_is_min_max():
     torch.manual_seed(0)
     model = MambaLM(qmamba.preset("tiny")).eval()
     recipe = load_recipe("quamba_w8a8")
-    names = point_names(model, recipe)
+    names = planned_activation_points(model, recipe)
     groups = groups_of(names, ["*.x_proj.input,*.scan.u"], per_layer=False)
     calib, batches = [b[0] for b in _batches(seed=9)], _batches()
     fp, rows = sweep(model, recipe, groups, [0.99, 1.0], calib, batches, "cpu")

@@ -13,6 +13,7 @@ from qmamba.qnn.convert import (
     is_converted,
     is_prepared,
     observing,
+    planned_activation_points,
     prepare,
     quant_points,
     set_mode,
@@ -30,6 +31,6 @@ from qmamba.qnn.modules import (
 from qmamba.qnn.point import QuantPoint
 
 __all__ = ["Agreement", "agreement_report", "calibrate", "convert", "current_mode", "format_agreement",
-           "freeze_scales_", "int8_layout_", "is_calibrated", "is_converted", "is_prepared", "observing", "prepare", "quant_points",
-           "set_mode", "twins", "QMODES", "QuantCausalConv1d", "QuantLinear", "QuantRMSNormGated",
+           "freeze_scales_", "int8_layout_", "is_calibrated", "is_converted", "is_prepared", "observing",
+           "planned_activation_points", "prepare", "quant_points", "set_mode", "twins", "QMODES", "QuantCausalConv1d", "QuantLinear", "QuantRMSNormGated",
            "QuantSelectiveScan", "QuantSSDScan", "QuantTwin", "QuantPoint"]

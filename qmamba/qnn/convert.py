@@ -29,6 +29,25 @@ def is_prepared(model: nn.Module) -> bool:
     return next(twins(model), None) is not None
 
 
+def _plan(model: nn.Module, recipe: Recipe) -> Iterator[tuple[str, nn.Module, type, dict]]:
+    """(module name, module, twin class, point -> spec or None) for every float part ``recipe`` quantizes."""
+    for name, module in model.named_modules():
+        twin_cls = TWINS.get(type(module))
+        if twin_cls is None:
+            continue
+        specs = {point: recipe.spec_for(f"{name}.{point}") for point in twin_cls.POINTS}
+        if any(spec is not None for spec in specs.values()):
+            yield name, module, twin_cls, specs
+
+
+def planned_activation_points(model: nn.Module, recipe: Recipe | str | dict) -> list[str]:
+    """The names of the activation points ``prepare(model, recipe)`` would create on an fp model, without
+    preparing it."""
+    recipe = load_recipe(recipe)
+    return [f"{name}.{point}" for name, _, twin_cls, specs in _plan(model, recipe)
+            for point, spec in specs.items() if spec is not None and not twin_cls.POINTS[point][0]]
+
+
 def prepare(model: nn.Module, recipe: Recipe | str | dict) -> nn.Module:
     """Swap every part a recipe quantizes for its twin, in place; parameters are shared, not copied. Calling it on
     an already prepared model changes nothing. The recipe is kept on the model (``model.quant_recipe``)."""
@@ -39,14 +58,7 @@ def prepare(model: nn.Module, recipe: Recipe | str | dict) -> nn.Module:
             raise ValueError(f"this model is already prepared with recipe {current.name!r}; preparing it again with "
                              f"{recipe.name!r} would mix the two — start from the fp model")
         return model
-    swaps = []
-    for name, module in model.named_modules():
-        twin_cls = TWINS.get(type(module))
-        if twin_cls is None:
-            continue
-        specs = {point: recipe.spec_for(f"{name}.{point}") for point in twin_cls.POINTS}
-        if any(spec is not None for spec in specs.values()):
-            swaps.append((name, twin_cls.from_float(module, name, specs)))
+    swaps = [(name, twin_cls.from_float(module, name, specs)) for name, module, twin_cls, specs in _plan(model, recipe)]
     if not swaps:
         raise ValueError(f"recipe {recipe.name!r} matches no quantization point of this model; check its targets "
                          "(e.g. '*.mixer.in_proj.input')")
