@@ -76,14 +76,14 @@ def main(argv=None) -> None:
         from qmamba.evaluation import agreement
         from qmamba.qnn import format_agreement
 
-        rows = agreement(args.checkpoint, data=data, backend=args.backend)
+        reports = agreement(args.checkpoint, data=data, backend=args.backend, forcings=("op", "block"))
+        rows, drift = reports["op"], reports["block"]
         print(format_agreement(rows))
         worst = min(rows, key=lambda r: (r.identical, -r.max_lsb))
         ok = all(r.meets_contract for r in rows)
         print(f"agreement: {len(rows)} points, worst {worst.point}: {100 * worst.identical:.3f}% identical, "
               f"max {max(r.max_lsb for r in rows)} LSB -> {'meets' if ok else 'BREAKS'} the contract "
               "(>= 99.9% identical, <= 1 LSB; each op on the int8 run's inputs)")
-        drift = agreement(args.checkpoint, data=data, backend=args.backend, forcing="block")
         dworst = min(drift, key=lambda r: (r.identical, -r.max_lsb))
         print(f"block drift (each block on its int8-run input, differences carried through the block): worst "
               f"{dworst.point}: {100 * dworst.identical:.3f}% identical, max {max(r.max_lsb for r in drift)} LSB")

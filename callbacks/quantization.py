@@ -101,8 +101,6 @@ class QAT(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         set_mode(pl_module.model, "fakequant")
-        if pl_module._teacher is not None:
-            pl_module._teacher[0].to(pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.freeze_scales_at_step is not None and trainer.global_step == self.freeze_scales_at_step:

@@ -157,9 +157,10 @@ def evaluate(source: str, modes: str | list[str] = "fp", split: str = "test", da
 
 
 def agreement(source: str, data: dict[str, Any] | None = None, backend: str = "auto",
-              device: str | None = None, batches: int = 1, forcing: str = "op"):
-    """The fakequant-vs-int8 agreement report of a prepared or int8 checkpoint on its first test batch(es)
-    (``forcing``: "op" or "block", see ``qmamba.qnn.agreement_report``)."""
+              device: str | None = None, batches: int = 1,
+              forcings: tuple[str, ...] = ("op",)) -> dict[str, list]:
+    """The fakequant-vs-int8 agreement report of a prepared or int8 checkpoint on its first test batch(es), for each
+    teacher forcing asked ("op", "block"; see ``qmamba.qnn.agreement_report``), the model and data loaded once."""
     from qmamba.qnn import agreement_report
 
     check_backend(backend)
@@ -170,9 +171,10 @@ def agreement(source: str, data: dict[str, Any] | None = None, backend: str = "a
     model = module.model.to(device).eval()
     datamodule = TextDataModule(**{**data_config_of(source), **(data or {})})
     datamodule.setup("test")
-    rows = []
+    rows: dict[str, list] = {forcing: [] for forcing in forcings}
     for i, (x, _, _) in enumerate(datamodule.test_dataloader()):
         if i >= batches:
             break
-        rows += agreement_report(model, x.to(device), forcing=forcing)
+        for forcing in forcings:
+            rows[forcing] += agreement_report(model, x.to(device), forcing=forcing)
     return rows

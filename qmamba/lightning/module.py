@@ -185,6 +185,8 @@ class LMModule(L.LightningModule):
         checkpoint[CHECKPOINT_KEY] = checkpoint_entry(self.model)
 
     def on_fit_start(self) -> None:
+        if self._teacher is not None:  # set in setup (QAT callback); it follows the student to its device
+            self._teacher[0].to(self.device)
         if self.logger is not None:
             self.logger.log_hyperparams({"model/params": self.model.num_parameters(),
                                          "model/config": self.config.to_dict()})

@@ -225,3 +225,17 @@ def test_data_config_of_checkpoint(checkpoints):
     assert data_config_of(str(checkpoints / "prepared.ckpt")) == {"seq_len": 999}  # "_..." keys dropped
     assert data_config_of(str(checkpoints / "fp.ckpt")) == {}
     assert data_config_of("state-spaces/mamba-130m") == {}
+
+
+def test_agreement_of_a_checkpoint_in_both_forcings(checkpoints, corpus):
+    from qmamba.evaluation import agreement
+
+    data = {"corpus": str(corpus), "seq_len": 32, "eval_batch_size": 8}
+    reports = agreement(checkpoints / "int8.ckpt", data=data, backend="torch", forcings=("op", "block"))
+    assert sorted(reports) == ["block", "op"]
+    op, block = reports["op"], reports["block"]
+    assert [r.point for r in op] == [r.point for r in block] and op
+    assert all(r.meets_contract for r in op)
+    assert all(b.elements == o.elements for o, b in zip(op, block))
+    with pytest.raises(ValueError, match="fp model"):
+        agreement(checkpoints / "fp.ckpt", data=data)
