@@ -84,11 +84,12 @@ def compare(runs: list[RunRecord]) -> tuple[list[Row], list[str]]:
         skipped += not rows
         for r in rows:
             key = (os.path.normpath(r.checkpoint), r.mode, r.data)
-            if key in latest:
-                notes.append(f"{r.label} [{r.mode}] was evaluated more than once: the latest run counts "
-                             f"({max(r.run, latest[key].run) if r.started == latest[key].started else r.run})")
-            if key not in latest or r.started >= latest[key].started:
+            seen = latest.get(key)
+            if seen is None or r.started >= seen.started:
                 latest[key] = r
+            if seen is not None:
+                notes.append(f"{r.label} [{r.mode}] was evaluated more than once: the latest run counts "
+                             f"({latest[key].run})")
     if skipped:
         notes.append(f"{skipped} run(s) without evaluation results (training, sweeps, ...) are not in the table")
     rows = sorted(latest.values(), key=lambda r: (r.base, r.data, r.kind != "fp", r.label, ORDER.index(r.mode)))

@@ -59,7 +59,7 @@ def test_latest_evaluation_wins_and_aggregates_are_read():
     new.summary["eval/fp/perplexity"] = {"min": 5.0, "last": 5.0}  # a defined summary metric
     rows, notes = compare([new, old])
     assert len(rows) == 1 and rows[0].ppl == 5.0 and rows[0].run == "new"
-    assert any("more than once" in n for n in notes)
+    assert any("more than once" in n and "(new)" in n for n in notes)  # names the run that counts
     assert rows_of(_run("none", BASE, {})) == []
 
 
