@@ -47,3 +47,22 @@ def use_fast_path(backend: str, tensor: torch.Tensor, module: str, op: str) -> b
         raise RuntimeError(f"{op}: backend='cuda' was asked for but {why}. "
                            f"Install the fast path with {_INSTALL_HINT[module]}, or use backend='torch'.")
     return available
+
+
+def use_kernels(backend: str, tensor: torch.Tensor, op: str) -> bool:
+    """True when ``op`` should run qmamba's own kernel (``qmamba.kernels``: csrc/ CUDA or Triton) for inputs like
+    ``tensor``. ``"cuda"`` where the kernels cannot load raises one error saying why; ``"auto"`` falls back to the
+    torch reference only where there is nothing to run them on (CPU tensors). On a GPU, ``"auto"`` builds the kernels
+    and a failed build is an error, never a silent fallback."""
+    validate_backend(backend)
+    if backend == "torch":
+        return False
+    if not tensor.is_cuda:
+        if backend == "cuda":
+            raise RuntimeError(f"{op}: backend='cuda' was asked for but its inputs are not on a CUDA device; "
+                               "move the model to a GPU or use backend='torch'")
+        return False
+    from qmamba import kernels  # lazy: never at import qmamba
+
+    kernels.load()
+    return True

@@ -1,0 +1,19 @@
+"""qmamba's own GPU kernels: the CUDA C++ extension built from ``csrc/`` and the Triton kernels in ``triton/``.
+
+Nothing here is imported or built at ``import qmamba``. ``load()`` builds the extension on first use, for the GPU at
+hand only (one architecture), caches it under ``~/.cache/qmamba/kernels`` (``QMAMBA_KERNELS_CACHE`` is not read: pass
+``cache_dir``), and registers the ops as ``torch.ops.qmamba.*``. Every kernel has a pure-torch twin, the ``torch``
+int8 backend of ``qmamba.qnn``, which it must match under the numerics contract (DESIGN.md §3); the GPU tests in
+``tests/gpu/`` check that.
+
+Python entry points (each calls ``load()`` itself):
+    conv1d.py          int8 causal depthwise conv1d + SiLU + requantize (prefill, one-token update)
+    selective_scan.py  int8 Mamba1 selective scan (prefill, one-token state update)
+    norm.py            fused residual add + RMSNorm + int8 quantize
+    linear.py          W8A8 linear with the dequant (and optional requant) epilogue fused: GEMM and decode GEMV
+    triton/ssd.py      int8 Mamba2 SSD chunk scan and its decode step (Triton)
+"""
+
+from qmamba.kernels.build import KernelsUnavailable, available, load
+
+__all__ = ["KernelsUnavailable", "available", "load"]
