@@ -1,13 +1,17 @@
 """Training step time of a preset on the current device: forward + backward + AdamW step, timed after warm-up.
 
     python benchmarks/train_speed.py --preset house-mamba1 --batch 64 --seq-len 512 [--precision bf16] [--backend auto]
+    python benchmarks/train_speed.py --preset house-mamba1 --recipe qat_w8a8     # fp step vs fake-quant (QAT) step
 
-Prints ms per step, tokens per second and peak GPU memory. Used to size max_steps of the GPU configs.
+Prints ms per step, tokens per second and peak GPU memory. With ``--recipe``, the same model, batch and sequence
+length is timed twice in one run — as is (fp) and prepared with the recipe, calibrated on one batch and in fakequant
+mode (the QAT step) — and the ratio is printed. Used to size max_steps of the GPU configs and for the QAT step-time goal.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -16,22 +20,9 @@ import torch.nn.functional as F
 from qmamba import MambaLM, preset, set_backend
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="house-mamba1")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
-    ap.add_argument("--backend", default="auto")
-    args = ap.parse_args()
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    model = set_backend(MambaLM(preset(args.preset)).to(device), args.backend)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len + 1), device=device)
+def time_steps(model, ids, args, device) -> tuple[float, float]:
+    """(ms per step, peak GiB) of forward + backward + AdamW on ``model``."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
 
     def step() -> None:
@@ -54,9 +45,43 @@ def main() -> None:
         torch.cuda.synchronize()
     ms = (time.perf_counter() - start) / args.steps * 1e3
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    print(f"{args.preset} ({model.num_parameters() / 1e6:.1f}M) {args.precision} backend={args.backend} "
-          f"batch {args.batch}x{args.seq_len} on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}: "
-          f"{ms:.1f} ms/step, {args.batch * args.seq_len / ms * 1e3:,.0f} tokens/s, peak {peak:.2f} GiB")
+    return ms, peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="house-mamba1")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--recipe", default=None, help="also time the fake-quant (QAT) step with this recipe")
+    args = ap.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    where = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    torch.manual_seed(0)
+    model = set_backend(MambaLM(preset(args.preset)).to(device), args.backend)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len + 1), device=device)
+    runs = [("fp", model)]
+    if args.recipe:
+        from qmamba.qnn import calibrate, prepare, set_mode
+
+        qat = prepare(copy.deepcopy(model), args.recipe)
+        calibrate(qat, [ids[:, :-1]], progress=False)
+        runs.append((f"fakequant {args.recipe}", set_mode(qat, "fakequant").train()))
+    times = {}
+    for label, m in runs:
+        ms, peak = time_steps(m.train(), ids, args, device)
+        times[label] = ms
+        print(f"{args.preset} ({model.num_parameters() / 1e6:.1f}M) {label} {args.precision} backend={args.backend} "
+              f"batch {args.batch}x{args.seq_len} on {where}: {ms:.1f} ms/step, "
+              f"{args.batch * args.seq_len / ms * 1e3:,.0f} tokens/s, peak {peak:.2f} GiB", flush=True)
+    if len(times) == 2:
+        fp_ms, fq_ms = times.values()
+        print(f"fake-quant / fp step time: {fq_ms / fp_ms:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,26 @@
 #!/usr/bin/env bash
 # On a GPU device machine (see ../shared/device/README.md): install the carried wheels, build mamba_ssm's CUDA scan
-# for this GPU (once per machine), and install qmamba itself without touching the machine's torch.
+# and (when its sdist is in .whl/) causal-conv1d for this GPU (once per machine), and install qmamba itself without
+# touching the machine's torch. causal-conv1d gives mamba_ssm its fused conv1d / decode-update kernels: the
+# latency baseline (benchmarks/latency.py) is mamba_ssm at its fastest, so it is built when available.
+# Fetch its sdist here with:  CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE pip download --no-deps --no-binary :all: \
+#                               --no-build-isolation -d .whl causal-conv1d==1.7.0
 set -euo pipefail
-bash .whl/on_device.sh
+root=$PWD
+if compgen -G ".whl/causal_conv1d-*.tar.gz" >/dev/null && ! python3 -c "import causal_conv1d_cuda" 2>/dev/null; then
+  ( b=$(mktemp -d) && tar xzf .whl/causal_conv1d-*.tar.gz -C "$b" && cd "$b"/causal_conv1d-* &&
+    cc=$(python3 -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))") &&
+    python3 "$root/.whl/only_sm90.py" setup.py "$cc" >/dev/null &&
+    MAX_JOBS=8 CAUSAL_CONV1D_FORCE_BUILD=TRUE python3 -m pip install -q --no-deps --no-build-isolation --no-index . \
+      > "$b/build.log" 2>&1 || { echo "causal-conv1d build failed:"; tail -20 "$b/build.log"; } ) &
+  conv_pid=$!
+fi
+MAX_JOBS=8 bash .whl/on_device.sh
+[ -n "${conv_pid:-}" ] && wait "$conv_pid"
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | grep -v 'is ignored' | tail -2 || true
-python3 -c "import qmamba, mamba_ssm, torch; print('qmamba', qmamba.__version__, '| mamba_ssm', mamba_ssm.__version__, '| torch', torch.__version__, '|', torch.cuda.get_device_name())"
+python3 -c "
+import qmamba, mamba_ssm, torch
+from qmamba.ops.backend import try_import
+conv = try_import('causal_conv1d')
+print('qmamba', qmamba.__version__, '| mamba_ssm', mamba_ssm.__version__, '| causal_conv1d',
+      getattr(conv, '__version__', 'missing'), '| torch', torch.__version__, '|', torch.cuda.get_device_name())"
