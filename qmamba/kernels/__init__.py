@@ -11,7 +11,8 @@ Python entry points (each calls ``load()`` itself):
     selective_scan.py  int8 Mamba1 selective scan (prefill, one-token state update)
     norm.py            fused residual add + RMSNorm + int8 quantize
     linear.py          W8A8 linear with the dequant (and optional requant) epilogue fused: GEMM and decode GEMV
-    triton/ssd.py      int8 Mamba2 SSD chunk scan and its decode step (Triton)
+    triton/ssd_int8.py int8 Mamba2 SSD chunk scan and its decode step (Triton)
+    triton/w8a8_gemm.py  W8A8 GEMM with fused epilogue (Triton)
 """
 
 from qmamba.kernels.build import KernelsUnavailable, available, load

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from qmamba.config import MambaConfig
-from qmamba.models.parts import CausalConv1d, SelectiveScan
+from qmamba.models.parts import CausalConv1d, LayerCache, SelectiveScan, linear_step
 
 
 def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, floor: float) -> torch.Tensor:
@@ -41,10 +41,26 @@ class Mamba1Mixer(nn.Module):
         for p in (self.A_log, self.D):
             p._no_weight_decay = True
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """With ``cache`` (prefill), also fill it: the conv's last d_conv inputs and the scan's final state."""
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, L, di) each
-        x = self.conv1d(x.transpose(1, 2))  # (B, di, L)
+        x = x.transpose(1, 2)
+        x = self.conv1d(x) if cache is None else self.conv1d.prefill(x, cache.conv_state)  # (B, di, L)
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = self.dt_proj(dt).transpose(1, 2)  # (B, di, L)
-        y = self.scan(x, delta, self.A_log, B.transpose(1, 2), C.transpose(1, 2), self.D, z.transpose(1, 2))
+        args = (x, delta, self.A_log, B.transpose(1, 2), C.transpose(1, 2), self.D, z.transpose(1, 2))
+        y = self.scan(*args) if cache is None else self.scan.prefill(cache.ssm_state, *args)
         return self.out_proj(y.transpose(1, 2))  # (B, L, d_model)
+
+    def allocate_cache(self, batch: int, device=None, dtype: torch.dtype = torch.float32) -> LayerCache:
+        return LayerCache(self.conv1d.allocate_state(batch, device, dtype),
+                          torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32))
+
+    def step(self, hidden: torch.Tensor, cache: LayerCache) -> torch.Tensor:  # (B, d_model) -> (B, d_model)
+        """``forward`` on one token, advancing ``cache`` in place."""
+        x, z = linear_step(self.in_proj, hidden).chunk(2, dim=-1)  # (B, di) each
+        x = self.conv1d.step(x, cache.conv_state)
+        dt, B, C = linear_step(self.x_proj, x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = linear_step(self.dt_proj, dt)  # (B, di)
+        y = self.scan.step(cache.ssm_state, x, delta, self.A_log, B, C, self.D, z)
+        return linear_step(self.out_proj, y)

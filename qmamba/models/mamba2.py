@@ -7,7 +7,7 @@ from torch import nn
 
 from qmamba.config import MambaConfig
 from qmamba.models.mamba1 import inverse_softplus_dt
-from qmamba.models.parts import CausalConv1d, RMSNormGated, SSDScan
+from qmamba.models.parts import CausalConv1d, LayerCache, RMSNormGated, SSDScan, linear_step
 
 
 class Mamba2Mixer(nn.Module):
@@ -30,13 +30,33 @@ class Mamba2Mixer(nn.Module):
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """With ``cache`` (prefill), also fill it: the conv's last d_conv inputs and the scan's final state."""
         b, L, _ = hidden.shape
         z, xBC, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xBC = self.conv1d(xBC.transpose(1, 2)).transpose(1, 2)  # (B, L, conv_dim)
+        xBC = xBC.transpose(1, 2)
+        xBC = (self.conv1d(xBC) if cache is None else self.conv1d.prefill(xBC, cache.conv_state)).transpose(1, 2)
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        y = self.scan(x.reshape(b, L, self.nheads, self.headdim), dt, self.A_log,
-                      B.reshape(b, L, self.ngroups, self.d_state), C.reshape(b, L, self.ngroups, self.d_state),
-                      self.D, self.dt_bias)  # (B, L, H, P)
+        args = (x.reshape(b, L, self.nheads, self.headdim), dt, self.A_log,
+                B.reshape(b, L, self.ngroups, self.d_state), C.reshape(b, L, self.ngroups, self.d_state),
+                self.D, self.dt_bias)
+        y = self.scan(*args) if cache is None else self.scan.prefill(cache.ssm_state, *args)  # (B, L, H, P)
         y = self.norm(y.reshape(b, L, self.d_inner), z)
         return self.out_proj(y)  # (B, L, d_model)
+
+    def allocate_cache(self, batch: int, device=None, dtype: torch.dtype = torch.float32) -> LayerCache:
+        return LayerCache(self.conv1d.allocate_state(batch, device, dtype),
+                          torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device,
+                                      dtype=torch.float32))
+
+    def step(self, hidden: torch.Tensor, cache: LayerCache) -> torch.Tensor:  # (B, d_model) -> (B, d_model)
+        """``forward`` on one token, advancing ``cache`` in place."""
+        b = hidden.shape[0]
+        z, xBC, dt = linear_step(self.in_proj, hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xBC = self.conv1d.step(xBC, cache.conv_state)  # (B, conv_dim)
+        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        y = self.scan.step(cache.ssm_state, x.reshape(b, self.nheads, self.headdim), dt, self.A_log,
+                           B.reshape(b, self.ngroups, self.d_state), C.reshape(b, self.ngroups, self.d_state),
+                           self.D, self.dt_bias)  # (B, H, P)
+        y = self.norm.step(y.reshape(b, self.d_inner), z)
+        return linear_step(self.out_proj, y)

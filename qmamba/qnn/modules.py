@@ -7,6 +7,10 @@ quantization points; ``qmode`` picks the path:
   ``acc * (s_x * s_w)`` in fp32 (DESIGN §3); the scans dequantize their int8 inputs to fp32.
 
 A point the recipe leaves out stays floating point in every mode.
+
+Decoding: ``prefill`` / ``step`` (see ``qmamba.models.parts``) compute per token what ``forward`` computes per
+sequence, in every mode. An int8 ``step`` goes through the twin's ``_int8_step`` (codes and scales in), the one place a
+decode kernel plugs in.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from qmamba import ops
 from qmamba.models.parts import CausalConv1d, RMSNormGated, SelectiveScan, SSDScan
 from qmamba.qnn.point import QuantPoint
 from qmamba.quant.granularity import PerTensor
-from qmamba.quant.numerics import dequantize, int8_linear_ref
+from qmamba.quant.numerics import dequantize, int8_linear_ref, quantize, scale_from_absmax
 from qmamba.quant.recipe import QuantSpec
 
 QMODES = ("fp", "fakequant", "int8")
@@ -89,6 +93,60 @@ class QuantTwin:
             return qp.roundtrip(x)
         return x
 
+    # ---- one-token steps: a CUDA graph captures them, and reading a tensor on the host (``bool(point.ready)`` in
+    # ``QuantPoint.scale_for``) is not allowed there. On a GPU the helpers below skip that check (the prefill's
+    # forward, run first, made it); they leave observing, recording and forcing to forward.
+    def _step_scale(self, qp: QuantPoint, x: torch.Tensor) -> torch.Tensor:
+        """``qp.scale_for(x)``, without its host sync on a GPU."""
+        return scale_without_sync(qp, x) if x.is_cuda else qp.scale_for(x)
+
+    def _step_codes(self, point: str, x: torch.Tensor | None, time_dim: int | None = None):
+        """(int8 codes, scale) of activation x at ``point``, or (x, None) where the recipe leaves it float. x is one
+        token of the forward's tensor with its time dim ``time_dim`` dropped: it is quantized with that dim put back
+        (L = 1), so a per-channel axis means the same in both; codes and scale come back without it."""
+        qp = self.q(point)
+        if qp is None or x is None:
+            return x, None
+        xt = x if time_dim is None else x.unsqueeze(time_dim)
+        s = self._step_scale(qp, xt)
+        q = quantize(xt, s, qp.spec.bits)
+        return (q, s) if time_dim is None else (q.squeeze(time_dim), s.squeeze(time_dim))
+
+    def _step_act(self, point: str, x: torch.Tensor | None, time_dim: int | None = None):
+        """``_in`` for one token: fakequant and int8 both give dequantize(quantize(x)) in x's dtype (the same fp32
+        ops as ``fake_quantize``, so the same values)."""
+        qp = self.q(point)
+        if qp is None or x is None or self.qmode == "fp" or (self.qmode == "fakequant" and not qp.enabled):
+            return x
+        return _deq(*self._step_codes(point, x, time_dim), x.dtype)
+
+    def _step_int8_weight(self, qw: QuantPoint) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_int8_weight`` without a host sync on a GPU."""
+        w = self.weight if self.weight.dtype == torch.int8 else self.weight_to_quantize().detach()
+        s = self._step_scale(qw, w)
+        return (w, s) if w.dtype == torch.int8 else (quantize(w, s, qw.spec.bits), s)
+
+    def _step_weight(self, qw: QuantPoint | None) -> torch.Tensor:
+        """``_weight_in_mode`` without a host sync on a GPU."""
+        if qw is None or self.qmode == "fp" or (self.weight.dtype != torch.int8 and not qw.enabled):
+            return self._weight_in_mode(qw)  # no scale involved
+        q, s = self._step_int8_weight(qw)
+        w = dequantize(q, s)
+        return w if self.weight.dtype == torch.int8 else w.to(self.weight_to_quantize().dtype)
+
+
+def scale_without_sync(qp: QuantPoint, x: torch.Tensor) -> torch.Tensor:
+    """``qp.scale_for(x)`` minus its readiness check, which reads a tensor on the host."""
+    if qp.is_weight and x.dtype != torch.int8:  # weights are converted (scale stored) iff stored as int8
+        absmax = qp.spec.granularity.absmax(x.detach())
+        return qp.spec.granularity.broadcast(scale_from_absmax(absmax, qp.spec.bits), x.dim())
+    return qp.spec.granularity.broadcast(qp.scale, x.dim())
+
+
+def _deq(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """int8 codes back to ``dtype`` (``QuantPoint.roundtrip``); a float input (scale None) passes through."""
+    return q if scale is None else dequantize(q, scale).to(dtype)
+
 
 class QuantLinear(QuantTwin, nn.Linear):
     """A linear layer with quantized input and weight. With ``rotation: hadamard`` on the input point, the fakequant
@@ -131,6 +189,22 @@ class QuantLinear(QuantTwin, nn.Linear):
         x = self._in("input", x).to(dtype)
         return F.linear(x, self._weight_in_mode(qw).to(dtype), self.bias)
 
+    def step(self, x: torch.Tensor) -> torch.Tensor:  # (B, K) -> (B, N)
+        """``forward`` on one token, free of host syncs (see ``QuantTwin._step_scale``)."""
+        qi, qw = self.q("input"), self.q("weight")
+        dtype = x.dtype
+        if self.qmode == "fp":
+            return F.linear(x, self._step_weight(qw).to(dtype), self.bias)
+        if self.rotated:
+            x = ops.hadamard_transform(x)
+        if self.qmode == "int8" and qi is not None and qw is not None:
+            qx, sx = self._step_codes("input", x)
+            wq, sw = self._step_int8_weight(qw)
+            out = int8_linear_ref(qx, sx.reshape(()), wq, sw.reshape(-1) if sw.numel() > 1 else sw.reshape(()),
+                                  self.bias)
+            return out.to(dtype)
+        return F.linear(self._step_act("input", x).to(dtype), self._step_weight(qw).to(dtype), self.bias)
+
 
 class QuantCausalConv1d(QuantTwin, CausalConv1d):
     POINTS = {"input": (False, lambda m: m.in_channels), "weight": (True, lambda m: m.out_channels)}
@@ -169,6 +243,39 @@ class QuantCausalConv1d(QuantTwin, CausalConv1d):
             out = out + self.bias.float()[:, None]
         return (F.silu(out) if self.activation else out).to(x.dtype)
 
+    # ---- decoding. In int8 mode (both points quantized) the state holds the int8 codes of the last K inputs, so a
+    # step sums exactly the products the prefill summed; otherwise it holds the inputs as the conv consumes them
+    # (fakequant: dequantized codes).
+    def _integer(self) -> bool:
+        return self.qmode == "int8" and self.q("input") is not None and self.q("weight") is not None
+
+    def state_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return torch.int8 if self._integer() else dtype
+
+    def state_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self._step_codes("input", x)[0] if self._integer() else self._step_act("input", x)
+
+    def step(self, x: torch.Tensor, conv_state: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, D)
+        self._check_state(conv_state, x.dtype)
+        qw = self.q("weight")
+        if self._integer():
+            qx, sx = self._step_codes("input", x)
+            wq, sw = self._step_int8_weight(qw)
+            return self._int8_step(qx, conv_state, sx, wq, sw).to(x.dtype)
+        self._shift_in(conv_state, self.state_input(x))
+        return self._window_conv(conv_state, self._step_weight(qw).squeeze(1))
+
+    def _int8_step(self, qx, conv_state, sx, wq, sw):
+        """qx (B, D) int8 shifts into conv_state (B, D, K) int8 (in place); int32 sum over the K codes, then
+        acc * (s_x * s_w) + bias and SiLU in fp32 -> (B, D): ``_int8_forward`` at the new token."""
+        self._shift_in(conv_state, qx)
+        k = conv_state.shape[-1]
+        acc = (conv_state.to(torch.int32) * wq.reshape(-1, k).to(torch.int32)).sum(-1, dtype=torch.int32)
+        out = acc.float() * (sx.reshape(()) * sw.reshape(-1))
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return F.silu(out) if self.activation else out
+
 
 class QuantSelectiveScan(QuantTwin, SelectiveScan):
     """Mamba1 scan with quantized u, delta, B, C, z (A_log, D stay fp32). Channel counts come from the mixer."""
@@ -179,6 +286,24 @@ class QuantSelectiveScan(QuantTwin, SelectiveScan):
     def forward(self, u, delta, A_log, B, C, D, z):
         u, delta, B, C, z = (self._in(p, t) for p, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)))
         return super().forward(u, delta, A_log, B, C, D, z)
+
+    def prefill(self, ssm_state, u, delta, A_log, B, C, D, z):
+        u, delta, B, C, z = (self._in(p, t) for p, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)))
+        return super().prefill(ssm_state, u, delta, A_log, B, C, D, z)
+
+    def step(self, state, u, delta, A_log, B, C, D, z):  # one token: u, delta, z (B, D); B, C (B, N)
+        named = (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z))
+        if self.qmode == "int8":
+            (qu, su), (qd, sd), (qB, sB), (qC, sC), (qz, sz) = (self._step_codes(p, t, -1) for p, t in named)
+            return self._int8_step(state, qu, su, qd, sd, A_log, qB, sB, qC, sC, D, qz, sz, u.dtype)
+        u, delta, B, C, z = (self._step_act(p, t, -1) for p, t in named)
+        return super().step(state, u, delta, A_log, B, C, D, z)
+
+    def _int8_step(self, state, qu, su, qdelta, sdelta, A_log, qB, sB, qC, sC, D, qz, sz, dtype):
+        """int8 step from codes and scales (scale None: that input is float). The torch backend dequantizes the
+        codes to ``dtype`` and runs the float step, as ``forward`` does."""
+        u, delta, B, C, z = (_deq(q, s, dtype) for q, s in ((qu, su), (qdelta, sdelta), (qB, sB), (qC, sC), (qz, sz)))
+        return super().step(state, u, delta, A_log, B, C, D, z)
 
 
 class QuantSSDScan(QuantTwin, SSDScan):
@@ -191,6 +316,24 @@ class QuantSSDScan(QuantTwin, SSDScan):
         x, dt, B, C = (self._in(p, t) for p, t in (("x", x), ("dt", dt), ("B", B), ("C", C)))
         return super().forward(x, dt, A_log, B, C, D, dt_bias)
 
+    def prefill(self, ssm_state, x, dt, A_log, B, C, D, dt_bias):
+        x, dt, B, C = (self._in(p, t) for p, t in (("x", x), ("dt", dt), ("B", B), ("C", C)))
+        return super().prefill(ssm_state, x, dt, A_log, B, C, D, dt_bias)
+
+    def step(self, state, x, dt, A_log, B, C, D, dt_bias):  # one token: x (B, H, P), dt (B, H), B / C (B, G, N)
+        named = (("x", x), ("dt", dt), ("B", B), ("C", C))
+        if self.qmode == "int8":
+            (qx, sx), (qdt, sdt), (qB, sB), (qC, sC) = (self._step_codes(p, t, 1) for p, t in named)
+            return self._int8_step(state, qx, sx, qdt, sdt, A_log, qB, sB, qC, sC, D, dt_bias, x.dtype)
+        x, dt, B, C = (self._step_act(p, t, 1) for p, t in named)
+        return super().step(state, x, dt, A_log, B, C, D, dt_bias)
+
+    def _int8_step(self, state, qx, sx, qdt, sdt, A_log, qB, sB, qC, sC, D, dt_bias, dtype):
+        """int8 step from codes and scales (scale None: that input is float); the torch backend dequantizes to
+        ``dtype`` and runs the float step."""
+        x, dt, B, C = (_deq(q, s, dtype) for q, s in ((qx, sx), (qdt, sdt), (qB, sB), (qC, sC)))
+        return super().step(state, x, dt, A_log, B, C, D, dt_bias)
+
 
 class QuantRMSNormGated(QuantTwin, RMSNormGated):
     """Mamba2's gated norm with a quantized gate z."""
@@ -199,6 +342,15 @@ class QuantRMSNormGated(QuantTwin, RMSNormGated):
 
     def forward(self, x, z=None):
         return super().forward(x, self._in("z", z))
+
+    def step(self, x, z=None):  # (B, D) -> (B, D)
+        if self.qmode == "int8":
+            return self._int8_step(x, *self._step_codes("z", z, 1))
+        return super().step(x, self._step_act("z", z, 1))
+
+    def _int8_step(self, x, qz, sz):
+        """The norm on one token with the gate as int8 codes (scale None: z is float)."""
+        return super().step(x, _deq(qz, sz, x.dtype))
 
 
 TWINS: dict[type, type] = {nn.Linear: QuantLinear, CausalConv1d: QuantCausalConv1d, SelectiveScan: QuantSelectiveScan,

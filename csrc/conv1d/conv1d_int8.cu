@@ -1,0 +1,365 @@
+// Int8 causal depthwise conv1d + bias + SiLU, with the output requantized to int8 for each consumer (prefill), and
+// its one-token update against an int8 conv state (decode). Torch twin: qmamba/ops/int8_conv1d.py
+// (conv1d_int8_ref / conv1d_int8_update_ref), which is QuantCausalConv1d._int8_forward plus the consumer's quantizer:
+//
+//   acc  = sum_{i<K} w[c,i] * x[t-(K-1)+i]            int32 (x = 0 before t = 0)
+//   v    = acc * (s_x * s_w[c]) (+ bias[c])           fp32, scales multiplied first, no FMA contraction
+//   v    = silu(v) (if silu); v = round_through<out_dtype>(v)
+//   out  = v in out_dtype, or codes_j = clamp(rint(v * (1 / out_scale_j)), -128, 127) for each out_scale
+//
+// Layout: x (B, D, L) int8 with any strides; outputs (B, D, L) allocated channel-last (a contiguous (B, L, D) tensor
+// transposed), which the next GEMM reads as (B*L, D) rows. Prefill threads map to channels (coalesced when x's channel
+// stride is 1, as for Mamba1's transposed in_proj slice) and walk a tile of time steps, keeping the last K-1 inputs in
+// registers; four channels per thread (32-bit loads, vector stores) where strides and alignment allow.
+#include "common/qmamba_common.cuh"
+
+#include <type_traits>
+#include <vector>
+
+namespace qmamba {
+namespace {
+
+constexpr int kMaxTaps = 4;    // d_conv of every Mamba model; shorter kernels are left-padded with zero taps
+constexpr int kMaxOuts = 4;    // int8 consumers of one conv output (Mamba1's u feeds two)
+constexpr int kThreads = 128;  // prefill threads per block
+constexpr int kMinBlocks = 8;  // per SM: caps registers at 64 so 1024 threads per SM keep loads in flight
+constexpr int kChunk = 8;      // time steps each thread loads ahead before computing (memory-level parallelism)
+
+// Where the results go: one float output (n_codes == 0), or n_codes int8 outputs with their per-tensor scales.
+struct Outputs {
+  void* out[kMaxOuts];
+  const float* scale[kMaxOuts];
+  int n_codes;
+};
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// acc -> the float output rounded through T, in the torch twin's op order. __fmul_rn / __fadd_rn keep nvcc from
+// fusing the multiply and the bias add into one FMA, which torch (two kernels) never does.
+template <typename T>
+__device__ __forceinline__ float epilogue(int acc, float scale, float bias, bool has_bias, bool silu_on) {
+  float v = __fmul_rn(static_cast<float>(acc), scale);
+  if (has_bias) v = __fadd_rn(v, bias);
+  if (silu_on) v = silu(v);
+  return round_through<T>(v);
+}
+
+template <int VEC>
+__device__ __forceinline__ uint32_t load_raw(const int8_t* p) {
+  if constexpr (VEC == 4) {
+    // channel stride 1 and 4-byte alignment are checked on the host
+    return *reinterpret_cast<const uint32_t*>(p);
+  } else {
+    return static_cast<uint8_t>(*p);
+  }
+}
+
+// Append byte v of `raw` (the newest input of channel v) to a packed window of the last 4 inputs, oldest in byte 0:
+// (win >> 8) | (raw.byte[v] << 24) in one byte permute (v is a constant after unrolling, so the selector folds).
+__device__ __forceinline__ uint32_t push(uint32_t win, uint32_t raw, int v) {
+  return __byte_perm(win, raw, 0x0321u | ((4u + static_cast<uint32_t>(v)) << 12));
+}
+
+// Write VEC consecutive channels of one (b, t) row of every output.
+template <typename T, int VEC>
+__device__ __forceinline__ void store(const Outputs& outs, const float (&inv)[kMaxOuts], int64_t off,
+                                      const float (&val)[VEC]) {
+  if (outs.n_codes == 0) {
+    Pack<T, VEC> p;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) p.v[v] = static_cast<T>(val[v]);  // exact: val is already rounded through T
+    *reinterpret_cast<Pack<T, VEC>*>(static_cast<T*>(outs.out[0]) + off) = p;
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < kMaxOuts; ++j) {
+    if (j < outs.n_codes) {
+      Pack<int8_t, VEC> p;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) p.v[v] = quantize_rn(val[v], inv[j]);
+      *reinterpret_cast<Pack<int8_t, VEC>*>(static_cast<int8_t*>(outs.out[j]) + off) = p;
+    }
+  }
+}
+
+// grid (ceil(D / (VEC * kThreads)), ceil(L / tile_l), B). Thread: VEC channels x tile_l time steps. The int8 taps
+// and the window of the last 4 inputs of a channel each pack into one 32-bit register, and __dp4a sums their 4
+// products exactly in int32 (the same integer as the twin's sum). K < 4 taps are right-aligned with zero taps before.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) conv1d_int8_kernel(
+    const int8_t* __restrict__ x, int64_t sxb, int64_t sxd, int64_t sxl, const int8_t* __restrict__ w, int K,
+    const float* __restrict__ x_scale, const float* __restrict__ w_scale, bool w_per_channel,
+    const float* __restrict__ bias, bool silu_on, int D, int L, int tile_l, Outputs outs) {
+  const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+  if (c0 >= D) return;
+  const int b = blockIdx.z;
+  const int t0 = blockIdx.y * tile_l;
+  const int t_end = min(t0 + tile_l, L);
+
+  int wt[VEC];  // packed taps of channel c0 + v: byte j holds w[c][j - (4 - K)], zero for j < 4 - K
+  uint32_t win[VEC];
+  float scale[VEC], bias_v[VEC];
+  const float sx = *x_scale;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    const int c = c0 + v;
+    uint32_t packed = 0;
+    for (int i = 0; i < K; ++i)
+      packed |= static_cast<uint32_t>(static_cast<uint8_t>(w[c * K + i])) << (8 * (kMaxTaps - K + i));
+    wt[v] = static_cast<int>(packed);
+    win[v] = 0;
+    scale[v] = __fmul_rn(sx, w_scale[w_per_channel ? c : 0]);
+    bias_v[v] = bias != nullptr ? bias[c] : 0.0f;
+  }
+  float inv[kMaxOuts];
+#pragma unroll
+  for (int j = 0; j < kMaxOuts; ++j) inv[j] = j < outs.n_codes ? 1.0f / *outs.scale[j] : 0.0f;
+
+  const int8_t* xb = x + b * sxb + c0 * sxd;
+  // the 3 inputs before the tile (zero before t = 0) fill bytes 1..3 of the window; byte 0 drops out at the first step
+#pragma unroll
+  for (int j = kMaxTaps - 1; j >= 1; --j) {
+    const int t = t0 - j;
+    const uint32_t raw = t >= 0 ? load_raw<VEC>(xb + t * sxl) : 0u;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) win[v] = push(win[v], raw, v);
+  }
+
+  const int64_t row0 = static_cast<int64_t>(b) * L;
+  for (int t = t0; t < t_end; t += kChunk) {
+    uint32_t buf[kChunk];  // loaded ahead: kChunk independent loads in flight per thread
+#pragma unroll
+    for (int s = 0; s < kChunk; ++s)
+      buf[s] = t + s < t_end ? load_raw<VEC>(xb + static_cast<int64_t>(t + s) * sxl) : 0u;
+#pragma unroll
+    for (int s = 0; s < kChunk; ++s) {
+      if (t + s < t_end) {
+        float val[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          win[v] = push(win[v], buf[s], v);
+          const int acc = __dp4a(static_cast<int>(win[v]), wt[v], 0);
+          val[v] = epilogue<T>(acc, scale[v], bias_v[v], bias != nullptr, silu_on);
+        }
+        store<T, VEC>(outs, inv, (row0 + t + s) * D + c0, val);
+      }
+    }
+  }
+}
+
+// One thread per (b, c): shift the state left by one, append x, convolve the K codes the state now holds.
+template <typename T>
+__global__ void conv1d_int8_update_kernel(const int8_t* __restrict__ x, int64_t sxb, int64_t sxd, int8_t* state,
+                                          int64_t ssb, int64_t ssd, int64_t ssk, const int8_t* __restrict__ w, int K,
+                                          const float* __restrict__ x_scale, const float* __restrict__ w_scale,
+                                          bool w_per_channel, const float* __restrict__ bias, bool silu_on, int B,
+                                          int D, Outputs outs) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<int64_t>(B) * D) return;
+  const int b = static_cast<int>(idx / D), c = static_cast<int>(idx % D);
+  int8_t* s = state + b * ssb + c * ssd;
+  const int8_t xnew = x[b * sxb + c * sxd];
+
+  // win[j] (right-aligned like the taps): the state's codes 1..K-1, then x; zero where j < kMaxTaps - K
+  int8_t win[kMaxTaps];
+#pragma unroll
+  for (int j = 0; j < kMaxTaps; ++j) {
+    const int i = j - (kMaxTaps - K);
+    win[j] = i < 0 ? int8_t(0) : (i == K - 1 ? xnew : s[(i + 1) * ssk]);
+  }
+  int acc = 0;
+#pragma unroll
+  for (int j = 0; j < kMaxTaps; ++j) {
+    const int i = j - (kMaxTaps - K);
+    if (i >= 0) {
+      s[i * ssk] = win[j];
+      acc += static_cast<int>(w[c * K + i]) * static_cast<int>(win[j]);
+    }
+  }
+  const float scale = __fmul_rn(*x_scale, w_scale[w_per_channel ? c : 0]);
+  const float v = epilogue<T>(acc, scale, bias != nullptr ? bias[c] : 0.0f, bias != nullptr, silu_on);
+  if (outs.n_codes == 0) {
+    static_cast<T*>(outs.out[0])[idx] = static_cast<T>(v);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < kMaxOuts; ++j)
+    if (j < outs.n_codes) static_cast<int8_t*>(outs.out[j])[idx] = quantize_rn(v, 1.0f / *outs.scale[j]);
+}
+
+template <typename F>
+void dispatch_out_dtype(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    default: TORCH_CHECK(false, "conv1d_int8: out_dtype must be float32, float16 or bfloat16 (the activation dtype), "
+                                "got ", t);
+  }
+}
+
+struct ConvArgs {
+  at::Tensor w;  // (D, K) contiguous
+  int K;
+  bool w_per_channel;
+};
+
+// Checks shared by prefill and update; returns the weight as (D, K) contiguous.
+ConvArgs check_args(const char* op, const at::Tensor& x, int64_t D, const at::Tensor& x_scale, const at::Tensor& w,
+                    const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                    at::TensorList out_scales) {
+  QMAMBA_CHECK_CUDA(x);
+  QMAMBA_CHECK_DTYPE(x, at::kChar);
+  const auto dev = x.device();
+  QMAMBA_CHECK_SCALAR_SCALE(x_scale);
+  TORCH_CHECK(w.is_cuda() && w.scalar_type() == at::kChar && w.dim() >= 2 && w.size(0) == D,
+              op, ": w must be int8 CUDA weight codes (D, K) or (D, 1, K) with D = ", D, ", got ", w.sizes());
+  const int64_t K = w.size(-1);
+  TORCH_CHECK(w.numel() == D * K, op, ": w must be (D, K) or (D, 1, K), got ", w.sizes());
+  TORCH_CHECK(K >= 1 && K <= kMaxTaps, op, ": the kernel supports 1 <= K <= ", kMaxTaps, " taps (d_conv), got K = ",
+              K, "; use backend='torch' for longer convolutions");
+  TORCH_CHECK(w_scale.is_cuda() && w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
+                  (w_scale.numel() == 1 || w_scale.numel() == D),
+              op, ": w_scale must be a contiguous float32 CUDA tensor of 1 (per-tensor) or D = ", D,
+              " (per-channel) elements, got ", w_scale.scalar_type(), " ", w_scale.sizes());
+  if (bias.has_value()) {
+    const auto& bt = *bias;
+    TORCH_CHECK(bt.is_cuda() && bt.scalar_type() == at::kFloat && bt.is_contiguous() && bt.numel() == D,
+                op, ": bias must be a contiguous float32 CUDA tensor of D = ", D, " elements, got ", bt.scalar_type(),
+                " ", bt.sizes(), " (the Python wrapper converts it)");
+    TORCH_CHECK(bt.device() == dev, op, ": bias is on ", bt.device(), " but x is on ", dev);
+  }
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
+              op, ": out_dtype must be float32, float16 or bfloat16 (the activation dtype), got ", out_dtype);
+  TORCH_CHECK(out_scales.size() <= static_cast<size_t>(kMaxOuts), op, ": at most ", kMaxOuts,
+              " out_scales (int8 consumers), got ", out_scales.size());
+  for (const auto& s : out_scales) {
+    QMAMBA_CHECK_SCALAR_SCALE(s);
+    TORCH_CHECK(s.device() == dev, op, ": an out_scale is on ", s.device(), " but x is on ", dev);
+  }
+  TORCH_CHECK(x_scale.device() == dev && w.device() == dev && w_scale.device() == dev,
+              op, ": x, x_scale, w and w_scale must be on one device");
+  return {w.reshape({D, K}).contiguous(), static_cast<int>(K), w_scale.numel() == D && D != 1};
+}
+
+// Allocate the outputs, each an empty tensor of `alloc_shape` (transposed 1 <-> 2 for the channel-last prefill
+// layout), and point the kernel's Outputs at them.
+Outputs make_outputs(const at::Tensor& x, at::ScalarType out_dtype, at::TensorList out_scales,
+                     at::IntArrayRef alloc_shape, bool transpose12, std::vector<at::Tensor>& results) {
+  Outputs outs{};
+  const auto opts = x.options();
+  auto alloc = [&](at::ScalarType dt) {
+    at::Tensor t = at::empty(alloc_shape, opts.dtype(dt));
+    return transpose12 ? t.transpose(1, 2) : t;
+  };
+  if (out_scales.empty()) {
+    results.push_back(alloc(out_dtype));
+    outs.out[0] = results.back().data_ptr();
+    outs.n_codes = 0;
+  } else {
+    for (size_t j = 0; j < out_scales.size(); ++j) {
+      results.push_back(alloc(at::kChar));
+      outs.out[j] = results.back().data_ptr();
+      outs.scale[j] = out_scales[j].data_ptr<float>();
+    }
+    outs.n_codes = static_cast<int>(out_scales.size());
+  }
+  return outs;
+}
+
+std::vector<at::Tensor> conv1d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w,
+                                    const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, bool silu,
+                                    at::ScalarType out_dtype, at::TensorList out_scales) {
+  TORCH_CHECK(x.dim() == 3, "conv1d_int8: x must be (B, D, L) int8 codes, got ", x.sizes());
+  const int64_t B = x.size(0), D = x.size(1), L = x.size(2);
+  ConvArgs a = check_args("conv1d_int8", x, D, x_scale, w, w_scale, bias, out_dtype, out_scales);
+  TORCH_CHECK(B <= 65535, "conv1d_int8: batch ", B, " exceeds the kernel's grid limit of 65535; split the batch");
+  TORCH_CHECK(D * L < (int64_t(1) << 31) && D < (int64_t(1) << 31), "conv1d_int8: D * L = ", D * L,
+              " is too large for the kernel's indexing; split the sequence");
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  std::vector<at::Tensor> results;
+  Outputs outs = make_outputs(x, out_dtype, out_scales, {B, L, D}, /*transpose12=*/true, results);
+  if (B * D * L == 0) return results;
+
+  const int64_t sxb = x.stride(0), sxd = x.stride(1), sxl = x.stride(2);
+  const auto xaddr = reinterpret_cast<uintptr_t>(x.data_ptr());
+  const bool vec4 = sxd == 1 && D % 4 == 0 && sxb % 4 == 0 && (sxl % 4 == 0 || L == 1) && xaddr % 4 == 0;
+  const int vec = vec4 ? 4 : 1;
+  const int64_t grid_x = (D + int64_t(vec) * kThreads - 1) / (int64_t(vec) * kThreads);
+
+  // Shorter time tiles where the batch and channels alone would leave the GPU idle (short prompts, batch 1); a
+  // decision on shapes only, so the launch is the same in every replay of a CUDA graph.
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+  int64_t tile = 64;
+  auto n_tiles = [&](int64_t t) { return (L + t - 1) / t; };
+  while (tile > 16 && grid_x * B * n_tiles(tile) < int64_t(sms) * 8) tile /= 2;
+  while (n_tiles(tile) > 65535) tile *= 2;
+
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(n_tiles(tile)), static_cast<unsigned>(B));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const float* bias_p = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  dispatch_out_dtype(out_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto kernel = vec4 ? conv1d_int8_kernel<T, 4> : conv1d_int8_kernel<T, 1>;
+    kernel<<<grid, kThreads, 0, stream>>>(x.data_ptr<int8_t>(), sxb, sxd, sxl, a.w.data_ptr<int8_t>(), a.K,
+                                          x_scale.data_ptr<float>(), w_scale.data_ptr<float>(), a.w_per_channel,
+                                          bias_p, silu, static_cast<int>(D), static_cast<int>(L),
+                                          static_cast<int>(tile), outs);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return results;
+}
+
+std::vector<at::Tensor> conv1d_int8_update(const at::Tensor& x, const at::Tensor& conv_state,
+                                           const at::Tensor& x_scale, const at::Tensor& w, const at::Tensor& w_scale,
+                                           const std::optional<at::Tensor>& bias, bool silu, at::ScalarType out_dtype,
+                                           at::TensorList out_scales) {
+  TORCH_CHECK(x.dim() == 2, "conv1d_int8_update: x must be (B, D) int8 codes of one token, got ", x.sizes());
+  const int64_t B = x.size(0), D = x.size(1);
+  ConvArgs a = check_args("conv1d_int8_update", x, D, x_scale, w, w_scale, bias, out_dtype, out_scales);
+  TORCH_CHECK(conv_state.is_cuda() && conv_state.scalar_type() == at::kChar && conv_state.dim() == 3 &&
+                  conv_state.size(0) == B && conv_state.size(1) == D && conv_state.size(2) == a.K,
+              "conv1d_int8_update: conv_state must be int8 CUDA codes (B, D, K) = (", B, ", ", D, ", ", a.K,
+              "), got ", conv_state.scalar_type(), " ", conv_state.sizes(),
+              "; build it with qmamba.ops.int8_conv1d.conv1d_int8_initial_state");
+  TORCH_CHECK(conv_state.device() == x.device(), "conv1d_int8_update: conv_state is on ", conv_state.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(B * D < (int64_t(1) << 31), "conv1d_int8_update: B * D = ", B * D, " is too large");
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  std::vector<at::Tensor> results;
+  Outputs outs = make_outputs(x, out_dtype, out_scales, {B, D}, /*transpose12=*/false, results);
+  if (B * D == 0) return results;
+
+  constexpr int threads = 256;
+  const unsigned blocks = static_cast<unsigned>((B * D + threads - 1) / threads);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const float* bias_p = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  dispatch_out_dtype(out_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    conv1d_int8_update_kernel<T><<<blocks, threads, 0, stream>>>(
+        x.data_ptr<int8_t>(), x.stride(0), x.stride(1), conv_state.data_ptr<int8_t>(), conv_state.stride(0),
+        conv_state.stride(1), conv_state.stride(2), a.w.data_ptr<int8_t>(), a.K, x_scale.data_ptr<float>(),
+        w_scale.data_ptr<float>(), a.w_per_channel, bias_p, silu, static_cast<int>(B), static_cast<int>(D), outs);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return results;
+}
+
+}  // namespace
+}  // namespace qmamba
+
+TORCH_LIBRARY_FRAGMENT(qmamba, m) {
+  m.def("conv1d_int8(Tensor x, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias, bool silu, "
+        "ScalarType out_dtype, Tensor[] out_scales) -> Tensor[]");
+  m.def("conv1d_int8_update(Tensor x, Tensor(a!) conv_state, Tensor x_scale, Tensor w, Tensor w_scale, "
+        "Tensor? bias, bool silu, ScalarType out_dtype, Tensor[] out_scales) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(qmamba, CUDA, m) {
+  m.impl("conv1d_int8", &qmamba::conv1d_int8);
+  m.impl("conv1d_int8_update", &qmamba::conv1d_int8_update);
+}

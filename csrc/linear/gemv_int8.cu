@@ -1,0 +1,248 @@
+// W8A8 GEMV for one-token decoding (M = 1..8 rows): int8 x int8 -> int32 (__dp4a) -> fused dequant epilogue
+// (+ bias, round through the activation dtype, optional per-column requant to int8 codes).
+//
+//   x (M, K) int8, x_scale one-element fp32      w (N, K) int8 row-major (nn.Linear), w_scale 1 or N fp32
+//   acc[m, n] = sum_k x[m, k] w[n, k]                              int32, exact
+//   out[m, n] = float(acc) * (x_scale * w_scale[n]) (+ bias[n])     fp32, every op rounded (no FMA contraction)
+//   y = out rounded to out_dtype; with out_scale: q = clamp(rint(y * (1 / out_scale[n])), -128, 127)
+// = qmamba.ops.int8_linear.w8a8_linear_ref, bit for bit.
+//
+// Memory bound: the weight is read exactly once, with 16-byte streaming loads. A block owns kRows output rows; its
+// warps split K into 16-byte chunks (lane-strided, so a warp reads 512 contiguous bytes of a row per step), each x
+// chunk loaded once serves kRows weight rows, two steps are in flight per thread, partial sums are reduced with warp
+// shuffles then across warps in shared memory, and kRows * M threads run the epilogue.
+#include "common/qmamba_common.cuh"
+
+#include <cuda_runtime.h>
+
+namespace qmamba {
+namespace {
+
+constexpr int kRows = 4;      // output rows (weight rows) per block
+constexpr int kMaxWarps = 8;  // warps per block splitting K
+constexpr int kMaxM = 8;      // rows of x: one-token decoding of up to 8 sequences
+
+__device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {
+  acc = __dp4a(a.x, b.x, acc);
+  acc = __dp4a(a.y, b.y, acc);
+  acc = __dp4a(a.z, b.z, acc);
+  return __dp4a(a.w, b.w, acc);
+}
+
+template <typename T> __device__ __forceinline__ void store_out(T* p, float v);
+template <> __device__ __forceinline__ void store_out<float>(float* p, float v) { *p = v; }
+template <> __device__ __forceinline__ void store_out<at::Half>(at::Half* p, float v) {
+  *reinterpret_cast<__half*>(p) = __float2half_rn(v);
+}
+template <> __device__ __forceinline__ void store_out<at::BFloat16>(at::BFloat16* p, float v) {
+  *reinterpret_cast<__nv_bfloat16*>(p) = __float2bfloat16_rn(v);
+}
+
+// MT: rows of x the kernel is compiled for (1, 2, 4, 8); M <= MT rows are real, the others re-read row 0 and are
+// never stored. T: the activation dtype the output is rounded through (and stored in, unless REQUANT).
+template <int MT, typename T, bool REQUANT>
+__global__ void __launch_bounds__(kMaxWarps * 32, 2)  // <= 128 registers: no spills for 8 rows
+w8a8_gemv_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w, int M, int N, int K,
+                 const float* __restrict__ x_scale, const float* __restrict__ w_scale, bool w_per_channel,
+                 const float* __restrict__ bias, const float* __restrict__ out_scale, void* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warps = blockDim.x >> 5;
+  const int n0 = blockIdx.x * kRows;
+  const int chunks = K >> 4;  // 16-byte chunks per row
+
+  const int4* wrow[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {  // rows past N (last block) re-read row N - 1: no branch in the loop
+    const int n = min(n0 + r, N - 1);
+    wrow[r] = reinterpret_cast<const int4*>(w + static_cast<int64_t>(n) * K);
+  }
+  const int4* xrow[MT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) xrow[m] = reinterpret_cast<const int4*>(x + static_cast<int64_t>(m < M ? m : 0) * K);
+
+  int acc[kRows][MT];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[r][m] = 0;
+
+  const int step = warps * 32;
+  int c = warp * 32 + lane;
+  // two steps per iteration: all 2 * kRows weight loads are issued before the first dp4a waits on them
+  for (; c + step < chunks; c += 2 * step) {
+    int4 wa[kRows], wb[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      wa[r] = __ldcs(wrow[r] + c);  // streamed: each weight byte is read once per call
+      wb[r] = __ldcs(wrow[r] + c + step);
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const int4 xa = __ldg(xrow[m] + c);  // x is re-read by every block: keep it in L1 / L2
+      const int4 xb = __ldg(xrow[m] + c + step);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) acc[r][m] = dot16(wb[r], xb, dot16(wa[r], xa, acc[r][m]));
+    }
+  }
+  if (c < chunks) {
+    int4 wa[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) wa[r] = __ldcs(wrow[r] + c);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const int4 xa = __ldg(xrow[m] + c);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) acc[r][m] = dot16(wa[r], xa, acc[r][m]);
+    }
+  }
+
+  // integer sums: any reduction order gives the same result
+  __shared__ int partial[kMaxWarps][kRows * MT];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      int v = acc[r][m];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (lane == 0) partial[warp][r * MT + m] = v;
+    }
+  __syncthreads();
+
+  const int t = threadIdx.x;
+  if (t >= kRows * MT) return;
+  const int r = t / MT, m = t % MT, n = n0 + r;
+  if (n >= N || m >= M) return;
+  int total = 0;
+  for (int i = 0; i < warps; ++i) total += partial[i][t];
+  // __fmul_rn / __fadd_rn are never contracted into an FMA: the same two roundings as the torch reference
+  const float s = __fmul_rn(x_scale[0], w_scale[w_per_channel ? n : 0]);
+  float v = __fmul_rn(__int2float_rn(total), s);
+  if (bias != nullptr) v = __fadd_rn(v, bias[n]);
+  const int64_t idx = static_cast<int64_t>(m) * N + n;
+  if constexpr (REQUANT) {
+    static_cast<int8_t*>(out)[idx] = quantize_rn(round_through<T>(v), __fdiv_rn(1.0f, out_scale[n]));
+  } else {
+    store_out<T>(static_cast<T*>(out) + idx, v);
+  }
+}
+
+int sm_count(int device) {
+  static int cached[64] = {0};  // per device; a race only writes the same value twice
+  if (device < 0 || device >= 64) device = 0;
+  if (cached[device] == 0) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    cached[device] = sms;
+  }
+  return cached[device];
+}
+
+template <int MT, typename T>
+void launch(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w, const at::Tensor& w_scale,
+            const float* bias, const float* out_scale, at::Tensor& out, int warps, cudaStream_t stream) {
+  const int M = x.size(0), K = x.size(1), N = w.size(0);
+  const dim3 grid((N + kRows - 1) / kRows), block(warps * 32);
+  const bool per_channel = w_scale.numel() > 1;
+  if (out_scale != nullptr) {
+    w8a8_gemv_kernel<MT, T, true><<<grid, block, 0, stream>>>(
+        x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), M, N, K, x_scale.data_ptr<float>(), w_scale.data_ptr<float>(),
+        per_channel, bias, out_scale, out.data_ptr());
+  } else {
+    w8a8_gemv_kernel<MT, T, false><<<grid, block, 0, stream>>>(
+        x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), M, N, K, x_scale.data_ptr<float>(), w_scale.data_ptr<float>(),
+        per_channel, bias, out_scale, out.data_ptr());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_m(int M, const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w, const at::Tensor& w_scale,
+              const float* bias, const float* out_scale, at::Tensor& out, int warps, cudaStream_t stream) {
+  if (M <= 1) launch<1, T>(x, x_scale, w, w_scale, bias, out_scale, out, warps, stream);
+  else if (M <= 2) launch<2, T>(x, x_scale, w, w_scale, bias, out_scale, out, warps, stream);
+  else if (M <= 4) launch<4, T>(x, x_scale, w, w_scale, bias, out_scale, out, warps, stream);
+  else launch<8, T>(x, x_scale, w, w_scale, bias, out_scale, out, warps, stream);
+}
+
+at::Tensor w8a8_gemv(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w, const at::Tensor& w_scale,
+                     const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                     const std::optional<at::Tensor>& out_scale) {
+  QMAMBA_CHECK_CUDA(x);
+  QMAMBA_CHECK_CUDA(w);
+  QMAMBA_CHECK_DTYPE(x, at::kChar);
+  QMAMBA_CHECK_DTYPE(w, at::kChar);
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "w8a8_gemv: x must be (M, K) and w (N, K), got ", x.sizes(), " and ",
+              w.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) == K, "w8a8_gemv: x has K=", K, " columns but w is ", w.sizes(), " (expected (N, K))");
+  TORCH_CHECK(M >= 1 && M <= kMaxM, "w8a8_gemv: x must have 1..", kMaxM, " rows (tokens), got ", M,
+              "; use the GEMM (qmamba.kernels.linear.w8a8_gemm) for more");
+  TORCH_CHECK(K % 16 == 0, "w8a8_gemv: K=", K, " must be a multiple of 16 (16-byte weight loads); use the GEMM "
+              "(qmamba.kernels.linear.w8a8_gemm) or pad K");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "w8a8_gemv: x and w must be contiguous (call .contiguous())");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
+              "w8a8_gemv: x and w must start at 16-byte aligned addresses (clone a view at an odd offset)");
+  // the int32 accumulator holds K products of at most 128 * 128 (DESIGN §3: split larger reductions)
+  TORCH_CHECK(K * 128 * 128 < (int64_t(1) << 31) && N < (int64_t(1) << 31),
+              "w8a8_gemv: K=", K, " could overflow the int32 accumulator (needs K < 131072)");
+  QMAMBA_CHECK_SCALAR_SCALE(x_scale);
+  TORCH_CHECK(w_scale.is_cuda() && w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
+              (w_scale.numel() == 1 || w_scale.numel() == N),
+              "w8a8_gemv: w_scale must be a contiguous float32 CUDA tensor of 1 (per-tensor) or N=", N,
+              " (per-output-channel) elements, got ", w_scale.sizes(), " ", w_scale.scalar_type());
+  const float* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.is_cuda() && b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == N,
+                "w8a8_gemv: bias must be a contiguous float32 CUDA tensor of N=", N, " elements (pass bias.float())");
+    bias_ptr = b.data_ptr<float>();
+  }
+  const float* out_scale_ptr = nullptr;
+  if (out_scale.has_value()) {
+    const at::Tensor& s = *out_scale;
+    TORCH_CHECK(s.is_cuda() && s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == N,
+                "w8a8_gemv: out_scale must be a contiguous float32 CUDA tensor of N=", N,
+                " elements (one scale per output column)");
+    out_scale_ptr = s.data_ptr<float>();
+  }
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
+              "w8a8_gemv: out_dtype must be float32, float16 or bfloat16 (the activation dtype), got ", out_dtype);
+  for (const at::Tensor* t : {&x_scale, &w, &w_scale}) {
+    TORCH_CHECK(t->device() == x.device(), "w8a8_gemv: all tensors must be on ", x.device(), ", got one on ",
+                t->device());
+  }
+
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  at::Tensor out = at::empty({M, N}, x.options().dtype(out_scale_ptr != nullptr ? at::kChar : out_dtype));
+  if (N == 0) return out;
+
+  // Warps per block: enough resident warps to keep ~16 per SM streaming (latency hiding), but no more than the
+  // 16-byte chunks of a row can feed. Depends on shapes only, so CUDA graph replays launch the same grid.
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  const int64_t chunks = K / 16;
+  const int64_t want = (16 * static_cast<int64_t>(sm_count(x.get_device())) + blocks - 1) / blocks;
+  int warps = static_cast<int>(std::min<int64_t>(std::max<int64_t>(want, 1), kMaxWarps));
+  warps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(warps, chunks / 32)));
+
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int m = static_cast<int>(M);
+  switch (out_dtype) {
+    case at::kFloat: launch_m<float>(m, x, x_scale, w, w_scale, bias_ptr, out_scale_ptr, out, warps, stream); break;
+    case at::kHalf: launch_m<at::Half>(m, x, x_scale, w, w_scale, bias_ptr, out_scale_ptr, out, warps, stream); break;
+    default: launch_m<at::BFloat16>(m, x, x_scale, w, w_scale, bias_ptr, out_scale_ptr, out, warps, stream); break;
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace qmamba
+
+TORCH_LIBRARY_FRAGMENT(qmamba, m) {
+  m.def("w8a8_gemv(Tensor x, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias, ScalarType out_dtype, "
+        "Tensor? out_scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qmamba, CUDA, m) { m.impl("w8a8_gemv", &qmamba::w8a8_gemv); }

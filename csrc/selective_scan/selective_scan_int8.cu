@@ -1,0 +1,469 @@
+// Mamba1 selective scan on int8 inputs: prefill (a whole sequence) and the one-token state update (decode).
+//
+// Math (fp32 throughout; the torch twin is qmamba.ops.int8_selective_scan.selective_scan_int8_ref):
+//   u = rt(qu * su)   delta = softplus(rt(qdelta * sdelta) + delta_bias)   B = rt(qB * sB)   C = rt(qC * sC)
+//   h[t] = exp(delta[t] * A) * h[t-1] + (delta[t] * u[t]) * B[t]       y[t] = sum_n C[t, n] h[t, n] + u[t] * D
+//   y[t] *= silu(rt(qz * sz))                                            out = T(y)
+// where rt(v) rounds through the activation dtype T (the torch int8 backend's QuantPoint.roundtrip ends with
+// `.to(x.dtype)`), so an fp16 / bf16 model sees the same dequantized inputs here and there.
+//
+// Prefill layout: one block = CH channels of one batch element; each channel's N states are split over KP lanes
+// (consecutive lanes of one warp), NPL states per lane held in registers, walked sequentially over time. Time goes
+// in tiles of TT steps: B / C of the tile (shared by all channels of the batch element) and each channel's delta,
+// delta*u, u and gate are computed once into shared memory, then every lane runs its NPL recurrences over the tile,
+// the KP partial sums of C h are reduced with warp shuffles, and an epilogue writes y channel-fastest (coalesced:
+// y is allocated channel-last). NPL is picked per launch: fewer states per lane when (batch x channels) is too small
+// to fill the GPU.
+#include "common/qmamba_common.cuh"
+
+#include <algorithm>
+#include <vector>
+
+namespace qmamba {
+namespace {
+
+constexpr int kScanThreads = 128;    // prefill block size (a multiple of 32: every warp is full for the shuffles)
+constexpr int kUpdateThreads = 128;  // update block size
+constexpr int kMaxState = 256;       // N <= 32 lanes x 8 states per lane
+
+struct ScanParams {
+  const int8_t *u, *delta, *z, *B, *C;
+  const float *u_scale, *delta_scale, *z_scale, *B_scale, *C_scale;
+  const float *A, *D, *delta_bias, *h0;
+  void* y;
+  float* last;
+  int batch, dim, len, nstate;
+  int64_t u_sb, u_sd, u_sl, dl_sb, dl_sd, dl_sl, z_sb, z_sd, z_sl;
+  int64_t B_sb, B_sn, B_sl, C_sb, C_sn, C_sl;
+  int64_t A_sd, A_sn, D_s, bias_s, h0_sb, h0_sd, h0_sn;
+  int64_t y_sb, y_sd, y_sl;  // last is contiguous (batch, dim, nstate)
+  bool softplus;
+  int lanes;  // KP: lanes per channel, a power of two <= 32
+  int chans;  // CH: channels per block = kScanThreads / KP
+  int tile;   // TT: time steps per shared-memory tile
+};
+
+template <typename T>
+__device__ __forceinline__ float deq(int8_t q, float scale) {
+  return round_through<T>(static_cast<float>(q) * scale);
+}
+
+template <typename T, int NPL>
+__global__ void __launch_bounds__(kScanThreads) selective_scan_int8_kernel(const ScanParams p) {
+  extern __shared__ float smem[];
+  const int KP = p.lanes, CH = p.chans, TT = p.tile, N = p.nstate, L = p.len;
+  const int NP = KP * NPL;  // padded state count: states >= N have A = B = C = 0 and stay 0
+  float* sB = smem;               // [TT][NP]
+  float* sC = sB + TT * NP;       // [TT][NP]
+  float* sDelta = sC + TT * NP;   // [TT][CH]
+  float* sDu = sDelta + TT * CH;  // [TT][CH]  delta * u
+  float* sU = sDu + TT * CH;      // [TT][CH]
+  float* sG = sU + TT * CH;       // [TT][CH]  silu(z), or 1 without a gate
+  float* sY = sG + TT * CH;       // [TT][CH]  sum_n C h
+
+  const int b = blockIdx.y;
+  const int d0 = blockIdx.x * CH;
+  const int tid = threadIdx.x;
+  const int c = tid / KP, k = tid % KP;
+  const int d = d0 + c;
+  const bool d_ok = d < p.dim;
+
+  const float su = *p.u_scale, sd = *p.delta_scale, sBs = *p.B_scale, sCs = *p.C_scale;
+  const float sz = p.z != nullptr ? *p.z_scale : 0.0f;
+
+  float A[NPL], h[NPL];
+#pragma unroll
+  for (int j = 0; j < NPL; ++j) {
+    const int s = k * NPL + j;
+    const bool ok = d_ok && s < N;
+    A[j] = ok ? p.A[d * p.A_sd + s * p.A_sn] : 0.0f;
+    h[j] = (ok && p.h0 != nullptr) ? p.h0[b * p.h0_sb + d * p.h0_sd + s * p.h0_sn] : 0.0f;
+  }
+
+  const int8_t* Bb = p.B + b * p.B_sb;
+  const int8_t* Cb = p.C + b * p.C_sb;
+  const int8_t* ub = p.u + b * p.u_sb;
+  const int8_t* dlb = p.delta + b * p.dl_sb;
+  const int8_t* zb = p.z != nullptr ? p.z + b * p.z_sb : nullptr;
+  T* yb = static_cast<T*>(p.y) + b * p.y_sb;
+
+  for (int t0 = 0; t0 < L; t0 += TT) {
+    __syncthreads();  // the previous tile's epilogue has read shared memory
+    // B / C of the tile, state index fastest (B, C are views of the x_proj output: stride 1 along n).
+    for (int i = tid; i < TT * NP; i += kScanThreads) {
+      const int t = i / NP, s = i % NP, tg = t0 + t;
+      float vb = 0.0f, vc = 0.0f;
+      if (tg < L && s < N) {
+        vb = deq<T>(Bb[s * p.B_sn + tg * p.B_sl], sBs);
+        vc = deq<T>(Cb[s * p.C_sn + tg * p.C_sl], sCs);
+      }
+      sB[i] = vb;
+      sC[i] = vc;
+    }
+    // Per (channel, step) work done once, not once per lane; channel fastest (u, delta, z are channel-last views).
+    // Steps past L get delta = 0: exp(0) = 1 and no input, so the state carries through unchanged.
+    for (int i = tid; i < TT * CH; i += kScanThreads) {
+      const int t = i / CH, cc = i % CH, tg = t0 + t, dd = d0 + cc;
+      float dl = 0.0f, du = 0.0f, uu = 0.0f, g = 1.0f;
+      if (tg < L && dd < p.dim) {
+        uu = deq<T>(ub[dd * p.u_sd + tg * p.u_sl], su);
+        dl = deq<T>(dlb[dd * p.dl_sd + tg * p.dl_sl], sd);
+        if (p.delta_bias != nullptr) dl = dl + p.delta_bias[dd * p.bias_s];
+        if (p.softplus) dl = softplus(dl);
+        du = dl * uu;
+        if (zb != nullptr) g = silu(deq<T>(zb[dd * p.z_sd + tg * p.z_sl], sz));
+      }
+      sDelta[i] = dl;
+      sDu[i] = du;
+      sU[i] = uu;
+      sG[i] = g;
+    }
+    __syncthreads();
+
+    // The recurrence. `steps` is the same for every thread, so all lanes reach every shuffle.
+    const int steps = min(TT, L - t0);
+#pragma unroll 2
+    for (int t = 0; t < steps; ++t) {
+      const float dl = sDelta[t * CH + c], du = sDu[t * CH + c];
+      const float* Bt = sB + t * NP + k * NPL;
+      const float* Ct = sC + t * NP + k * NPL;
+      float part = 0.0f;
+#pragma unroll
+      for (int j = 0; j < NPL; ++j) {
+        const float dA = expf(dl * A[j]);
+        h[j] = dA * h[j] + du * Bt[j];
+        part += Ct[j] * h[j];
+      }
+      for (int off = KP >> 1; off > 0; off >>= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
+      if (k == 0) sY[t * CH + c] = part;
+    }
+    __syncthreads();
+
+    // Epilogue: y = (sum_n C h + u * D) * gate, channel fastest into the channel-last output.
+    for (int i = tid; i < steps * CH; i += kScanThreads) {
+      const int t = i / CH, cc = i % CH, dd = d0 + cc;
+      if (dd < p.dim) {
+        float y = sY[i] + sU[i] * p.D[dd * p.D_s];
+        y = y * sG[i];
+        yb[(t0 + t) * p.y_sl + dd * p.y_sd] = static_cast<T>(y);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int j = 0; j < NPL; ++j) {
+    const int s = k * NPL + j;
+    if (d_ok && s < N) p.last[(static_cast<int64_t>(b) * p.dim + d) * N + s] = h[j];
+  }
+}
+
+struct UpdateParams {
+  float* state;
+  const int8_t *u, *delta, *z, *B, *C;
+  const float *u_scale, *delta_scale, *z_scale, *B_scale, *C_scale;
+  const float *A, *D, *delta_bias;
+  void* y;  // contiguous (batch, dim)
+  int batch, dim, nstate;
+  int64_t st_sb, st_sd, st_sn, u_sb, u_sd, dl_sb, dl_sd, z_sb, z_sd, B_sb, B_sn, C_sb, C_sn;
+  int64_t A_sd, A_sn, D_s, bias_s;
+  bool softplus;
+};
+
+// One thread per (batch, channel); B / C of the batch element are dequantized once per block into shared memory.
+template <typename T>
+__global__ void __launch_bounds__(kUpdateThreads) selective_scan_int8_update_kernel(const UpdateParams p) {
+  __shared__ float sB[kMaxState], sC[kMaxState];
+  const int b = blockIdx.y;
+  const int d = blockIdx.x * kUpdateThreads + threadIdx.x;
+  const int N = p.nstate;
+  const float sBs = *p.B_scale, sCs = *p.C_scale;
+  for (int s = threadIdx.x; s < N; s += kUpdateThreads) {
+    sB[s] = deq<T>(p.B[b * p.B_sb + s * p.B_sn], sBs);
+    sC[s] = deq<T>(p.C[b * p.C_sb + s * p.C_sn], sCs);
+  }
+  __syncthreads();
+  if (d >= p.dim) return;
+
+  const float uu = deq<T>(p.u[b * p.u_sb + d * p.u_sd], *p.u_scale);
+  float dl = deq<T>(p.delta[b * p.dl_sb + d * p.dl_sd], *p.delta_scale);
+  if (p.delta_bias != nullptr) dl = dl + p.delta_bias[d * p.bias_s];
+  if (p.softplus) dl = softplus(dl);
+  const float du = dl * uu;
+  float* st = p.state + b * p.st_sb + d * p.st_sd;
+  const float* Ad = p.A + d * p.A_sd;
+  float y = 0.0f;
+#pragma unroll 4
+  for (int s = 0; s < N; ++s) {
+    const float hs = expf(dl * Ad[s * p.A_sn]) * st[s * p.st_sn] + du * sB[s];
+    st[s * p.st_sn] = hs;
+    y += sC[s] * hs;
+  }
+  y = y + uu * p.D[d * p.D_s];
+  if (p.z != nullptr) y = y * silu(deq<T>(p.z[b * p.z_sb + d * p.z_sd], *p.z_scale));
+  static_cast<T*>(p.y)[static_cast<int64_t>(b) * p.dim + d] = static_cast<T>(y);
+}
+
+// ---- host side -----------------------------------------------------------------------------------------------------
+
+int next_pow2(int v) {
+  int p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+int lanes_for(int nstate, int npl) { return next_pow2((nstate + npl - 1) / npl); }
+
+int sm_count(int device) {
+  static int cache[64] = {0};
+  if (device >= 0 && device < 64 && cache[device] > 0) return cache[device];
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (device >= 0 && device < 64) cache[device] = sms;
+  return sms;
+}
+
+// States per lane: 4 (8 when N > 128, so a channel fits in one warp) unless that leaves the GPU short of threads
+// (fewer than ~512 per SM), then halve down to 1: more lanes per channel, more parallel recurrences.
+int choose_states_per_lane(int nstate, int64_t batch, int64_t dim, int sms) {
+  int npl = nstate > 128 ? 8 : 4;
+  npl = std::min(npl, next_pow2(nstate));
+  const int64_t target = static_cast<int64_t>(sms) * 512;
+  while (npl > 1 && batch * dim * lanes_for(nstate, npl) < target && lanes_for(nstate, npl / 2) <= 32) npl /= 2;
+  return npl;
+}
+
+void check_code(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.is_cuda(), "selective_scan_int8: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.scalar_type() == at::kChar, "selective_scan_int8: ", name, " must hold int8 codes, got ",
+              t.scalar_type(), " (quantize it first)");
+  TORCH_CHECK(t.dim() == dim, "selective_scan_int8: ", name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+void check_float(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& like) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "selective_scan_int8: ", name,
+              " must be on the device of u (", like.device(), ")");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "selective_scan_int8: ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "selective_scan_int8: ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+void check_scale(const at::Tensor& s, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(s.is_cuda() && s.device() == like.device() && s.scalar_type() == at::kFloat && s.numel() == 1,
+              "selective_scan_int8: ", name, " must be a one-element float32 tensor on the device of u "
+              "(a per-tensor scale), got ", s.scalar_type(), " ", s.sizes(), " on ", s.device());
+}
+
+void check_out_dtype(at::ScalarType out_dtype) {
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
+              "selective_scan_int8: out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
+}
+
+template <typename T>
+void launch_scan(const ScanParams& p, int npl, cudaStream_t stream) {
+  const dim3 grid((p.dim + p.chans - 1) / p.chans, p.batch);
+  const size_t smem = static_cast<size_t>(p.tile) * (2 * p.lanes * npl + 5 * p.chans) * sizeof(float);
+  switch (npl) {
+    case 1: selective_scan_int8_kernel<T, 1><<<grid, kScanThreads, smem, stream>>>(p); break;
+    case 2: selective_scan_int8_kernel<T, 2><<<grid, kScanThreads, smem, stream>>>(p); break;
+    case 4: selective_scan_int8_kernel<T, 4><<<grid, kScanThreads, smem, stream>>>(p); break;
+    default: selective_scan_int8_kernel<T, 8><<<grid, kScanThreads, smem, stream>>>(p); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::vector<at::Tensor> selective_scan_int8(const at::Tensor& u, const at::Tensor& u_scale, const at::Tensor& delta,
+                                            const at::Tensor& delta_scale, const at::Tensor& A, const at::Tensor& B,
+                                            const at::Tensor& B_scale, const at::Tensor& C, const at::Tensor& C_scale,
+                                            const at::Tensor& D, const std::optional<at::Tensor>& z,
+                                            const std::optional<at::Tensor>& z_scale,
+                                            const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                                            at::ScalarType out_dtype, const std::optional<at::Tensor>& initial_state) {
+  check_code(u, "u", 3);
+  const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2);
+  check_code(delta, "delta", 3);
+  TORCH_CHECK(delta.sizes() == u.sizes(), "selective_scan_int8: delta must have u's shape ", u.sizes(), ", got ",
+              delta.sizes());
+  TORCH_CHECK(B.dim() == 3, "selective_scan_int8: B must be (batch, N, L) (Mamba1: no groups), got shape ", B.sizes());
+  check_code(B, "B", 3);
+  check_code(C, "C", 3);
+  const int64_t nstate = B.size(1);
+  TORCH_CHECK(B.size(0) == batch && B.size(2) == len && C.sizes() == B.sizes(), "selective_scan_int8: B and C must be "
+              "(batch, N, L) = (", batch, ", N, ", len, "), got ", B.sizes(), " and ", C.sizes());
+  TORCH_CHECK(nstate >= 1 && nstate <= kMaxState, "selective_scan_int8: the state size N must be in 1..", kMaxState,
+              ", got ", nstate);
+  check_float(A, "A", {dim, nstate}, u);
+  check_float(D, "D", {dim}, u);
+  check_scale(u_scale, "u_scale", u);
+  check_scale(delta_scale, "delta_scale", u);
+  check_scale(B_scale, "B_scale", u);
+  check_scale(C_scale, "C_scale", u);
+  TORCH_CHECK(z.has_value() == z_scale.has_value(), "selective_scan_int8: give z and z_scale together (or neither)");
+  if (z.has_value()) {
+    check_code(*z, "z", 3);
+    TORCH_CHECK(z->sizes() == u.sizes(), "selective_scan_int8: z must have u's shape ", u.sizes(), ", got ",
+                z->sizes());
+    check_scale(*z_scale, "z_scale", u);
+  }
+  if (delta_bias.has_value()) check_float(*delta_bias, "delta_bias", {dim}, u);
+  if (initial_state.has_value()) check_float(*initial_state, "initial_state", {batch, dim, nstate}, u);
+  check_out_dtype(out_dtype);
+  TORCH_CHECK(dim < (1LL << 31) && len < (1LL << 31) && batch < 65536,
+              "selective_scan_int8: sizes out of range (batch < 65536, channels and length < 2^31)");
+
+  const c10::cuda::OptionalCUDAGuard guard(u.device());
+  // y channel-last: (batch, L, dim) memory seen as (batch, dim, L), so out_proj reads it as (batch * L, dim).
+  at::Tensor y = at::empty({batch, len, dim}, u.options().dtype(out_dtype)).transpose(1, 2);
+  at::Tensor last = at::empty({batch, dim, nstate}, u.options().dtype(at::kFloat));
+  if (batch == 0 || dim == 0) return {y, last};
+
+  ScanParams p{};
+  p.u = u.data_ptr<int8_t>();
+  p.delta = delta.data_ptr<int8_t>();
+  p.z = z.has_value() ? z->data_ptr<int8_t>() : nullptr;
+  p.B = B.data_ptr<int8_t>();
+  p.C = C.data_ptr<int8_t>();
+  p.u_scale = u_scale.data_ptr<float>();
+  p.delta_scale = delta_scale.data_ptr<float>();
+  p.z_scale = z.has_value() ? z_scale->data_ptr<float>() : nullptr;
+  p.B_scale = B_scale.data_ptr<float>();
+  p.C_scale = C_scale.data_ptr<float>();
+  p.A = A.data_ptr<float>();
+  p.D = D.data_ptr<float>();
+  p.delta_bias = delta_bias.has_value() ? delta_bias->data_ptr<float>() : nullptr;
+  p.h0 = initial_state.has_value() ? initial_state->data_ptr<float>() : nullptr;
+  p.y = y.data_ptr();
+  p.last = last.data_ptr<float>();
+  p.batch = static_cast<int>(batch);
+  p.dim = static_cast<int>(dim);
+  p.len = static_cast<int>(len);
+  p.nstate = static_cast<int>(nstate);
+  p.u_sb = u.stride(0), p.u_sd = u.stride(1), p.u_sl = u.stride(2);
+  p.dl_sb = delta.stride(0), p.dl_sd = delta.stride(1), p.dl_sl = delta.stride(2);
+  if (z.has_value()) p.z_sb = z->stride(0), p.z_sd = z->stride(1), p.z_sl = z->stride(2);
+  p.B_sb = B.stride(0), p.B_sn = B.stride(1), p.B_sl = B.stride(2);
+  p.C_sb = C.stride(0), p.C_sn = C.stride(1), p.C_sl = C.stride(2);
+  p.A_sd = A.stride(0), p.A_sn = A.stride(1);
+  p.D_s = D.stride(0);
+  if (delta_bias.has_value()) p.bias_s = delta_bias->stride(0);
+  if (initial_state.has_value()) {
+    p.h0_sb = initial_state->stride(0), p.h0_sd = initial_state->stride(1), p.h0_sn = initial_state->stride(2);
+  }
+  p.y_sb = y.stride(0), p.y_sd = y.stride(1), p.y_sl = y.stride(2);
+  p.softplus = delta_softplus;
+
+  const int npl = choose_states_per_lane(p.nstate, batch, dim, sm_count(u.get_device()));
+  p.lanes = lanes_for(p.nstate, npl);
+  p.chans = kScanThreads / p.lanes;
+  // The largest tile (<= 64 steps) within 32 KiB of shared memory; 8 steps always fit in 48 KiB.
+  p.tile = 64;
+  while (p.tile > 8 && static_cast<size_t>(p.tile) * (2 * p.lanes * npl + 5 * p.chans) * sizeof(float) > 32 * 1024) {
+    p.tile /= 2;
+  }
+
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  switch (out_dtype) {
+    case at::kFloat: launch_scan<float>(p, npl, stream); break;
+    case at::kHalf: launch_scan<at::Half>(p, npl, stream); break;
+    default: launch_scan<at::BFloat16>(p, npl, stream); break;
+  }
+  return {y, last};
+}
+
+at::Tensor selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, const at::Tensor& u_scale,
+                                      const at::Tensor& delta, const at::Tensor& delta_scale, const at::Tensor& A,
+                                      const at::Tensor& B, const at::Tensor& B_scale, const at::Tensor& C,
+                                      const at::Tensor& C_scale, const at::Tensor& D,
+                                      const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& z_scale,
+                                      const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                                      at::ScalarType out_dtype) {
+  check_code(u, "u", 2);
+  const int64_t batch = u.size(0), dim = u.size(1);
+  check_code(delta, "delta", 2);
+  TORCH_CHECK(delta.sizes() == u.sizes(), "selective_scan_int8_update: delta must have u's shape (batch, D) ",
+              u.sizes(), ", got ", delta.sizes());
+  check_code(B, "B", 2);
+  check_code(C, "C", 2);
+  const int64_t nstate = B.size(1);
+  TORCH_CHECK(B.size(0) == batch && C.sizes() == B.sizes(), "selective_scan_int8_update: B and C must be (batch, N) "
+              "with batch ", batch, ", got ", B.sizes(), " and ", C.sizes());
+  TORCH_CHECK(nstate >= 1 && nstate <= kMaxState, "selective_scan_int8_update: the state size N must be in 1..",
+              kMaxState, ", got ", nstate);
+  check_float(state, "state", {batch, dim, nstate}, u);
+  check_float(A, "A", {dim, nstate}, u);
+  check_float(D, "D", {dim}, u);
+  check_scale(u_scale, "u_scale", u);
+  check_scale(delta_scale, "delta_scale", u);
+  check_scale(B_scale, "B_scale", u);
+  check_scale(C_scale, "C_scale", u);
+  TORCH_CHECK(z.has_value() == z_scale.has_value(),
+              "selective_scan_int8_update: give z and z_scale together (or neither)");
+  if (z.has_value()) {
+    check_code(*z, "z", 2);
+    TORCH_CHECK(z->sizes() == u.sizes(), "selective_scan_int8_update: z must have u's shape ", u.sizes(), ", got ",
+                z->sizes());
+    check_scale(*z_scale, "z_scale", u);
+  }
+  if (delta_bias.has_value()) check_float(*delta_bias, "delta_bias", {dim}, u);
+  check_out_dtype(out_dtype);
+  TORCH_CHECK(batch < 65536 && dim < (1LL << 31), "selective_scan_int8_update: batch must be < 65536");
+
+  const c10::cuda::OptionalCUDAGuard guard(u.device());
+  at::Tensor y = at::empty({batch, dim}, u.options().dtype(out_dtype));
+  if (batch == 0 || dim == 0) return y;
+
+  UpdateParams p{};
+  p.state = state.data_ptr<float>();
+  p.u = u.data_ptr<int8_t>();
+  p.delta = delta.data_ptr<int8_t>();
+  p.z = z.has_value() ? z->data_ptr<int8_t>() : nullptr;
+  p.B = B.data_ptr<int8_t>();
+  p.C = C.data_ptr<int8_t>();
+  p.u_scale = u_scale.data_ptr<float>();
+  p.delta_scale = delta_scale.data_ptr<float>();
+  p.z_scale = z.has_value() ? z_scale->data_ptr<float>() : nullptr;
+  p.B_scale = B_scale.data_ptr<float>();
+  p.C_scale = C_scale.data_ptr<float>();
+  p.A = A.data_ptr<float>();
+  p.D = D.data_ptr<float>();
+  p.delta_bias = delta_bias.has_value() ? delta_bias->data_ptr<float>() : nullptr;
+  p.y = y.data_ptr();
+  p.batch = static_cast<int>(batch);
+  p.dim = static_cast<int>(dim);
+  p.nstate = static_cast<int>(nstate);
+  p.st_sb = state.stride(0), p.st_sd = state.stride(1), p.st_sn = state.stride(2);
+  p.u_sb = u.stride(0), p.u_sd = u.stride(1);
+  p.dl_sb = delta.stride(0), p.dl_sd = delta.stride(1);
+  if (z.has_value()) p.z_sb = z->stride(0), p.z_sd = z->stride(1);
+  p.B_sb = B.stride(0), p.B_sn = B.stride(1);
+  p.C_sb = C.stride(0), p.C_sn = C.stride(1);
+  p.A_sd = A.stride(0), p.A_sn = A.stride(1);
+  p.D_s = D.stride(0);
+  if (delta_bias.has_value()) p.bias_s = delta_bias->stride(0);
+  p.softplus = delta_softplus;
+
+  const dim3 grid((dim + kUpdateThreads - 1) / kUpdateThreads, batch);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  switch (out_dtype) {
+    case at::kFloat: selective_scan_int8_update_kernel<float><<<grid, kUpdateThreads, 0, stream>>>(p); break;
+    case at::kHalf: selective_scan_int8_update_kernel<at::Half><<<grid, kUpdateThreads, 0, stream>>>(p); break;
+    default: selective_scan_int8_update_kernel<at::BFloat16><<<grid, kUpdateThreads, 0, stream>>>(p); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
+}  // namespace
+}  // namespace qmamba
+
+TORCH_LIBRARY_FRAGMENT(qmamba, m) {
+  m.def("selective_scan_int8(Tensor u, Tensor u_scale, Tensor delta, Tensor delta_scale, Tensor A, Tensor B, "
+        "Tensor B_scale, Tensor C, Tensor C_scale, Tensor D, Tensor? z, Tensor? z_scale, Tensor? delta_bias, "
+        "bool delta_softplus, ScalarType out_dtype, Tensor? initial_state) -> Tensor[]");
+  m.def("selective_scan_int8_update(Tensor(a!) state, Tensor u, Tensor u_scale, Tensor delta, Tensor delta_scale, "
+        "Tensor A, Tensor B, Tensor B_scale, Tensor C, Tensor C_scale, Tensor D, Tensor? z, Tensor? z_scale, "
+        "Tensor? delta_bias, bool delta_softplus, ScalarType out_dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qmamba, CUDA, m) {
+  m.impl("selective_scan_int8", &qmamba::selective_scan_int8);
+  m.impl("selective_scan_int8_update", &qmamba::selective_scan_int8_update);
+}

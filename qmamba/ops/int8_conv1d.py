@@ -1,0 +1,158 @@
+"""Int8 causal depthwise conv1d with fused bias + SiLU and requantized int8 outputs: prefill, one-token update, and
+the conv state that links them. References (pure torch, integer-exact sums) and dispatch to qmamba's CUDA kernel.
+
+The math is the ``torch`` int8 backend of ``qmamba.qnn.QuantCausalConv1d`` (``_int8_forward``), then the consumer's
+quantizer (DESIGN §3), op for op:
+
+    acc[b, c, t] = sum_{i < K} w[c, i] * x[b, c, t - (K - 1) + i]     int32, x = 0 before t = 0
+    out          = acc.float() * (s_x * s_w[c])                          the scales multiply first, fp32
+                   + bias[c].float()                                     if bias
+    out          = silu(out)                                             if silu, fp32
+    out          = out.to(out_dtype)                                     the activation dtype (fp32 / fp16 / bf16)
+    codes_j      = clamp(rint(out.float() * (1 / out_scale_j)), -128, 127)   one per consumer (Mamba1's u feeds
+                                                                         x_proj.input and scan.u)
+
+Shapes: qx (B, D, L) int8 (any strides), qw (D, K) or (D, 1, K) int8, s_x one element, s_w one element or (D,)
+(any shape of that many elements, e.g. the module's (D, 1, 1)), bias (D,) or None. With no ``out_scales`` the result
+is the float output (B, D, L) in ``out_dtype``; else a list of int8 code tensors (B, D, L), one per scale.
+
+Decode: ``conv_state`` (B, D, K) int8 holds the codes of the last K inputs (oldest first). ``conv1d_int8_update``
+shifts it left by one, appends the new codes and convolves the K codes it holds, so prefill followed by updates gives
+exactly the prefill of the longer sequence. ``conv1d_int8_initial_state`` builds the state from a prefill's codes.
+
+The CUDA kernel (``backend="cuda"``, or ``"auto"`` on a GPU) returns outputs in channel-last layout: (B, D, L)
+tensors that are transposed contiguous (B, L, D) tensors, which the next GEMM reads directly; it supports K <= 4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from qmamba.ops.backend import use_kernels
+from qmamba.quant.numerics import quantize
+
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_common(qx_channels: int, qw: torch.Tensor, x_scale, w_scale, bias, out_dtype, out_scales,
+                  op: str) -> int:
+    """Validate the arguments shared by prefill and update; returns K."""
+    if qw.dtype != torch.int8:
+        raise TypeError(f"{op}: qw must hold int8 weight codes, got {qw.dtype}; quantize the conv weight first")
+    D = qx_channels
+    if qw.ndim not in (2, 3) or qw.shape[0] != D or (qw.ndim == 3 and qw.shape[1] != 1):
+        raise ValueError(f"{op}: qw must be (D, K) or (D, 1, K) with D = {D} channels of x, got {tuple(qw.shape)}")
+    k = qw.shape[-1]
+    if k < 1:
+        raise ValueError(f"{op}: the conv needs at least one tap, got K = {k}")
+    if not isinstance(x_scale, torch.Tensor) or x_scale.numel() != 1:
+        raise ValueError(f"{op}: x_scale must be a one-element tensor (the per-tensor input scale), got "
+                         f"{_describe(x_scale)}")
+    if not isinstance(w_scale, torch.Tensor) or w_scale.numel() not in (1, D):
+        raise ValueError(f"{op}: w_scale must be a tensor of 1 (per-tensor) or D = {D} (per-channel) elements, got "
+                         f"{_describe(w_scale)}")
+    if bias is not None and bias.numel() != D:
+        raise ValueError(f"{op}: bias must have D = {D} elements, got shape {tuple(bias.shape)}")
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"{op}: out_dtype must be one of {OUT_DTYPES} (the activation dtype), got {out_dtype!r}")
+    for i, s in enumerate(out_scales):
+        if not isinstance(s, torch.Tensor) or s.numel() != 1:
+            raise ValueError(f"{op}: out_scales[{i}] must be a one-element tensor (a per-tensor scale of the "
+                             f"consumer's input), got {_describe(s)}")
+    return k
+
+
+def _describe(v) -> str:
+    return f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else repr(v)
+
+
+def _epilogue(acc: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, silu: bool, out_dtype,
+              out_scales: Sequence[torch.Tensor]):
+    """int32 sums -> the float output in out_dtype, or its codes for each consumer scale."""
+    out = acc.float() * scale
+    if bias is not None:
+        out = out + bias
+    out = (F.silu(out) if silu else out).to(out_dtype)
+    if not out_scales:
+        return out
+    return [quantize(out, s.float().reshape(())) for s in out_scales]
+
+
+def conv1d_int8_ref(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None = None, silu: bool = True, out_dtype: torch.dtype = torch.float32,
+                    out_scales: Sequence[torch.Tensor] = ()):
+    """Prefill: qx (B, D, L) int8 -> (B, D, L) in out_dtype, or [int8 codes (B, D, L) per out_scale]."""
+    if qx.dtype != torch.int8 or qx.ndim != 3:
+        raise TypeError(f"conv1d_int8: qx must be int8 codes of shape (B, D, L), got {qx.dtype} {tuple(qx.shape)}")
+    D, L = qx.shape[1], qx.shape[2]
+    k = _check_common(D, qw, x_scale, w_scale, bias, out_dtype, out_scales, "conv1d_int8")
+    w32 = qw.reshape(D, k).to(torch.int32)
+    xp = F.pad(qx.to(torch.int32), (k - 1, 0))  # (B, D, k - 1 + L): the zeros before t = 0
+    acc = torch.zeros(qx.shape, dtype=torch.int32, device=qx.device)
+    for i in range(k):  # acc[t] += w[i] * x[t - (k - 1) + i]
+        acc += w32[:, i, None] * xp[..., i: i + L]
+    # scales multiply first (DESIGN §3): (s_x * s_w) is (1, 1) or (D, 1), as in QuantCausalConv1d._int8_forward
+    scale = x_scale.float().reshape(()) * w_scale.float().reshape(-1, 1)
+    b = None if bias is None else bias.float().reshape(D)[:, None]
+    return _epilogue(acc, scale, b, silu, out_dtype, out_scales)
+
+
+def conv1d_int8_update_ref(qx: torch.Tensor, conv_state: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor,
+                           w_scale: torch.Tensor, bias: torch.Tensor | None = None, silu: bool = True,
+                           out_dtype: torch.dtype = torch.float32, out_scales: Sequence[torch.Tensor] = ()):
+    """One decode step: qx (B, D) int8, conv_state (B, D, K) int8 (updated in place: shifted left by one, qx
+    appended) -> (B, D) in out_dtype, or [int8 codes (B, D) per out_scale]. The output is the prefill's output at
+    the new time step."""
+    if qx.dtype != torch.int8 or qx.ndim != 2:
+        raise TypeError(f"conv1d_int8_update: qx must be int8 codes of shape (B, D), got {qx.dtype} "
+                        f"{tuple(qx.shape)}")
+    B, D = qx.shape
+    k = _check_common(D, qw, x_scale, w_scale, bias, out_dtype, out_scales, "conv1d_int8_update")
+    if conv_state.dtype != torch.int8 or tuple(conv_state.shape) != (B, D, k):
+        raise ValueError(f"conv1d_int8_update: conv_state must be int8 of shape (B, D, K) = {(B, D, k)} (the codes "
+                         f"of the last K inputs; build it with conv1d_int8_initial_state), got {conv_state.dtype} "
+                         f"{tuple(conv_state.shape)}")
+    window = torch.cat([conv_state[..., 1:], qx.unsqueeze(-1)], dim=-1)  # (B, D, K), oldest first
+    conv_state.copy_(window)
+    acc = (window.to(torch.int32) * qw.reshape(D, k).to(torch.int32)).sum(-1, dtype=torch.int32)  # (B, D)
+    scale = x_scale.float().reshape(()) * w_scale.float().reshape(-1)  # (1,) or (D,)
+    b = None if bias is None else bias.float().reshape(D)
+    return _epilogue(acc, scale, b, silu, out_dtype, out_scales)
+
+
+def conv1d_int8_initial_state(qx: torch.Tensor, k: int) -> torch.Tensor:
+    """The conv state after a prefill of qx (B, D, L) int8: (B, D, k) int8 holding its last k inputs, oldest first,
+    zero-padded on the left when L < k (the zeros the causal conv sees before t = 0). A new, contiguous tensor."""
+    if qx.dtype != torch.int8 or qx.ndim != 3:
+        raise TypeError(f"conv1d_int8_initial_state: qx must be int8 codes (B, D, L), got {qx.dtype} "
+                        f"{tuple(qx.shape)}")
+    B, D, L = qx.shape
+    state = torch.zeros(B, D, k, dtype=torch.int8, device=qx.device)
+    n = min(k, L)
+    if n:
+        state[..., k - n:] = qx[..., L - n:]
+    return state
+
+
+def conv1d_int8(qx, x_scale, qw, w_scale, bias=None, silu: bool = True, out_dtype: torch.dtype = torch.float32,
+                out_scales: Sequence[torch.Tensor] = (), backend: str = "auto"):
+    """``conv1d_int8_ref`` or qmamba's CUDA kernel (channel-last outputs), by ``backend``."""
+    if use_kernels(backend, qx, "conv1d_int8"):
+        from qmamba.kernels import conv1d as kernel
+
+        return kernel.conv1d_int8(qx, x_scale, qw, w_scale, bias, silu, out_dtype, out_scales)
+    return conv1d_int8_ref(qx, x_scale, qw, w_scale, bias, silu, out_dtype, out_scales)
+
+
+def conv1d_int8_update(qx, conv_state, x_scale, qw, w_scale, bias=None, silu: bool = True,
+                       out_dtype: torch.dtype = torch.float32, out_scales: Sequence[torch.Tensor] = (),
+                       backend: str = "auto"):
+    """``conv1d_int8_update_ref`` or qmamba's CUDA kernel, by ``backend``; conv_state is updated in place."""
+    if use_kernels(backend, qx, "conv1d_int8_update"):
+        from qmamba.kernels import conv1d as kernel
+
+        return kernel.conv1d_int8_update(qx, conv_state, x_scale, qw, w_scale, bias, silu, out_dtype, out_scales)
+    return conv1d_int8_update_ref(qx, conv_state, x_scale, qw, w_scale, bias, silu, out_dtype, out_scales)

@@ -1,0 +1,85 @@
+"""W8A8 linear layer with the dequant epilogue (and optionally a requant epilogue) fused: reference and dispatch.
+
+    qx: (..., K) int8, x_scale: per-tensor (one element)    qw: (N, K) int8 (nn.Linear layout), w_scale: 1 or (N,)
+    acc = sum_k qx[..., k] * qw[n, k]                      int32, exact
+    out = acc * (x_scale * w_scale[n]) (+ bias[n])          fp32, scales multiplied first (DESIGN §3)
+    y   = out.to(out_dtype)                                 the activation dtype: what QuantLinear returns
+    with out_scale (N,):  q = clamp(rint(y.float() * (1 / out_scale[n])), -128, 127)   int8 codes
+
+The requant epilogue takes a per-column scale so one GEMM can emit codes for several consumers (in_proj's columns
+feed conv1d's input and the scan's z, each with its own per-tensor scale): pass the scales repeated per column.
+Rows M = the product of the leading dims.
+
+Kernels (``backend`` "cuda" / "auto" on a GPU): M <= ``GEMV_MAX_M`` (one-token decoding) runs the CUDA GEMV
+(``torch.ops.qmamba.w8a8_gemv``: memory bound, reads the weight once), larger M the Triton GEMM. Both are
+bit-identical to the reference (integer sums, then the same fp32 ops in the same order).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qmamba.ops.backend import use_kernels
+from qmamba.quant.numerics import int8_linear_ref, quantize
+
+# Decode route threshold: rows (tokens) up to this run the GEMV, more the GEMM. The GEMV kernel supports up to 8;
+# benchmarks/int8_gemm.py measures where it stops winning.
+GEMV_MAX_M = 8
+
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(qx, x_scale, qw, w_scale, bias, out_dtype, out_scale) -> None:
+    if qx.dtype != torch.int8 or qw.dtype != torch.int8:
+        raise TypeError(f"w8a8_linear expects int8 codes, got qx {qx.dtype} and qw {qw.dtype}; quantize() them first")
+    if qw.ndim != 2 or qx.ndim < 1 or qx.shape[-1] != qw.shape[1]:
+        raise ValueError(f"w8a8_linear: expected qx (..., K) and qw (N, K), got {tuple(qx.shape)} and "
+                         f"{tuple(qw.shape)}")
+    N = qw.shape[0]
+    if not isinstance(x_scale, torch.Tensor) or x_scale.numel() != 1:
+        raise ValueError("w8a8_linear: x_scale must be a one-element tensor (a per-tensor activation scale), got "
+                         f"{type(x_scale).__name__} {tuple(getattr(x_scale, 'shape', ()))}")
+    if w_scale.numel() not in (1, N):
+        raise ValueError(f"w8a8_linear: w_scale must be per-tensor (1 element) or per-output-channel ({N},), "
+                         f"got shape {tuple(w_scale.shape)}")
+    if bias is not None and bias.numel() != N:
+        raise ValueError(f"w8a8_linear: bias must have N={N} elements, got shape {tuple(bias.shape)}")
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"w8a8_linear: out_dtype must be one of {OUT_DTYPES} (the activation dtype), got "
+                         f"{out_dtype}")
+    if out_scale is not None and out_scale.numel() != N:
+        raise ValueError(f"w8a8_linear: out_scale must hold one scale per output column ({N},) — repeat a "
+                         f"per-tensor scale over its columns — got shape {tuple(out_scale.shape)}")
+
+
+def w8a8_linear_ref(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+                    out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The torch int8 backend's linear (``int8_linear_ref(...).to(out_dtype)``), then optionally requantized.
+
+    Returns (..., N) ``out_dtype``, or (..., N) int8 codes when ``out_scale`` (N,) is given."""
+    _check(qx, x_scale, qw, w_scale, bias, out_dtype, out_scale)
+    N = qw.shape[0]
+    sw = w_scale.reshape(-1) if w_scale.numel() > 1 else w_scale.reshape(())
+    y = int8_linear_ref(qx, x_scale.reshape(()), qw, sw, None if bias is None else bias.reshape(N)).to(out_dtype)
+    if out_scale is None:
+        return y  # (..., N)
+    return quantize(y, out_scale.reshape(N))  # (..., N) int8: y.float() * (1 / s), rint, clamp
+
+
+def w8a8_linear(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+                out_scale: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """``w8a8_linear_ref`` through qmamba's kernels where ``backend`` allows: the CUDA GEMV for at most
+    ``GEMV_MAX_M`` rows (K a multiple of 16), else the Triton GEMM. Same contract and result as the reference."""
+    if not use_kernels(backend, qx, "w8a8_linear"):
+        return w8a8_linear_ref(qx, x_scale, qw, w_scale, bias, out_dtype, out_scale)
+    _check(qx, x_scale, qw, w_scale, bias, out_dtype, out_scale)
+    from qmamba.kernels import linear as klinear
+
+    M, K = math.prod(qx.shape[:-1]), qx.shape[-1]
+    if 1 <= M <= GEMV_MAX_M and K % 16 == 0:
+        return klinear.w8a8_gemv(qx, x_scale, qw, w_scale, bias, out_dtype, out_scale)
+    return klinear.w8a8_gemm(qx, x_scale, qw, w_scale, bias, out_dtype, out_scale)

@@ -1,0 +1,164 @@
+"""Mamba1 selective scan on int8 inputs (the int8 model's scan part): prefill and the one-token state update.
+
+The inputs are int8 codes with per-tensor fp32 scales; ``A`` (D, N), ``D`` (D,) and ``delta_bias`` (D,) stay fp32.
+The math is the torch int8 backend's (``qmamba.qnn.QuantSelectiveScan`` in int8 mode), op for op:
+
+    x = dequantize(qx, sx).to(out_dtype)        for x in u, delta, B, C, z   (QuantPoint.roundtrip; exact in fp32)
+    y = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)    (fp32 math, y in out_dtype)
+
+i.e. ``delta = softplus(delta + delta_bias)``, ``h[t] = exp(delta[t] A) h[t-1] + (delta[t] u[t]) B[t]``,
+``y[t] = (sum_n C[t, n] h[t, n] + u[t] D) * silu(z[t])``. ``out_dtype`` is the activation dtype of the model: the
+module rounds its dequantized inputs through it, so the reference does too (a no-op for float32).
+
+Shapes (any strides; u, delta, z come as transposed views of channel-last (B, L, D) tensors, B / C as views of the
+x_proj output (B, L, R + 2N)):
+    prefill:  qu, qdelta, qz (batch, D, L) int8    qB, qC (batch, N, L) int8    initial_state (batch, D, N) fp32
+              -> y (batch, D, L) in out_dtype [, last_state (batch, D, N) fp32]
+    update:   state (batch, D, N) fp32, updated in place    qu, qdelta, qz (batch, D)    qB, qC (batch, N)
+              -> y (batch, D) in out_dtype
+
+``selective_scan_int8`` / ``selective_scan_int8_update`` dispatch to the CUDA kernels (csrc/selective_scan/) where
+``backend`` allows (``qmamba.ops.backend.use_kernels``), else to the references here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qmamba.ops.backend import use_kernels
+from qmamba.ops.selective_scan import _finish, selective_scan_ref
+from qmamba.quant.numerics import dequantize
+
+_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _deq(q: torch.Tensor, scale, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """fp32 values of ``dequantize(q, scale).to(dtype)``: what the module's scan sees after ``.float()``."""
+    if q.dtype != torch.int8:
+        raise TypeError(f"selective_scan_int8: {name} must hold int8 codes, got {q.dtype} (quantize it first)")
+    if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+        raise ValueError(f"selective_scan_int8: {name}_scale must be per-tensor (one element), got shape "
+                         f"{tuple(scale.shape)}")
+    if isinstance(scale, torch.Tensor):
+        scale = scale.reshape(())
+    return dequantize(q, scale).to(dtype).float()
+
+
+def _check_common(out_dtype, qz, z_scale):
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"selective_scan_int8: out_dtype must be one of {_OUT_DTYPES} (the activation dtype), "
+                         f"got {out_dtype}")
+    if (qz is None) != (z_scale is None):
+        raise ValueError("selective_scan_int8: give qz and z_scale together (or neither, for no gate)")
+
+
+def _delta(qdelta, delta_scale, delta_bias, delta_softplus, out_dtype):
+    """delta as ``selective_scan_ref``'s ``_prepare`` computes it: ``softplus(delta.float() + delta_bias.float())``."""
+    delta = _deq(qdelta, delta_scale, out_dtype, "delta")
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return delta
+
+
+def selective_scan_int8_ref(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz=None, z_scale=None,
+                            delta_bias=None, delta_softplus=True, out_dtype=torch.float32, return_last_state=False,
+                            initial_state=None):
+    """Pure-torch int8 selective scan (prefill): the module's math, see the module docstring.
+
+    Without ``initial_state`` the result is bit-identical to ``QuantSelectiveScan`` in int8 mode on the same codes.
+    ``initial_state`` (batch, D, N) enters before step 0: its decayed contribution ``prod_{s<=t} exp(delta[s] A) h0``
+    is added to the zero-state scan (an extra (batch, D, L, N) fp32 tensor; meant for tests and short sequences).
+    Returns y (batch, D, L) in ``out_dtype``, and the last state (batch, D, N) fp32 when ``return_last_state``.
+    """
+    _check_common(out_dtype, qz, z_scale)
+    if qB.dim() != 3 or qC.dim() != 3:
+        raise ValueError(f"selective_scan_int8: B and C must be (batch, N, L) (Mamba1 has no groups), got "
+                         f"{tuple(qB.shape)} and {tuple(qC.shape)}")
+    u = _deq(qu, u_scale, out_dtype, "u")  # (b, d, L)
+    delta = _delta(qdelta, delta_scale, delta_bias, delta_softplus, out_dtype)  # (b, d, L), after softplus
+    B = _deq(qB, B_scale, out_dtype, "B")  # (b, n, L)
+    C = _deq(qC, C_scale, out_dtype, "C")
+    z = _deq(qz, z_scale, out_dtype, "z") if qz is not None else None
+    A = A.float()
+    D = D.float() if D is not None else None
+    h0 = initial_state.float() if initial_state is not None else None
+    batch, dim, n = u.shape[0], u.shape[1], A.shape[-1]
+    if h0 is not None and h0.shape != (batch, dim, n):
+        raise ValueError(f"selective_scan_int8: initial_state must be (batch, D, N) = {(batch, dim, n)}, got "
+                         f"{tuple(h0.shape)}")
+    if u.shape[-1] == 0:  # nothing to scan: the state passes through
+        y = torch.empty(u.shape, dtype=out_dtype, device=u.device)
+        last = h0.clone() if h0 is not None else torch.zeros(batch, dim, n, device=u.device)
+    elif h0 is None:
+        # the module's call: its own softplus / bias on the same fp32 values give the same delta
+        y, last = selective_scan_ref(u, delta, A, B, C, D=D, z=z, return_last_state=True)
+        y = y.to(out_dtype)
+    else:
+        y, last = selective_scan_ref(u, delta, A, B, C, return_last_state=True)  # zero start, fp32, no D / gate
+        decay = torch.cumprod(torch.exp(delta[..., None] * A[:, None, :]), dim=2)  # (b, d, L, n)
+        carried = decay * h0[:, :, None, :]  # (b, d, L, n): what h0 adds to every state
+        y = y + (carried * C.transpose(1, 2)[:, None]).sum(-1)
+        last = last + carried[:, :, -1]
+        y = _finish(y, u, D, z, out_dtype)
+    return (y, last) if return_last_state else y
+
+
+def selective_scan_int8_update_ref(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz=None,
+                                   z_scale=None, delta_bias=None, delta_softplus=True, out_dtype=torch.float32):
+    """One step of the recurrence (decode): ``state`` (batch, D, N) fp32 becomes ``exp(delta A) state +
+    (delta u) B`` in place; returns y (batch, D) in ``out_dtype``. The module's int8 step (``QuantSelectiveScan.step``:
+    dequantize to the activation dtype, then the float part's ``step``) op for op. Prefill with the last state then
+    this step equals the prefill of the longer sequence (up to fp32 summation order)."""
+    _check_common(out_dtype, qz, z_scale)
+    if state.dtype != torch.float32:
+        raise TypeError(f"selective_scan_int8_update: state must be float32 (it is updated in place), got "
+                        f"{state.dtype}")
+    if qu.dim() != 2 or qB.dim() != 2 or qC.dim() != 2:
+        raise ValueError(f"selective_scan_int8_update: u, delta, z must be (batch, D) and B, C (batch, N) (one token), "
+                         f"got u {tuple(qu.shape)}, B {tuple(qB.shape)}, C {tuple(qC.shape)}")
+    if state.shape != (qu.shape[0], qu.shape[1], qB.shape[1]):
+        raise ValueError(f"selective_scan_int8_update: state must be (batch, D, N) = "
+                         f"{(qu.shape[0], qu.shape[1], qB.shape[1])}, got {tuple(state.shape)}")
+    u = _deq(qu, u_scale, out_dtype, "u")  # (b, d)
+    delta = _delta(qdelta[..., None], delta_scale, delta_bias, delta_softplus, out_dtype)[..., 0]  # (b, d)
+    B = _deq(qB, B_scale, out_dtype, "B")  # (b, n)
+    C = _deq(qC, C_scale, out_dtype, "C")
+    z = _deq(qz, z_scale, out_dtype, "z") if qz is not None else None
+    A = A.float()
+    dA = torch.exp(delta[..., None] * A)  # (b, d, n)
+    state.mul_(dA).add_((delta * u)[..., None] * B[:, None, :])  # SelectiveScan.step's ops, in its order
+    y = (state * C[:, None, :]).sum(-1)  # (b, d)
+    return _finish(y[..., None], u[..., None], D.float() if D is not None else None,
+                   z[..., None] if z is not None else None, out_dtype)[..., 0]
+
+
+def selective_scan_int8(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz=None, z_scale=None,
+                        delta_bias=None, delta_softplus=True, out_dtype=torch.float32, return_last_state=False,
+                        initial_state=None, backend: str = "auto"):
+    """int8 selective scan (prefill) through the CUDA kernel where ``backend`` allows, else the reference.
+    Same arguments and result as ``selective_scan_int8_ref``. The kernel's y is channel-last ((batch, L, D) memory)."""
+    if use_kernels(backend, qu, "selective_scan_int8"):
+        from qmamba.kernels import selective_scan as kernel
+
+        y, last = kernel.selective_scan_int8(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz,
+                                             z_scale, delta_bias, delta_softplus, out_dtype, initial_state)
+        return (y, last) if return_last_state else y
+    return selective_scan_int8_ref(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz, z_scale,
+                                   delta_bias, delta_softplus, out_dtype, return_last_state, initial_state)
+
+
+def selective_scan_int8_update(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz=None,
+                               z_scale=None, delta_bias=None, delta_softplus=True, out_dtype=torch.float32,
+                               backend: str = "auto"):
+    """One-token int8 scan step through the CUDA kernel where ``backend`` allows, else the reference; ``state``
+    is updated in place either way."""
+    if use_kernels(backend, qu, "selective_scan_int8_update"):
+        from qmamba.kernels import selective_scan as kernel
+
+        return kernel.selective_scan_int8_update(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale,
+                                                 D, qz, z_scale, delta_bias, delta_softplus, out_dtype)
+    return selective_scan_int8_update_ref(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D,
+                                          qz, z_scale, delta_bias, delta_softplus, out_dtype)

@@ -1,0 +1,261 @@
+"""On a CUDA GPU: the int8 Mamba1 selective scan kernels (csrc/selective_scan/selective_scan_int8.cu) against the
+reference ``qmamba.ops.int8_selective_scan`` — prefill on the shapes of mamba-130m (d_inner 1536, dt_rank 48) and
+mamba-2.8b (d_inner 5120, dt_rank 160), d_state 16, L in (1, 33, 1024, 2048), batch 1 and 8, fp32 and fp16 outputs
+(all 32 combinations: the reference of the largest, batch 8 x 5120 x 2048 x 16, peaks near 30 GB), inputs laid out
+as the mixer passes them (transposed channel-last views); the one-token update; initial states; options (no gate,
+delta_bias, softplus off, bf16, contiguous inputs); other state sizes (1..256, which pick every states-per-lane
+variant); the update inside a CUDA graph; argument errors.
+
+Tolerances: both sides compute in fp32, but the kernel walks time step by step with CUDA's expf while the reference
+is torch's chunked scan with torch.exp, so rounding and summation order differ. Elementwise,
+    |got - want| <= RTOL * |want| + ATOL_FRAC * max|want|
+with ATOL_FRAC = 1e-4 and RTOL = 1e-3 for fp32 y and the fp32 states, 4e-3 for fp16 y (about 2 fp16 ulps: one output
+rounding each side), 1.6e-2 for bf16 y.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qmamba.ops.int8_selective_scan import (selective_scan_int8, selective_scan_int8_ref, selective_scan_int8_update,
+                                            selective_scan_int8_update_ref)
+from qmamba.quant.numerics import quantize
+
+pytestmark = pytest.mark.gpu
+
+ATOL_FRAC = 1e-4
+RTOL = {torch.float32: 1e-3, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
+MODELS = {"mamba-130m": (1536, 48), "mamba-2.8b": (5120, 160)}  # d_inner, dt_rank
+NSTATE = 16
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    from qmamba import kernels
+    from qmamba.kernels import selective_scan
+
+    kernels.load()
+    return selective_scan
+
+
+def _assert_close(got, want, rtol, what):
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    got, want = got.float(), want.float()
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    err = (got - want).abs()
+    bound = rtol * want.abs() + ATOL_FRAC * want.abs().max()
+    bad = err > bound
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} elements out of tolerance, max abs error "
+                           f"{err.max().item():.3g}, max |want| {want.abs().max().item():.3g}")
+
+
+def _codes(x):
+    scale = (x.abs().max().float() / 127).clamp_min(1e-8)  # a calibrated absmax per-tensor scale
+    return quantize(x, scale), scale
+
+
+def _inputs(batch, dim, L, n=NSTATE, r=None, with_z=True, channel_last=True, seed=0):
+    """Codes with realistic distributions and scales, laid out as Mamba1's mixer passes them when ``channel_last``:
+    u (conv output), delta (dt_proj output, bias included), z (second half of in_proj output) as transposed views of
+    (b, L, .) tensors; B, C as transposed slices of the x_proj output (b, L, r + 2n)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = r or max(1, dim // 32)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device="cuda")
+
+    if channel_last:
+        qu, su = _codes(F.silu(2 * rnd(batch, L, dim)))
+        qdelta, sdelta = _codes(1.5 * rnd(batch, L, dim) - 3.0)
+        qxz, sz = _codes(rnd(batch, L, 2 * dim))
+        qdbc, sbc = _codes(rnd(batch, L, r + 2 * n))
+        qu, qdelta, qz = qu.transpose(1, 2), qdelta.transpose(1, 2), qxz[..., dim:].transpose(1, 2)
+        qB, qC = (t.transpose(1, 2) for t in qdbc[..., r:].split([n, n], dim=-1))
+        sB = sC = sbc
+    else:
+        qu, su = _codes(F.silu(2 * rnd(batch, dim, L)))
+        qdelta, sdelta = _codes(1.5 * rnd(batch, dim, L) - 3.0)
+        qz, sz = _codes(rnd(batch, dim, L))
+        qB, sB = _codes(rnd(batch, n, L))
+        qC, sC = _codes(rnd(batch, n, L))
+    A = -torch.exp(torch.log(torch.arange(1, n + 1, device="cuda", dtype=torch.float32)).repeat(dim, 1)
+                   + 0.1 * rnd(dim, n))
+    D = 1.0 + 0.1 * rnd(dim)
+    return dict(qu=qu, u_scale=su, qdelta=qdelta, delta_scale=sdelta, A=A, qB=qB, B_scale=sB, qC=qC, C_scale=sC, D=D,
+                qz=qz if with_z else None, z_scale=sz if with_z else None)
+
+
+def _step(inp, t):
+    out = dict(inp)
+    for k in ("qu", "qdelta", "qz", "qB", "qC"):
+        if out[k] is not None:
+            out[k] = out[k][..., t]
+    return out
+
+
+def _piece(inp, start, stop):
+    out = dict(inp)
+    for k in ("qu", "qdelta", "qz", "qB", "qC"):
+        if out[k] is not None:
+            out[k] = out[k][..., start:stop]
+    return out
+
+
+def _check_prefill(kernel, inp, out_dtype, what, **kw):
+    with torch.no_grad():
+        want, want_last = selective_scan_int8_ref(**inp, out_dtype=out_dtype, return_last_state=True, **kw)
+    y, last = kernel.selective_scan_int8(**inp, out_dtype=out_dtype, **kw)
+    b, d, L = inp["qu"].shape
+    assert y.shape == (b, d, L) and y.dtype == out_dtype
+    assert y.transpose(1, 2).is_contiguous()  # channel-last, as out_proj reads it
+    assert last.shape == (b, d, inp["qB"].shape[1]) and last.dtype == torch.float32
+    _assert_close(y, want, RTOL[out_dtype], f"{what}: y")
+    _assert_close(last, want_last, RTOL[torch.float32], f"{what}: last state")
+    return y, last
+
+
+# ---- prefill on the model shapes -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("L", [1, 33, 1024, 2048])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_prefill_matches_reference(kernel, model, L, batch, out_dtype):
+    dim, r = MODELS[model]
+    inp = _inputs(batch, dim, L, r=r)
+    _check_prefill(kernel, inp, out_dtype, f"{model} b={batch} L={L} {out_dtype}")
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("variant", ["no_gate", "delta_bias", "softplus_off", "bf16", "contiguous"])
+def test_prefill_options(kernel, variant):
+    inp = _inputs(2, 1536, 300, r=48, with_z=variant != "no_gate", channel_last=variant != "contiguous")
+    kw, out_dtype = {}, torch.float32
+    if variant == "delta_bias":
+        kw["delta_bias"] = 0.5 * torch.randn(1536, device="cuda")
+    if variant == "softplus_off":  # positive steps, as delta would be after softplus
+        inp["qdelta"] = inp["qdelta"].clamp_min(-127).abs()
+        kw["delta_softplus"] = False
+    if variant == "bf16":
+        out_dtype = torch.bfloat16
+    assert inp["qu"].is_contiguous() == (variant == "contiguous")
+    _check_prefill(kernel, inp, out_dtype, variant, **kw)
+
+
+@pytest.mark.parametrize("n, batch, dim", [(1, 2, 100), (5, 2, 257), (16, 1, 64), (16, 8, 1536), (64, 8, 1536),
+                                           (64, 1, 300), (128, 2, 200), (256, 2, 130)])
+def test_other_state_sizes(kernel, n, batch, dim):
+    # channel counts that do not fill the last block, and sizes that pick 1, 2, 4 or 8 states per lane
+    inp = _inputs(batch, dim, 77, n=n, r=7)
+    _check_prefill(kernel, inp, torch.float16, f"N={n} b={batch} D={dim}")
+
+
+@pytest.mark.parametrize("L", [33, 300])
+def test_initial_state(kernel, L):
+    inp = _inputs(2, 1536, L, r=48)
+    h0 = 0.5 * torch.randn(2, 1536, NSTATE, device="cuda")
+    _check_prefill(kernel, inp, torch.float32, f"initial state L={L}", initial_state=h0)
+    # two kernel prefills chained through the state == one
+    y, last = kernel.selective_scan_int8(**inp)
+    y1, h = kernel.selective_scan_int8(**_piece(inp, 0, L // 3))
+    y2, last2 = kernel.selective_scan_int8(**_piece(inp, L // 3, L), initial_state=h)
+    _assert_close(torch.cat([y1, y2], dim=-1), y, RTOL[torch.float32], "chained prefill: y")
+    _assert_close(last2, last, RTOL[torch.float32], "chained prefill: last state")
+
+
+def test_dispatcher_uses_the_kernel(kernel):
+    inp = _inputs(2, 1536, 40, r=48)
+    y, last = kernel.selective_scan_int8(**inp, out_dtype=torch.float16)
+    got = selective_scan_int8(**inp, out_dtype=torch.float16, return_last_state=True, backend="cuda")
+    assert torch.equal(got[0], y) and torch.equal(got[1], last)
+    auto = selective_scan_int8(**inp, out_dtype=torch.float16, backend="auto")
+    assert torch.equal(auto, y)
+
+
+# ---- the one-token update ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_z", [True, False], ids=["gate", "no_gate"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_update_matches_reference(kernel, model, batch, out_dtype, with_z):
+    dim, r = MODELS[model]
+    step = _step(_inputs(batch, dim, 1, r=r, with_z=with_z), 0)
+    state = 0.5 * torch.randn(batch, dim, NSTATE, device="cuda")
+    want_state = state.clone()
+    want = selective_scan_int8_update_ref(want_state, **step, out_dtype=out_dtype)
+    got = kernel.selective_scan_int8_update(state, **step, out_dtype=out_dtype)
+    assert got.shape == (batch, dim) and got.dtype == out_dtype
+    _assert_close(got, want, RTOL[out_dtype], "update: y")
+    _assert_close(state, want_state, RTOL[torch.float32], "update: state")
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_update_continues_the_prefill(kernel, out_dtype):
+    L = 34
+    inp = _inputs(8, 1536, L, r=48)
+    bias = 0.3 * torch.randn(1536, device="cuda")
+    full, full_last = kernel.selective_scan_int8(**inp, delta_bias=bias, out_dtype=out_dtype)
+    _, state = kernel.selective_scan_int8(**_piece(inp, 0, L - 1), delta_bias=bias, out_dtype=out_dtype)
+    y = selective_scan_int8_update(state, **_step(inp, L - 1), delta_bias=bias, out_dtype=out_dtype, backend="cuda")
+    _assert_close(y, full[..., -1], RTOL[out_dtype], "prefill + update: y")
+    _assert_close(state, full_last, RTOL[torch.float32], "prefill + update: state")
+
+
+def test_update_strided_state_and_inputs(kernel):
+    inp = _inputs(4, 1536, 3, r=48)
+    step = _step(inp, 1)  # (b, d) views with stride L along d
+    assert not step["qu"].is_contiguous()
+    base = 0.5 * torch.randn(4, NSTATE, 1536, device="cuda")
+    state = base.transpose(1, 2)  # (b, d, n) with strides (n d, 1, d)
+    want_state = state.contiguous()
+    want = selective_scan_int8_update_ref(want_state, **step)
+    got = kernel.selective_scan_int8_update(state, **step)
+    _assert_close(got, want, RTOL[torch.float32], "strided update: y")
+    _assert_close(base.transpose(1, 2), want_state, RTOL[torch.float32], "strided update: state")
+
+
+def test_update_in_cuda_graph(kernel):
+    batch, dim = 2, 1536
+    static = _step(_inputs(batch, dim, 1, r=48), 0)
+    static = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in static.items()}
+    state = torch.zeros(batch, dim, NSTATE, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the capture stream, as torch.cuda.graphs asks
+        kernel.selective_scan_int8_update(state.clone(), **static, out_dtype=torch.float16)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = kernel.selective_scan_int8_update(state, **static, out_dtype=torch.float16)
+    for seed in (1, 2):  # new codes and scales into the captured buffers, then replay
+        fresh = _step(_inputs(batch, dim, 1, r=48, seed=seed), 0)
+        for k, v in fresh.items():
+            if isinstance(v, torch.Tensor) and k != "A" and k != "D":
+                static[k].copy_(v)
+        h = 0.5 * torch.randn(batch, dim, NSTATE, device="cuda")
+        state.copy_(h)
+        graph.replay()
+        want = selective_scan_int8_update_ref(h, **static, out_dtype=torch.float16)
+        _assert_close(y_static, want, RTOL[torch.float16], f"graph replay {seed}: y")
+        _assert_close(state, h, RTOL[torch.float32], f"graph replay {seed}: state")
+
+
+# ---- errors --------------------------------------------------------------------------------------------------------
+def test_errors(kernel):
+    inp = _inputs(1, 64, 8, r=4)
+    with pytest.raises(RuntimeError, match="int8 codes"):
+        kernel.selective_scan_int8(**dict(inp, qu=inp["qu"].float()))
+    with pytest.raises(ValueError, match="per-tensor"):
+        kernel.selective_scan_int8(**dict(inp, u_scale=torch.ones(2, device="cuda")))
+    with pytest.raises(RuntimeError, match="state size N"):
+        kernel.selective_scan_int8(**_inputs(1, 8, 4, n=300, r=2))
+    with pytest.raises(RuntimeError, match="no groups"):
+        kernel.selective_scan_int8(**dict(inp, qB=inp["qB"][:, None], qC=inp["qC"][:, None]))
+    with pytest.raises(RuntimeError, match="initial_state"):
+        kernel.selective_scan_int8(**inp, initial_state=torch.zeros(1, 64, 3, device="cuda"))
+    with pytest.raises(RuntimeError, match="A must have shape"):
+        kernel.selective_scan_int8(**dict(inp, A=inp["A"][:, :4]))
+    with pytest.raises(TypeError, match="float32"):
+        kernel.selective_scan_int8_update(torch.zeros(1, 64, NSTATE, device="cuda", dtype=torch.float16),
+                                          **_step(inp, 0))
+    with pytest.raises(RuntimeError, match="state must have shape"):
+        kernel.selective_scan_int8_update(torch.zeros(1, 64, 4, device="cuda"), **_step(inp, 0))

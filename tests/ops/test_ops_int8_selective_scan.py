@@ -1,0 +1,315 @@
+"""int8 Mamba1 selective scan reference (qmamba.ops.int8_selective_scan) on CPU:
+
+- against the module path: QuantSelectiveScan in int8 mode inside a calibrated tiny Mamba1 (fp32, bf16, fp16), on
+  the codes it recorded                                                                      exact (torch.equal)
+- against the float definition (selective_scan_loop_ref in float64 on the dequantized codes)  RTOL_FP32
+- strided views (channel-last tensors transposed, as the mixer passes them) == contiguous    exact
+- prefill(L) -> last state -> update == prefill(L + 1); prefill in two pieces through initial_state == one piece;
+  update steps from an initial state == prefill with that initial state                      RTOL_FP32 (fp32 math,
+  different summation order: chunked scan vs step by step)
+- errors name what to fix; the dispatcher on CPU is the reference; asking for cuda here raises.
+
+Errors are measured relative to the largest magnitude of the reference tensor.
+"""
+
+import pytest
+import torch
+
+import qmamba
+from qmamba.models import MambaLM
+from qmamba.ops import selective_scan_loop_ref
+from qmamba.ops.int8_selective_scan import (selective_scan_int8, selective_scan_int8_ref, selective_scan_int8_update,
+                                            selective_scan_int8_update_ref)
+from qmamba.qnn import QuantSelectiveScan, calibrate, prepare, set_mode
+from qmamba.quant.numerics import quantize
+
+RTOL_FP32 = 2e-5
+RTOL_FP16 = 2e-3  # fp16 outputs: one rounding (2^-11) plus fp32 summation-order differences before it
+
+
+def _max_rel_err(got, want):
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _codes(x):
+    """int8 codes of x at an absmax per-tensor scale, and that scale (a 0-d fp32 tensor)."""
+    scale = (x.abs().max().float() / 127).clamp_min(1e-8)
+    return quantize(x, scale), scale
+
+
+def _inputs(batch=2, dim=12, n=8, L=20, with_z=True, channel_last=True, seed=0):
+    """Codes and fp32 parameters like the mixer's. ``channel_last``: u, delta, z are transposed views of (b, L, d)
+    tensors (z a half of the in_proj output) and B, C views of the x_proj output (b, L, r + 2n), as in Mamba1."""
+    g = torch.Generator().manual_seed(seed)
+    r = 3
+    if channel_last:
+        xz = torch.randn(batch, L, 2 * dim, generator=g)
+        qxz, sxz = _codes(xz)
+        qu, su = _codes(torch.randn(batch, L, dim, generator=g))
+        qdelta, sdelta = _codes(torch.randn(batch, L, dim, generator=g) * 1.5 - 2.0)  # dt_proj output, bias included
+        qdbc, sdbc = _codes(torch.randn(batch, L, r + 2 * n, generator=g))
+        qu, qdelta = qu.transpose(1, 2), qdelta.transpose(1, 2)  # (b, d, L), strides (L d, 1, d)
+        qz = qxz[..., dim:].transpose(1, 2)
+        qB, qC = (t.transpose(1, 2) for t in qdbc[..., r:].split([n, n], dim=-1))  # (b, n, L), strides (.., 1, r+2n)
+        sz, sB, sC = sxz, sdbc, sdbc
+    else:
+        qu, su = _codes(torch.randn(batch, dim, L, generator=g))
+        qdelta, sdelta = _codes(torch.randn(batch, dim, L, generator=g) * 1.5 - 2.0)
+        qz, sz = _codes(torch.randn(batch, dim, L, generator=g))
+        qB, sB = _codes(torch.randn(batch, n, L, generator=g))
+        qC, sC = _codes(torch.randn(batch, n, L, generator=g))
+    A_log = torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(dim, 1) + 0.1 * torch.randn(dim, n,
+                                                                                                          generator=g)
+    A = -torch.exp(A_log)
+    D = torch.randn(dim, generator=g)
+    return dict(qu=qu, u_scale=su, qdelta=qdelta, delta_scale=sdelta, A=A, qB=qB, B_scale=sB, qC=qC, C_scale=sC, D=D,
+                qz=qz if with_z else None, z_scale=sz if with_z else None)
+
+
+def _step(inp, t):
+    """The codes of time step t, for the update op: u, delta, z (b, d), B, C (b, n)."""
+    out = dict(inp)
+    for k in ("qu", "qdelta", "qz", "qB", "qC"):
+        if out[k] is not None:
+            out[k] = out[k][..., t]
+    return out
+
+
+def _prefix(inp, start, stop):
+    out = dict(inp)
+    for k in ("qu", "qdelta", "qz", "qB", "qC"):
+        if out[k] is not None:
+            out[k] = out[k][..., start:stop]
+    return out
+
+
+# ---- the module path (the torch int8 backend) ----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reference_is_the_module_int8_path(dtype):
+    torch.manual_seed(0)
+    model = prepare(MambaLM(qmamba.preset("tiny")).eval(), "quamba_w8a8").to(dtype)
+    ids = [torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(s)) for s in (1, 2, 3)]
+    calibrate(model, ids[:2], progress=False)
+    set_mode(model, "int8")
+    scans = [m for m in model.modules() if isinstance(m, QuantSelectiveScan)]
+    assert scans and all(set(s.quant_points) == {"u", "delta", "B", "C", "z"} for s in scans)
+    seen = []
+
+    def hook(module, args, out):  # the codes of this call (recorded by the points) and the part's output
+        rec = {k: (p.recorded, p.scale.detach().clone()) for k, p in module.quant_points.items()}
+        seen.append((args, out, rec))
+
+    for s in scans:
+        for p in s.quant_points.values():
+            p.recording = True
+        s.register_forward_hook(hook)
+    with torch.no_grad():
+        model(ids[2])
+    assert len(seen) == len(scans)
+    for args, out, rec in seen:
+        _, _, A_log, _, _, D, _ = args
+        kw = dict(qu=rec["u"][0], u_scale=rec["u"][1], qdelta=rec["delta"][0], delta_scale=rec["delta"][1],
+                  A=-torch.exp(A_log.float()), qB=rec["B"][0], B_scale=rec["B"][1], qC=rec["C"][0],
+                  C_scale=rec["C"][1], D=D, qz=rec["z"][0], z_scale=rec["z"][1])
+        y = selective_scan_int8_ref(**kw, out_dtype=out.dtype)
+        assert y.dtype == out.dtype == dtype
+        assert torch.equal(y, out)
+        if dtype != torch.float32:
+            # the module rounds its dequantized inputs through the activation dtype; skipping that is visible, so
+            # the equality above checks the rounding too
+            u32 = selective_scan_int8_ref(**kw, out_dtype=torch.float32).to(dtype)
+            assert not torch.equal(u32, out)
+
+
+@pytest.mark.skipif(not hasattr(QuantSelectiveScan, "step"), reason="QuantSelectiveScan has no one-token step")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_update_reference_is_the_module_int8_step(dtype):
+    torch.manual_seed(0)
+    model = prepare(MambaLM(qmamba.preset("tiny")).eval(), "quamba_w8a8").to(dtype)
+    calibrate(model, [torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))], progress=False)
+    set_mode(model, "int8")
+    mixer = next(m for m in model.modules() if hasattr(m, "scan") and isinstance(m.scan, QuantSelectiveScan))
+    scan, di, n = mixer.scan, mixer.d_inner, mixer.d_state
+    g = torch.Generator().manual_seed(2)
+    x = {k: torch.randn(3, size, generator=g).to(dtype) for k, size in (("u", di), ("delta", di), ("B", n), ("C", n),
+                                                                       ("z", di))}
+    state = torch.randn(3, di, n, generator=g)
+    want_state = state.clone()
+    with torch.no_grad():
+        want = scan.step(want_state, x["u"], x["delta"], mixer.A_log, x["B"], x["C"], mixer.D, x["z"])
+    codes = {}
+    for k, v in x.items():
+        scale = scan.quant_points[k].scale.detach()
+        codes[f"q{k}"], codes[f"{k}_scale"] = quantize(v, scale), scale
+    got = selective_scan_int8_update_ref(state, **codes, A=-torch.exp(mixer.A_log.float()), D=mixer.D, out_dtype=dtype)
+    assert got.dtype == want.dtype == dtype
+    assert torch.equal(got, want)
+    assert torch.equal(state, want_state)
+
+
+# ---- the float definition ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_z", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_reference_matches_float_loop(with_z, with_bias):
+    inp = _inputs(with_z=with_z)
+    bias = 0.3 * torch.randn(12) if with_bias else None
+    y, last = selective_scan_int8_ref(**inp, delta_bias=bias, return_last_state=True)
+    deq = {k: (inp[f"q{k}"].double() * inp[f"{k}_scale"].double()) if inp[f"q{k}"] is not None else None
+           for k in ("u", "delta", "B", "C", "z")}
+    want, want_last = selective_scan_loop_ref(deq["u"], deq["delta"], inp["A"].double(), deq["B"], deq["C"],
+                                              D=inp["D"].double(), z=deq["z"],
+                                              delta_bias=bias.double() if bias is not None else None,
+                                              delta_softplus=True, return_last_state=True)
+    assert y.shape == (2, 12, 20) and y.dtype == torch.float32 and last.shape == (2, 12, 8)
+    assert _max_rel_err(y, want) <= RTOL_FP32
+    assert _max_rel_err(last, want_last) <= RTOL_FP32
+    # the gate and the bias matter (these comparisons can fail)
+    other = selective_scan_int8_ref(**dict(inp, qz=None, z_scale=None) if with_z else inp,
+                                    delta_bias=None if with_bias else 0.3 * torch.ones(12))
+    assert _max_rel_err(other, want) > 1e-2
+
+
+def test_softplus_off_uses_delta_as_is():
+    inp = _inputs()
+    inp["qdelta"] = inp["qdelta"].clamp_min(-127).abs()  # positive steps: the recurrence stays bounded
+    deq = {k: inp[f"q{k}"].double() * inp[f"{k}_scale"].double() for k in ("u", "delta", "B", "C", "z")}
+    want = selective_scan_loop_ref(deq["u"], deq["delta"], inp["A"].double(), deq["B"], deq["C"],
+                                   D=inp["D"].double(), z=deq["z"])
+    assert _max_rel_err(selective_scan_int8_ref(**inp, delta_softplus=False), want) <= RTOL_FP32
+    assert _max_rel_err(selective_scan_int8_ref(**inp, delta_softplus=True), want) > 1e-2
+
+
+def test_strided_views_equal_contiguous():
+    inp = _inputs(channel_last=True)
+    assert not inp["qu"].is_contiguous() and not inp["qB"].is_contiguous() and not inp["qz"].is_contiguous()
+    dense = {k: (v.contiguous() if isinstance(v, torch.Tensor) and v.dtype == torch.int8 else v)
+             for k, v in inp.items()}
+    for a, b in zip(selective_scan_int8_ref(**inp, return_last_state=True),
+                    selective_scan_int8_ref(**dense, return_last_state=True)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_output(out_dtype):
+    inp = _inputs()
+    y = selective_scan_int8_ref(**inp, out_dtype=out_dtype)
+    y32 = selective_scan_int8_ref(**inp)
+    assert y.dtype == out_dtype
+    assert 0 < _max_rel_err(y, y32) <= (RTOL_FP16 if out_dtype == torch.float16 else 2e-2)
+
+
+# ---- state: update and initial_state ---------------------------------------------------------------------------
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_z", [False, True])
+def test_prefill_then_update_equals_longer_prefill(out_dtype, with_z):
+    L = 20
+    inp = _inputs(L=L, with_z=with_z)
+    bias = 0.2 * torch.randn(12)
+    full, full_last = selective_scan_int8_ref(**inp, delta_bias=bias, out_dtype=out_dtype, return_last_state=True)
+    _, state = selective_scan_int8_ref(**_prefix(inp, 0, L - 1), delta_bias=bias, out_dtype=out_dtype,
+                                       return_last_state=True)
+    before = state.clone()
+    y = selective_scan_int8_update_ref(state, **_step(inp, L - 1), delta_bias=bias, out_dtype=out_dtype)
+    assert y.shape == (2, 12) and y.dtype == out_dtype
+    assert not torch.equal(state, before)  # updated in place
+    assert _max_rel_err(state, full_last) <= RTOL_FP32
+    assert _max_rel_err(y, full[..., -1]) <= (RTOL_FP32 if out_dtype == torch.float32 else RTOL_FP16)
+
+
+def test_updates_from_zero_equal_prefill():
+    inp = _inputs(L=15)
+    want, want_last = selective_scan_int8_ref(**inp, return_last_state=True)
+    state = torch.zeros(2, 12, 8)
+    ys = torch.stack([selective_scan_int8_update_ref(state, **_step(inp, t)) for t in range(15)], dim=-1)
+    assert _max_rel_err(ys, want) <= RTOL_FP32
+    assert _max_rel_err(state, want_last) <= RTOL_FP32
+
+
+@pytest.mark.parametrize("split", [1, 7, 19])
+def test_initial_state_continues_a_prefill(split):
+    L = 20
+    inp = _inputs(L=L)
+    full, full_last = selective_scan_int8_ref(**inp, return_last_state=True)
+    y1, h = selective_scan_int8_ref(**_prefix(inp, 0, split), return_last_state=True)
+    y2, last = selective_scan_int8_ref(**_prefix(inp, split, L), initial_state=h, return_last_state=True)
+    assert _max_rel_err(torch.cat([y1, y2], dim=-1), full) <= RTOL_FP32
+    assert _max_rel_err(last, full_last) <= RTOL_FP32
+
+
+def test_initial_state_matches_update_steps():
+    inp = _inputs(L=9, n=5, dim=7)
+    h0 = torch.randn(2, 7, 5)
+    want, want_last = selective_scan_int8_ref(**inp, initial_state=h0, return_last_state=True,
+                                              out_dtype=torch.bfloat16)
+    state = h0.clone()
+    ys = torch.stack([selective_scan_int8_update_ref(state, **_step(inp, t), out_dtype=torch.bfloat16)
+                      for t in range(9)], dim=-1)
+    assert _max_rel_err(ys, want) <= 1e-2  # bf16 outputs
+    assert _max_rel_err(state, want_last) <= RTOL_FP32
+    zero = selective_scan_int8_ref(**inp, out_dtype=torch.bfloat16)
+    assert _max_rel_err(zero, want) > 1e-2  # the initial state matters
+
+
+def test_empty_sequence_passes_the_state_through():
+    inp = _prefix(_inputs(), 0, 0)
+    h0 = torch.randn(2, 12, 8)
+    y, last = selective_scan_int8_ref(**inp, initial_state=h0, return_last_state=True, out_dtype=torch.float16)
+    assert y.shape == (2, 12, 0) and y.dtype == torch.float16 and torch.equal(last, h0)
+    assert torch.equal(selective_scan_int8_ref(**inp, return_last_state=True)[1], torch.zeros(2, 12, 8))
+
+
+# ---- dispatch and errors -------------------------------------------------------------------------------------------
+def test_dispatchers_on_cpu_are_the_references():
+    inp = _inputs()
+    for backend in ("auto", "torch"):
+        got = selective_scan_int8(**inp, return_last_state=True, backend=backend)
+        for a, b in zip(got, selective_scan_int8_ref(**inp, return_last_state=True)):
+            assert torch.equal(a, b)
+        s1 = torch.randn(2, 12, 8)
+        s2 = s1.clone()
+        assert torch.equal(selective_scan_int8_update(s1, **_step(inp, 3), backend=backend),
+                           selective_scan_int8_update_ref(s2, **_step(inp, 3)))
+        assert torch.equal(s1, s2)
+
+
+def test_cuda_backend_on_cpu_raises():
+    inp = _inputs()
+    with pytest.raises(RuntimeError, match="backend='torch'"):
+        selective_scan_int8(**inp, backend="cuda")
+    with pytest.raises(RuntimeError, match="backend='torch'"):
+        selective_scan_int8_update(torch.zeros(2, 12, 8), **_step(inp, 0), backend="cuda")
+    with pytest.raises(ValueError, match="bogus"):
+        selective_scan_int8(**inp, backend="bogus")
+
+
+def test_kernel_wrapper_without_cuda_says_so():
+    from qmamba.kernels import KernelsUnavailable
+    from qmamba.kernels import selective_scan as kernel
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(KernelsUnavailable, match="backend='torch'"):
+        kernel.selective_scan_int8(**_inputs())
+
+
+def test_errors_name_the_fix():
+    inp = _inputs()
+    with pytest.raises(TypeError, match="int8 codes"):
+        selective_scan_int8_ref(**dict(inp, qu=inp["qu"].float()))
+    with pytest.raises(ValueError, match="per-tensor"):
+        selective_scan_int8_ref(**dict(inp, u_scale=torch.ones(12, 1)))
+    with pytest.raises(ValueError, match="out_dtype"):
+        selective_scan_int8_ref(**inp, out_dtype=torch.float64)
+    with pytest.raises(ValueError, match="qz and z_scale together"):
+        selective_scan_int8_ref(**dict(inp, z_scale=None))
+    with pytest.raises(ValueError, match="no groups"):
+        selective_scan_int8_ref(**dict(inp, qB=inp["qB"][:, None], qC=inp["qC"][:, None]))
+    with pytest.raises(ValueError, match="initial_state must be"):
+        selective_scan_int8_ref(**inp, initial_state=torch.zeros(2, 12, 3))
+    step = _step(inp, 0)
+    with pytest.raises(TypeError, match="state must be float32"):
+        selective_scan_int8_update_ref(torch.zeros(2, 12, 8, dtype=torch.float64), **step)
+    with pytest.raises(ValueError, match="state must be"):
+        selective_scan_int8_update_ref(torch.zeros(2, 12, 4), **step)
+    with pytest.raises(ValueError, match="one token"):
+        selective_scan_int8_update_ref(torch.zeros(2, 12, 8), **inp)
