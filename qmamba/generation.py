@@ -150,28 +150,28 @@ def generate(model: MambaLM, input_ids: torch.Tensor, max_new_tokens: int, tempe
                          f"{input_ids.device}); pass cuda_graph=False or None (graphs on a GPU, eager elsewhere)")
     if max_new_tokens == 0:
         return input_ids
-    use_graph = input_ids.is_cuda if cuda_graph is None else cuda_graph
-    vocab = model.config.vocab_size
-    t0 = _sync(input_ids.device) if timings is not None else 0.0
-    decoder = DecodeGraph(model, input_ids.shape[0], device=input_ids.device)
-    if use_graph and max_new_tokens > 1:
-        decoder.capture()
-    t1 = _sync(input_ids.device) if timings is not None else 0.0
-    logits = decoder.prefill(input_ids)
-    out, finished = [input_ids], None
-    for i in range(max_new_tokens):
-        nxt = sample(logits, vocab, temperature, top_k, top_p, generator)  # (B,)
+    device, vocab = input_ids.device, model.config.vocab_size
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,); rows past their eos repeat it
+        nxt = sample(logits, vocab, temperature, top_k, top_p, generator)
         if eos_id is not None:
-            if finished is not None:
-                nxt = nxt.masked_fill(finished, eos_id)
-            finished = nxt == eos_id if finished is None else finished | (nxt == eos_id)
-        out.append(nxt.unsqueeze(1).to(input_ids.dtype))
-        if i == 0 and timings is not None:
-            t2 = _sync(input_ids.device)
-        if i + 1 == max_new_tokens or (finished is not None and bool(finished.all())):
-            break
-        logits = decoder.step(nxt)
+            nxt = nxt.masked_fill(finished, eos_id)
+            finished.logical_or_(nxt == eos_id)
+        return nxt
+
+    def done() -> bool:
+        return len(new) == max_new_tokens or (eos_id is not None and bool(finished.all()))
+
+    t0 = _sync(device) if timings is not None else 0.0
+    decoder = DecodeGraph(model, input_ids.shape[0], device=device)
+    new = [pick(decoder.prefill(input_ids))]
+    t1 = _sync(device) if timings is not None else 0.0
+    if (input_ids.is_cuda if cuda_graph is None else cuda_graph) and not done():
+        decoder.capture()  # after the prefill: its forward checks that the model is calibrated, the step cannot
+    t2 = _sync(device) if timings is not None else 0.0
+    while not done():
+        new.append(pick(decoder.step(new[-1])))
     if timings is not None:
-        t3 = _sync(input_ids.device)
-        timings.update(capture_s=t1 - t0, prefill_s=t2 - t1, decode_s=t3 - t2, new_tokens=len(out) - 1)
-    return torch.cat(out, dim=1)
+        timings.update(prefill_s=t1 - t0, capture_s=t2 - t1, decode_s=_sync(device) - t2, new_tokens=len(new))
+    return torch.cat([input_ids, torch.stack(new, 1).to(input_ids.dtype)], dim=1)

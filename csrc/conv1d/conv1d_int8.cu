@@ -9,10 +9,13 @@
 //
 // Layout: x (B, D, L) int8 with any strides; outputs (B, D, L) allocated channel-last (a contiguous (B, L, D) tensor
 // transposed), which the next GEMM reads as (B*L, D) rows. Prefill threads map to channels (coalesced when x's channel
-// stride is 1, as for Mamba1's transposed in_proj slice) and walk a tile of time steps, keeping the last K-1 inputs in
-// registers; four channels per thread (32-bit loads, vector stores) where strides and alignment allow.
+// stride is 1, as for Mamba1's transposed in_proj slice) and walk a tile of time steps, keeping each channel's last 4
+// inputs packed in one register (summed against the packed taps by __dp4a); four channels per thread (32-bit loads,
+// vector stores) where strides and alignment allow. The update kernel runs one thread per (b, d).
 #include "common/qmamba_common.cuh"
 
+#include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <vector>
 
@@ -190,6 +193,18 @@ __global__ void conv1d_int8_update_kernel(const int8_t* __restrict__ x, int64_t 
     if (j < outs.n_codes) static_cast<int8_t*>(outs.out[j])[idx] = quantize_rn(v, 1.0f / *outs.scale[j]);
 }
 
+// Multiprocessors of a device, queried once (no CUDA API call in later launches, e.g. under graph capture).
+int sm_count(int device) {
+  constexpr int kCached = 64;
+  static std::atomic<int> cache[kCached] = {};
+  int n = (device >= 0 && device < kCached) ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    if (device >= 0 && device < kCached) cache[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
 template <typename F>
 void dispatch_out_dtype(at::ScalarType t, F&& f) {
   switch (t) {
@@ -212,7 +227,8 @@ ConvArgs check_args(const char* op, const at::Tensor& x, int64_t D, const at::Te
                     const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
                     at::TensorList out_scales) {
   QMAMBA_CHECK_CUDA(x);
-  QMAMBA_CHECK_DTYPE(x, at::kChar);
+  TORCH_CHECK(x.scalar_type() == at::kChar, op, ": x must be int8 codes (quantize the conv input first), got ",
+              x.scalar_type());
   const auto dev = x.device();
   QMAMBA_CHECK_SCALAR_SCALE(x_scale);
   TORCH_CHECK(w.is_cuda() && w.scalar_type() == at::kChar && w.dim() >= 2 && w.size(0) == D,
@@ -292,8 +308,7 @@ std::vector<at::Tensor> conv1d_int8(const at::Tensor& x, const at::Tensor& x_sca
 
   // Shorter time tiles where the batch and channels alone would leave the GPU idle (short prompts, batch 1); a
   // decision on shapes only, so the launch is the same in every replay of a CUDA graph.
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+  const int sms = sm_count(x.get_device());
   int64_t tile = 64;
   auto n_tiles = [&](int64_t t) { return (L + t - 1) / t; };
   while (tile > 16 && grid_x * B * n_tiles(tile) < int64_t(sms) * 8) tile /= 2;

@@ -13,6 +13,7 @@
 // 1 LSB, rarely (DESIGN §3); residual_out is exact.
 #include "common/qmamba_common.cuh"
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 

@@ -44,7 +44,7 @@ class Block(nn.Module):
         return self.mixer.step(self.norm(residual.to(self.norm.weight.dtype)), cache), residual
 
 
-@dataclass
+@dataclass(eq=False)
 class InferenceCache:
     """The decoding state of every layer (``LayerCache``: conv and ssm state), allocated once by
     ``MambaLM.allocate_cache``. ``MambaLM.prefill`` and ``MambaLM.step`` update these tensors in place, never

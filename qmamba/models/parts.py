@@ -182,7 +182,7 @@ class RMSNormGated(nn.Module):
         return RMSNormGated.forward(self, x, z)  # per token already; the twin overrides step, not this
 
 
-@dataclass
+@dataclass(eq=False)
 class LayerCache:
     """One mixer's decoding state, in mamba_ssm's layout. ``conv_state`` (B, conv channels, d_conv): the last d_conv
     conv inputs, oldest first, as the conv consumes them (``CausalConv1d.state_input``: float inputs, or their int8

@@ -130,9 +130,11 @@ class QuantTwin:
         """``_weight_in_mode`` without a host sync on a GPU."""
         if qw is None or self.qmode == "fp" or (self.weight.dtype != torch.int8 and not qw.enabled):
             return self._weight_in_mode(qw)  # no scale involved
-        q, s = self._step_int8_weight(qw)
-        w = dequantize(q, s)
-        return w if self.weight.dtype == torch.int8 else w.to(self.weight_to_quantize().dtype)
+        if self.weight.dtype == torch.int8:
+            return dequantize(self.weight, self._step_scale(qw, self.weight))
+        w = self.weight_to_quantize().detach()
+        s = self._step_scale(qw, w)
+        return dequantize(quantize(w, s, qw.spec.bits), s).to(w.dtype)  # = qw.fake(w)
 
 
 def scale_without_sync(qp: QuantPoint, x: torch.Tensor) -> torch.Tensor:

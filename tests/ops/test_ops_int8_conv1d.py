@@ -1,0 +1,270 @@
+"""Int8 causal conv1d references (qmamba.ops.int8_conv1d) against the torch int8 backend of QuantCausalConv1d and
+its consumers' quantizers (exact: the same fp32 ops), and the one-token update against the prefill (exact).
+
+Tolerances: bit-exact (torch.equal) wherever the reference is compared with the module's own math. One exception:
+update vs prefill with SiLU. CPU torch evaluates F.silu with vector code on full vector lanes and scalar code on the
+tail, which differ by up to 1 ulp, so the same value can come out 1 ulp apart in a (B, D) and a (B, D, L) tensor;
+there the float outputs agree within SILU_CPU_RTOL (an ulp or two of the output dtype) and the codes within 1 LSB.
+(CUDA's torch SiLU is the same scalar code for every element: the GPU tests compare exactly.)"""
+
+import pytest
+import torch
+
+import qmamba
+from qmamba.kernels.conv1d import channel_scale, per_tensor_scale
+from qmamba.models import MambaLM
+from qmamba.ops.int8_conv1d import (conv1d_int8, conv1d_int8_initial_state, conv1d_int8_ref, conv1d_int8_update,
+                                    conv1d_int8_update_ref)
+from qmamba.qnn import calibrate, prepare, set_mode
+from qmamba.quant.numerics import quantize
+
+SILU_CPU_RTOL = {torch.float32: 3e-7, torch.bfloat16: 8e-3}
+
+
+def _ids(seed, batch=2, L=19):
+    return torch.randint(0, 256, (batch, L), generator=torch.Generator().manual_seed(seed))
+
+
+def _int8_model(name, recipe):
+    model = prepare(MambaLM(qmamba.preset(name)).eval(), recipe)
+    calibrate(model, [_ids(10), _ids(11)], progress=False)
+    return set_mode(model, "int8")
+
+
+def _capture(module):
+    """Forward hook storing the module's input and output."""
+    seen = {}
+
+    def hook(mod, args, out):
+        seen["x"], seen["out"] = args[0].detach(), out.detach()
+
+    module.register_forward_hook(hook)
+    return seen
+
+
+def _module_args(conv, x):
+    """The int8 codes and scales the module computes with, as the reference takes them."""
+    qx, sx = conv.q("input").quantize(x)
+    qw, sw = conv._int8_weight(conv.q("weight"))
+    return qx, sx, qw, sw
+
+
+@pytest.mark.parametrize("name, recipe", [("tiny", "quamba_w8a8"), ("tiny", "qat_w8a8"),
+                                          ("tiny-mamba2", "quamba2_w8a8")])
+def test_ref_matches_module_in_a_model(name, recipe):
+    """Inside a calibrated int8 model: the float output equals QuantCausalConv1d's, and (Mamba1) the codes for the
+    two consumers' scales equal the codes x_proj.input and scan.u record."""
+    model = _int8_model(name, recipe)
+    mixer = model.backbone.layers[1].mixer
+    seen = _capture(mixer.conv1d)
+    consumers = [mixer.x_proj.q("input"), mixer.scan.q("u")] if name == "tiny" else []
+    for p in consumers:
+        p.recording = True
+    if consumers:  # the two scales agree after PTQ (one observer per tensor); QAT moves them apart
+        with torch.no_grad():
+            consumers[1].scale.mul_(1.3)
+    with torch.no_grad():
+        model(_ids(3))
+    qx, sx, qw, sw = _module_args(mixer.conv1d, seen["x"])
+    assert sw.numel() == (qw.shape[0] if recipe == "qat_w8a8" else 1)  # per-channel and per-tensor both covered
+    out = conv1d_int8_ref(qx, sx, qw, sw, mixer.conv1d.bias, silu=True, out_dtype=seen["x"].dtype)
+    assert torch.equal(out, seen["out"])
+    if consumers:
+        codes = conv1d_int8_ref(qx, sx, qw, sw, mixer.conv1d.bias, True, seen["x"].dtype,
+                                [p.scale for p in consumers])
+        assert len(codes) == 2
+        x_proj_in, scan_u = (p.recorded for p in consumers)
+        assert all(c.dtype == torch.int8 for c in codes)
+        assert torch.equal(codes[0], x_proj_in.transpose(1, 2))  # x_proj sees (B, L, D), ours are (B, D, L)
+        assert torch.equal(codes[1], scan_u)  # the scan takes u as (B, D, L)
+        assert not torch.equal(codes[0], codes[1])  # the two scales differ, so a mixed-up scale would show
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_ref_matches_module_dtypes(dtype, with_bias):
+    """The module run directly on fp16 / bf16 activations rounds its output through that dtype; so does the ref."""
+    model = _int8_model("tiny", "qat_w8a8")
+    conv = model.backbone.layers[0].mixer.conv1d
+    if not with_bias:
+        conv.bias = None
+    x = (torch.randn(3, conv.in_channels, 21) * 2).to(dtype)
+    with torch.no_grad():
+        expected = conv(x)
+    qx, sx, qw, sw = _module_args(conv, x)
+    out = conv1d_int8_ref(qx, sx, qw, sw, conv.bias, silu=True, out_dtype=dtype)
+    assert out.dtype == dtype and torch.equal(out, expected)
+    scale = torch.tensor(0.02)
+    (codes,) = conv1d_int8_ref(qx, sx, qw, sw, conv.bias, True, dtype, [scale])
+    assert torch.equal(codes, quantize(expected, scale))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_update_ref_matches_module_step(dtype):
+    """QuantCausalConv1d.step in int8 mode (its decode path) against the update reference, state included."""
+    model = _int8_model("tiny", "qat_w8a8")
+    conv = model.backbone.layers[0].mixer.conv1d
+    B, D, K = 3, conv.in_channels, conv.weight.shape[-1]
+    state = torch.randint(-128, 128, (B, D, K), dtype=torch.int8)
+    ref_state = state.clone()
+    for _ in range(3):
+        x = (torch.randn(B, D) * 2).to(dtype)
+        with torch.no_grad():
+            expected = conv.step(x, state)
+        qx, sx, qw, sw = _module_args(conv, x)
+        out = conv1d_int8_update_ref(qx, ref_state, sx, qw, sw, conv.bias, silu=True, out_dtype=dtype)
+        assert torch.equal(out, expected) and torch.equal(ref_state, state)
+
+
+def _random_case(B=2, D=6, L=11, K=4, per_channel=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qx = torch.randint(-128, 128, (B, D, L), dtype=torch.int8, generator=g)
+    qw = torch.randint(-128, 128, (D, 1, K), dtype=torch.int8, generator=g)
+    sx = torch.tensor(0.03)
+    sw = torch.rand(D, generator=g) * 0.004 + 0.001 if per_channel else torch.tensor([0.003])
+    bias = torch.randn(D, generator=g) * 0.1
+    return qx, sx, qw, sw, bias
+
+
+def _loop(qx, sx, qw, sw, bias, silu):
+    """The definition written out: exact integer sums, then the fp32 epilogue per element."""
+    B, D, L = qx.shape
+    K = qw.shape[-1]
+    w = qw.reshape(D, K).tolist()
+    x = qx.tolist()
+    acc = torch.zeros(B, D, L, dtype=torch.int32)
+    for b in range(B):
+        for c in range(D):
+            for t in range(L):
+                acc[b, c, t] = sum(w[c][i] * x[b][c][t - (K - 1) + i] for i in range(K) if t - (K - 1) + i >= 0)
+    out = acc.float() * (sx.float().reshape(()) * sw.float().reshape(-1, 1))
+    out = out + bias.float()[:, None]
+    return torch.nn.functional.silu(out) if silu else out
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("silu", [True, False])
+def test_ref_matches_definition(K, silu):
+    qx, sx, qw, sw, bias = _random_case(K=K, seed=K)
+    out = conv1d_int8_ref(qx, sx, qw, sw, bias, silu=silu)
+    assert torch.equal(out, _loop(qx, sx, qw, sw, bias, silu))
+
+
+def test_ref_extreme_codes_do_not_overflow():
+    qx = torch.full((1, 2, 8), -128, dtype=torch.int8)
+    qw = torch.full((2, 4), -128, dtype=torch.int8)
+    out = conv1d_int8_ref(qx, torch.tensor(1.0), qw, torch.tensor(1.0), silu=False)
+    assert out[0, 0, -1].item() == 4 * 128 * 128 and out[0, 0, 0].item() == 128 * 128
+
+
+def test_ref_any_strides():
+    """Mamba1 passes a transposed slice of in_proj's output: (B, D, L) with strides (L * 2D, 1, 2D)."""
+    B, D, L = 2, 6, 13
+    qx, sx, qw, sw, bias = _random_case(B, D, L)
+    xz = torch.randint(-128, 128, (B, L, 2 * D), dtype=torch.int8)
+    xz[..., :D] = qx.transpose(1, 2)
+    strided = xz[..., :D].transpose(1, 2)
+    assert strided.stride() == (L * 2 * D, 1, 2 * D)
+    assert torch.equal(conv1d_int8_ref(strided, sx, qw, sw, bias), conv1d_int8_ref(qx, sx, qw, sw, bias))
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+@pytest.mark.parametrize("L0", [1, 2, 5])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("silu", [False, True])
+def test_update_continues_prefill(K, L0, out_dtype, silu):
+    """Prefill of L0 tokens, then one update per token, gives the prefill of the whole sequence: the state and the
+    integer sums exactly; the outputs exactly without SiLU, within SILU_CPU_RTOL with it (CPU torch only)."""
+    qx, sx, qw, sw, bias = _random_case(L=L0 + 6, K=K, seed=K + L0)
+    scales = [torch.tensor(0.02), torch.tensor(0.035)]
+    full = conv1d_int8_ref(qx, sx, qw, sw, bias, silu, out_dtype)
+    full_codes = conv1d_int8_ref(qx, sx, qw, sw, bias, silu, out_dtype, scales)
+    state = conv1d_int8_initial_state(qx[..., :L0], K)
+    state_codes = state.clone()
+    for t in range(L0, qx.shape[-1]):
+        out = conv1d_int8_update_ref(qx[..., t], state, sx, qw, sw, bias, silu, out_dtype)
+        codes = conv1d_int8_update_ref(qx[..., t], state_codes, sx, qw, sw, bias, silu, out_dtype, scales)
+        assert out.shape == (qx.shape[0], qx.shape[1]) and out.dtype == out_dtype
+        assert torch.equal(state, conv1d_int8_initial_state(qx[..., : t + 1], K))  # the state after t holds t-K+1..t
+        assert torch.equal(state_codes, state)
+        if not silu:
+            assert torch.equal(out, full[..., t])
+            assert all(torch.equal(c, f[..., t]) for c, f in zip(codes, full_codes))
+        else:
+            torch.testing.assert_close(out.float(), full[..., t].float(), rtol=SILU_CPU_RTOL[out_dtype], atol=0)
+            assert all((c.int() - f[..., t].int()).abs().max() <= 1 for c, f in zip(codes, full_codes))
+
+
+def test_update_from_empty_state_is_first_step():
+    qx, sx, qw, sw, bias = _random_case(L=1)
+    state = torch.zeros(qx.shape[0], qx.shape[1], 4, dtype=torch.int8)
+    out = conv1d_int8_update_ref(qx[..., 0], state, sx, qw, sw, bias)
+    assert torch.equal(out, conv1d_int8_ref(qx, sx, qw, sw, bias)[..., 0])
+
+
+def test_update_per_tensor_weight_scale():
+    qx, sx, qw, sw, bias = _random_case(L=7, per_channel=False)
+    state = conv1d_int8_initial_state(qx[..., :6], 4)
+    out = conv1d_int8_update_ref(qx[..., 6], state, sx, qw, sw, bias)
+    assert torch.equal(out, conv1d_int8_ref(qx, sx, qw, sw, bias)[..., 6])
+
+
+def test_initial_state_zero_pads_short_prompts():
+    qx = torch.tensor([[[5, -7]]], dtype=torch.int8)  # (1, 1, 2)
+    assert conv1d_int8_initial_state(qx, 4).tolist() == [[[0, 0, 5, -7]]]
+    qx = torch.arange(6, dtype=torch.int8).reshape(1, 1, 6)
+    assert conv1d_int8_initial_state(qx, 4).tolist() == [[[2, 3, 4, 5]]]
+    assert conv1d_int8_initial_state(qx[..., :0], 3).tolist() == [[[0, 0, 0]]]
+
+
+def test_dispatch_on_cpu_is_the_ref():
+    qx, sx, qw, sw, bias = _random_case()
+    assert torch.equal(conv1d_int8(qx, sx, qw, sw, bias), conv1d_int8_ref(qx, sx, qw, sw, bias))
+    s1, s2 = conv1d_int8_initial_state(qx, 4), conv1d_int8_initial_state(qx, 4)
+    assert torch.equal(conv1d_int8_update(qx[..., 0], s1, sx, qw, sw, bias, backend="torch"),
+                       conv1d_int8_update_ref(qx[..., 0], s2, sx, qw, sw, bias))
+    assert torch.equal(s1, s2)
+
+
+def test_errors_name_the_fix():
+    qx, sx, qw, sw, bias = _random_case()
+    with pytest.raises(TypeError, match="int8 codes"):
+        conv1d_int8_ref(qx.float(), sx, qw, sw)
+    with pytest.raises(TypeError, match="qw must hold int8"):
+        conv1d_int8_ref(qx, sx, qw.float(), sw)
+    with pytest.raises(ValueError, match=r"\(D, K\) or \(D, 1, K\)"):
+        conv1d_int8_ref(qx, sx, qw[:3], sw)
+    with pytest.raises(ValueError, match="w_scale"):
+        conv1d_int8_ref(qx, sx, qw, sw[:2])
+    with pytest.raises(ValueError, match="x_scale"):
+        conv1d_int8_ref(qx, torch.ones(2), qw, sw)
+    with pytest.raises(ValueError, match="bias"):
+        conv1d_int8_ref(qx, sx, qw, sw, bias[:2])
+    with pytest.raises(ValueError, match="out_dtype"):
+        conv1d_int8_ref(qx, sx, qw, sw, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"out_scales\[1\]"):
+        conv1d_int8_ref(qx, sx, qw, sw, out_scales=[torch.tensor(0.1), torch.ones(3)])
+    with pytest.raises(ValueError, match="conv1d_int8_initial_state"):
+        conv1d_int8_update_ref(qx[..., 0], torch.zeros(2, 6, 3, dtype=torch.int8), sx, qw, sw)
+    with pytest.raises(TypeError, match=r"\(B, D\)"):
+        conv1d_int8_update_ref(qx, torch.zeros(2, 6, 4, dtype=torch.int8), sx, qw, sw)
+    with pytest.raises(RuntimeError, match="not on a CUDA device"):
+        conv1d_int8(qx, sx, qw, sw, backend="cuda")
+    with pytest.raises(RuntimeError, match="not on a CUDA device"):
+        conv1d_int8_update(qx[..., 0], conv1d_int8_initial_state(qx, 4), sx, qw, sw, backend="cuda")
+    with pytest.raises(ValueError, match="bogus"):
+        conv1d_int8(qx, sx, qw, sw, backend="bogus")
+
+
+def test_kernel_argument_normalization():
+    """The CUDA wrapper's scale handling (runs anywhere: no kernel is called)."""
+    s = per_tensor_scale(0.5, torch.device("cpu"), "x_scale")
+    assert s.dtype == torch.float32 and s.shape == (1,) and s.item() == 0.5
+    t = torch.tensor([[0.25]], dtype=torch.float64)
+    assert per_tensor_scale(t, torch.device("cpu"), "x_scale").shape == (1,)
+    with pytest.raises(ValueError, match="x_scale must be a per-tensor"):
+        per_tensor_scale(torch.ones(3), torch.device("cpu"), "x_scale")
+    assert channel_scale(torch.ones(5, 1, 1), 5, torch.device("cpu"), "w_scale").shape == (5,)
+    assert channel_scale(torch.ones(1, 1, 1), 5, torch.device("cpu"), "w_scale").shape == (1,)
+    with pytest.raises(ValueError, match="w_scale must have 1"):
+        channel_scale(torch.ones(4), 5, torch.device("cpu"), "w_scale")
