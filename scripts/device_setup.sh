@@ -2,12 +2,12 @@
 # On a GPU device machine (see ../shared/device/README.md): install the carried wheels, build mamba_ssm's CUDA scan
 # and (when its sdist is in .whl/) causal-conv1d for this GPU (once per machine), and install qmamba itself without
 # touching the machine's torch. causal-conv1d gives mamba_ssm its fused conv1d / decode-update kernels: the
-# latency baseline (benchmarks/latency.py) is mamba_ssm at its fastest, so it is built when available.
+# latency baseline (benchmarks/latency.py) is mamba_ssm at its fastest: pass --with-causal-conv1d there (~3 min more).
 # Fetch its sdist here with:  CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE pip download --no-deps --no-binary :all: \
 #                               --no-build-isolation -d .whl causal-conv1d==1.7.0
 set -euo pipefail
 root=$PWD
-if compgen -G ".whl/causal_conv1d-*.tar.gz" >/dev/null && ! python3 -c "import causal_conv1d_cuda" 2>/dev/null; then
+if [ "${1:-}" = "--with-causal-conv1d" ] && compgen -G ".whl/causal_conv1d-*.tar.gz" >/dev/null && ! python3 -c "import causal_conv1d_cuda" 2>/dev/null; then
   ( b=$(mktemp -d) && tar xzf .whl/causal_conv1d-*.tar.gz -C "$b" && cd "$b"/causal_conv1d-* &&
     cc=$(python3 -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))") &&
     python3 "$root/.whl/only_sm90.py" setup.py "$cc" >/dev/null &&

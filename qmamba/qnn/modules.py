@@ -23,7 +23,11 @@ from qmamba import ops
 from qmamba.models.parts import CausalConv1d, RMSNormGated, SelectiveScan, SSDScan
 from qmamba.qnn.point import QuantPoint
 from qmamba.quant.granularity import PerTensor
-from qmamba.quant.numerics import dequantize, int8_linear_ref, quantize, scale_from_absmax
+from qmamba.ops.int8_conv1d import conv1d_int8, conv1d_int8_update
+from qmamba.ops.int8_linear import w8a8_linear
+from qmamba.ops.int8_selective_scan import selective_scan_int8, selective_scan_int8_update
+from qmamba.ops.int8_ssd import ssd_chunk_scan_int8, ssd_step_int8
+from qmamba.quant.numerics import dequantize, quantize, scale_from_absmax
 from qmamba.quant.recipe import QuantSpec
 
 QMODES = ("fp", "fakequant", "int8")
@@ -42,6 +46,7 @@ class QuantTwin:
         twin._parameters, twin._buffers, twin._modules = (dict(module._parameters), dict(module._buffers),
                                                          dict(module._modules))
         twin.qmode = "fp"
+        twin.backend = getattr(module, "backend", "auto")  # int8 kernels: "auto" | "torch" | "cuda" (set_backend)
         twin.quant_points = nn.ModuleDict()
         for point, spec in specs.items():
             if spec is None:
@@ -184,12 +189,15 @@ class QuantLinear(QuantTwin, nn.Linear):
         if self.qmode == "int8" and qi is not None and qw is not None:
             qi.observe(x)
             qx, sx = qi.quantize(x)
-            wq, sw = self._int8_weight(qw)
-            out = int8_linear_ref(qx, sx.reshape(()), wq, sw.reshape(-1) if sw.numel() > 1 else sw.reshape(()),
-                                  self.bias)
-            return out.to(dtype)
+            return self._int8_linear(qx, sx, *self._int8_weight(qw), dtype)
         x = self._in("input", x).to(dtype)
         return F.linear(x, self._weight_in_mode(qw).to(dtype), self.bias)
+
+    def _int8_linear(self, qx, sx, wq, sw, dtype):
+        """int32 sums of the codes, then acc * (s_x * s_w) + bias in fp32, in ``dtype``: the W8A8 kernel on a GPU
+        (``backend``), ``int8_linear_ref`` otherwise."""
+        return w8a8_linear(qx, sx.reshape(()), wq, sw.reshape(-1) if sw.numel() > 1 else sw.reshape(()), self.bias,
+                           out_dtype=dtype, backend=self.backend)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:  # (B, K) -> (B, N)
         """``forward`` on one token, free of host syncs (see ``QuantTwin._step_scale``)."""
@@ -201,10 +209,7 @@ class QuantLinear(QuantTwin, nn.Linear):
             x = ops.hadamard_transform(x)
         if self.qmode == "int8" and qi is not None and qw is not None:
             qx, sx = self._step_codes("input", x)
-            wq, sw = self._step_int8_weight(qw)
-            out = int8_linear_ref(qx, sx.reshape(()), wq, sw.reshape(-1) if sw.numel() > 1 else sw.reshape(()),
-                                  self.bias)
-            return out.to(dtype)
+            return self._int8_linear(qx, sx, *self._step_int8_weight(qw), dtype)
         return F.linear(self._step_act("input", x).to(dtype), self._step_weight(qw).to(dtype), self.bias)
 
 
@@ -230,20 +235,12 @@ class QuantCausalConv1d(QuantTwin, CausalConv1d):
             return ops.causal_conv1d(x, w.squeeze(1).to(x.dtype), self.bias, self.activation, backend=self.backend)
 
     def _int8_forward(self, x, qi, qw):
-        """Integer depthwise causal conv: int32 sums of int8 x int8, then acc * (s_x * s_w) + bias, then SiLU."""
+        """Integer depthwise causal conv: int32 sums of int8 x int8, then acc * (s_x * s_w) + bias, then SiLU, in x's
+        dtype (``conv1d_int8``: the CUDA kernel on a GPU, the reference elsewhere)."""
         qx, sx = qi.quantize(x)
         wq, sw = self._int8_weight(qw)
-        k, L = wq.shape[-1], x.shape[-1]
-        xp = F.pad(qx.to(torch.int32), (k - 1, 0))
-        w32 = wq.reshape(wq.shape[0], k).to(torch.int32)
-        acc = torch.zeros(qx.shape, dtype=torch.int32, device=x.device)
-        for i in range(k):  # k = d_conv taps (4): acc[t] += w[i] * x[t - (k - 1) + i]
-            acc += w32[:, i, None] * xp[..., i: i + L]
-        # acc * (s_x * s_w): the scales multiply first, as in the int8 GEMM (DESIGN §3), not (acc * s_x) * s_w
-        out = acc.float() * ((sx.reshape(-1, 1) if sx.numel() > 1 else sx.reshape(())) * sw.reshape(-1, 1))
-        if self.bias is not None:
-            out = out + self.bias.float()[:, None]
-        return (F.silu(out) if self.activation else out).to(x.dtype)
+        return conv1d_int8(qx, sx.reshape(()), wq.reshape(wq.shape[0], -1), sw.reshape(-1), self.bias,
+                           silu=self.activation is not None, out_dtype=x.dtype, backend=self.backend)
 
     # ---- decoding. In int8 mode (both points quantized) the state holds the int8 codes of the last K inputs, so a
     # step sums exactly the products the prefill summed; otherwise it holds the inputs as the conv consumes them
@@ -270,13 +267,9 @@ class QuantCausalConv1d(QuantTwin, CausalConv1d):
     def _int8_step(self, qx, conv_state, sx, wq, sw):
         """qx (B, D) int8 shifts into conv_state (B, D, K) int8 (in place); int32 sum over the K codes, then
         acc * (s_x * s_w) + bias and SiLU in fp32 -> (B, D): ``_int8_forward`` at the new token."""
-        self._shift_in(conv_state, qx)
-        k = conv_state.shape[-1]
-        acc = (conv_state.to(torch.int32) * wq.reshape(-1, k).to(torch.int32)).sum(-1, dtype=torch.int32)
-        out = acc.float() * (sx.reshape(()) * sw.reshape(-1))
-        if self.bias is not None:
-            out = out + self.bias.float()
-        return F.silu(out) if self.activation else out
+        return conv1d_int8_update(qx, conv_state, sx.reshape(()), wq.reshape(wq.shape[0], -1), sw.reshape(-1),
+                                  self.bias, silu=self.activation is not None, out_dtype=torch.float32,
+                                  backend=self.backend)
 
 
 class QuantSelectiveScan(QuantTwin, SelectiveScan):
@@ -285,13 +278,37 @@ class QuantSelectiveScan(QuantTwin, SelectiveScan):
     POINTS = {p: (False, lambda m: m.d_inner) for p in ("u", "delta", "z")} | \
              {p: (False, lambda m: m.d_state) for p in ("B", "C")}
 
+    def _integer(self) -> bool:
+        """int8 mode with every input quantized: the scan runs from codes (the int8 kernel on a GPU)."""
+        return self.qmode == "int8" and all(p in self.quant_points for p in self.POINTS)
+
     def forward(self, u, delta, A_log, B, C, D, z):
+        if self._integer():
+            return self._int8_scan(None, u, delta, A_log, B, C, D, z)
         u, delta, B, C, z = (self._in(p, t) for p, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)))
         return super().forward(u, delta, A_log, B, C, D, z)
 
     def prefill(self, ssm_state, u, delta, A_log, B, C, D, z):
+        if self._integer():
+            return self._int8_scan(ssm_state, u, delta, A_log, B, C, D, z)
         u, delta, B, C, z = (self._in(p, t) for p, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)))
         return super().prefill(ssm_state, u, delta, A_log, B, C, D, z)
+
+    def _int8_scan(self, ssm_state, u, delta, A_log, B, C, D, z):
+        """The scan from the codes of its five inputs: ``selective_scan_int8`` (kernel on a GPU; else the reference,
+        which dequantizes to u's dtype as ``_in`` does and runs the fp32 scan). ssm_state <- the last state if given."""
+        codes = []
+        for p, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
+            qp = self.quant_points[p]
+            qp.observe(t)
+            codes.extend(qp.quantize(t))
+        A = -torch.exp(A_log.float())
+        out = selective_scan_int8(*codes[:4], A, *codes[4:8], D.float(), *codes[8:], delta_softplus=True,
+                                  out_dtype=u.dtype, return_last_state=ssm_state is not None, backend=self.backend)
+        if ssm_state is None:
+            return out
+        ssm_state.copy_(out[1])
+        return out[0]
 
     def step(self, state, u, delta, A_log, B, C, D, z):  # one token: u, delta, z (B, D); B, C (B, N)
         named = (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z))
@@ -304,6 +321,10 @@ class QuantSelectiveScan(QuantTwin, SelectiveScan):
     def _int8_step(self, state, qu, su, qdelta, sdelta, A_log, qB, sB, qC, sC, D, qz, sz, dtype):
         """int8 step from codes and scales (scale None: that input is float). The torch backend dequantizes the
         codes to ``dtype`` and runs the float step, as ``forward`` does."""
+        if all(s is not None for s in (su, sdelta, sB, sC, sz)):
+            return selective_scan_int8_update(state, qu, su, qdelta, sdelta, -torch.exp(A_log.float()), qB, sB, qC, sC,
+                                              D.float(), qz, sz, delta_softplus=True, out_dtype=dtype,
+                                              backend=self.backend)
         u, delta, B, C, z = (_deq(q, s, dtype) for q, s in ((qu, su), (qdelta, sdelta), (qB, sB), (qC, sC), (qz, sz)))
         return super().step(state, u, delta, A_log, B, C, D, z)
 
@@ -314,13 +335,37 @@ class QuantSSDScan(QuantTwin, SSDScan):
     POINTS = {"x": (False, lambda m: m.nheads), "dt": (False, lambda m: m.nheads),
               "B": (False, lambda m: m.ngroups), "C": (False, lambda m: m.ngroups)}
 
+    def _integer(self) -> bool:
+        """int8 mode with every input quantized: the scan runs from codes (the Triton int8 kernel on a GPU)."""
+        return self.qmode == "int8" and all(p in self.quant_points for p in self.POINTS)
+
     def forward(self, x, dt, A_log, B, C, D, dt_bias):
+        if self._integer():
+            return self._int8_scan(None, x, dt, A_log, B, C, D, dt_bias)
         x, dt, B, C = (self._in(p, t) for p, t in (("x", x), ("dt", dt), ("B", B), ("C", C)))
         return super().forward(x, dt, A_log, B, C, D, dt_bias)
 
     def prefill(self, ssm_state, x, dt, A_log, B, C, D, dt_bias):
+        if self._integer():
+            return self._int8_scan(ssm_state, x, dt, A_log, B, C, D, dt_bias)
         x, dt, B, C = (self._in(p, t) for p, t in (("x", x), ("dt", dt), ("B", B), ("C", C)))
         return super().prefill(ssm_state, x, dt, A_log, B, C, D, dt_bias)
+
+    def _int8_scan(self, ssm_state, x, dt, A_log, B, C, D, dt_bias):
+        """The SSD scan from the codes of x, dt, B, C: ``ssd_chunk_scan_int8`` (Triton kernel on a GPU, else the
+        reference). ssm_state <- the final state if given."""
+        codes = []
+        for p, t in (("x", x), ("dt", dt), ("B", B), ("C", C)):
+            qp = self.quant_points[p]
+            qp.observe(t)
+            codes.extend(qp.quantize(t))
+        A = -torch.exp(A_log.float())
+        out = ssd_chunk_scan_int8(*codes[:4], A, *codes[4:], self.chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True,
+                                  out_dtype=x.dtype, return_final_states=ssm_state is not None, backend=self.backend)
+        if ssm_state is None:
+            return out
+        ssm_state.copy_(out[1])
+        return out[0]
 
     def step(self, state, x, dt, A_log, B, C, D, dt_bias):  # one token: x (B, H, P), dt (B, H), B / C (B, G, N)
         named = (("x", x), ("dt", dt), ("B", B), ("C", C))
@@ -333,6 +378,9 @@ class QuantSSDScan(QuantTwin, SSDScan):
     def _int8_step(self, state, qx, sx, qdt, sdt, A_log, qB, sB, qC, sC, D, dt_bias, dtype):
         """int8 step from codes and scales (scale None: that input is float); the torch backend dequantizes to
         ``dtype`` and runs the float step."""
+        if all(s is not None for s in (sx, sdt, sB, sC)):
+            return ssd_step_int8(state, qx, sx, qdt, sdt, -torch.exp(A_log.float()), qB, sB, qC, sC, D=D, dt_bias=dt_bias,
+                                 dt_softplus=True, out_dtype=dtype, backend=self.backend)
         x, dt, B, C = (_deq(q, s, dtype) for q, s in ((qx, sx), (qdt, sdt), (qB, sB), (qC, sC)))
         return super().step(state, x, dt, A_log, B, C, D, dt_bias)
 
