@@ -1,7 +1,9 @@
 """Python entry points of the int8 causal conv1d CUDA kernels (csrc/conv1d/conv1d_int8.cu): prefill and the
-one-token update. Each calls ``qmamba.kernels.load()`` and normalizes its arguments for the op (scales to fp32
-tensors on x's device, the weight to (D, K) int8, the bias to fp32). Contract and torch twin:
-``qmamba.ops.int8_conv1d``. Prefill outputs are channel-last: (B, D, L) tensors with strides (L * D, 1, D).
+one-token update. Each first checks in Python everything the op requires (``check_conv1d_args`` /
+``check_conv1d_update_args``, metadata only: see ``qmamba.kernels.checks``), then calls ``qmamba.kernels.load()``
+and normalizes its arguments for the op (scales to fp32 tensors on x's device, the weight to (D, K) int8, the bias
+to fp32). Contract and torch twin: ``qmamba.ops.int8_conv1d``. Prefill outputs are channel-last: (B, D, L) tensors
+with strides (L * D, 1, D).
 """
 
 from __future__ import annotations
@@ -11,6 +13,12 @@ from collections.abc import Sequence
 import torch
 
 from qmamba.kernels.build import load
+from qmamba.kernels.checks import (INT32_LIMIT, require_channel_scale, require_cuda, require_int8, require_numel,
+                                   require_out_dtype, require_per_tensor_scale, shape_of)
+
+MAX_TAPS = 4      # csrc kMaxTaps: d_conv of every Mamba model
+MAX_OUTS = 4      # csrc kMaxOuts: int8 consumers of one conv output
+MAX_BATCH = 65535  # the prefill grid's z dimension
 
 
 def per_tensor_scale(scale, device: torch.device, name: str) -> torch.Tensor:
@@ -33,8 +41,6 @@ def channel_scale(scale, channels: int, device: torch.device, name: str) -> torc
 
 
 def _weight_and_bias(qw: torch.Tensor, bias: torch.Tensor | None, channels: int, device: torch.device):
-    if qw.shape[0] != channels:
-        raise ValueError(f"conv1d_int8: qw must be (D, K) or (D, 1, K) with D = {channels}, got {tuple(qw.shape)}")
     qw = qw.to(device).reshape(channels, -1).contiguous()  # (D, K)
     if bias is not None:
         bias = bias.to(device=device, dtype=torch.float32).reshape(-1).contiguous()  # (D,)
@@ -45,13 +51,69 @@ def _scales(out_scales: Sequence, device: torch.device) -> list[torch.Tensor]:
     return [per_tensor_scale(s, device, f"out_scales[{i}]") for i, s in enumerate(out_scales)]
 
 
+def _check_common(op: str, D: int, x_scale, qw, w_scale, bias, out_dtype, out_scales) -> int:
+    """The checks of csrc's ``check_args`` that the wrappers' conversions do not make hold anyway; returns K."""
+    require_int8(op, "qw", qw, layout="(D, K) or (D, 1, K)", fix="quantize the conv weight first")
+    if qw.ndim not in (2, 3) or qw.shape[0] != D or (qw.ndim == 3 and qw.shape[1] != 1):
+        raise ValueError(f"{op}: qw must be (D, K) or (D, 1, K) with D = {D} channels of qx, got {shape_of(qw)}")
+    K = qw.shape[-1]
+    if not 1 <= K <= MAX_TAPS:
+        raise ValueError(f"{op}: the kernel supports 1 <= K <= {MAX_TAPS} taps (d_conv), got K = {K}; use "
+                         "backend='torch' (qmamba.ops.int8_conv1d) for longer convolutions")
+    require_per_tensor_scale(op, "x_scale", x_scale)
+    require_channel_scale(op, "w_scale", w_scale, D)
+    if bias is not None:
+        require_numel(op, "bias", bias, D, f"D = {D} elements")
+    require_out_dtype(op, out_dtype)
+    if len(out_scales) > MAX_OUTS:
+        raise ValueError(f"{op}: at most {MAX_OUTS} out_scales (int8 consumers) per call, got {len(out_scales)}; "
+                         "split the consumers over two calls")
+    for i, s in enumerate(out_scales):
+        require_per_tensor_scale(op, f"out_scales[{i}]", s)
+    return K
+
+
+def check_conv1d_args(qx, x_scale, qw, w_scale, bias=None, out_dtype: torch.dtype = torch.float32,
+                      out_scales: Sequence = ()) -> int:
+    """Everything ``torch.ops.qmamba.conv1d_int8`` requires of its arguments, checked on metadata only (CPU
+    tensors work); raises TypeError / ValueError naming the fix. Returns K (taps)."""
+    op = "conv1d_int8"
+    require_int8(op, "qx", qx, 3, "(B, D, L)", fix="quantize the conv input first")
+    B, D, L = qx.shape
+    K = _check_common(op, D, x_scale, qw, w_scale, bias, out_dtype, out_scales)
+    if B > MAX_BATCH:
+        raise ValueError(f"{op}: batch {B} exceeds the kernel's grid limit of {MAX_BATCH}; split the batch")
+    if D * L >= INT32_LIMIT:
+        raise ValueError(f"{op}: D * L = {D * L} is too large for the kernel's int32 indexing; split the sequence")
+    return K
+
+
+def check_conv1d_update_args(qx, conv_state, x_scale, qw, w_scale, bias=None,
+                             out_dtype: torch.dtype = torch.float32, out_scales: Sequence = ()) -> int:
+    """Everything ``torch.ops.qmamba.conv1d_int8_update`` requires of its arguments, checked on metadata only (CPU
+    tensors work); raises TypeError / ValueError naming the fix. Returns K (taps)."""
+    op = "conv1d_int8_update"
+    require_int8(op, "qx", qx, 2, "(B, D) (one token)", fix="quantize the conv input first")
+    B, D = qx.shape
+    K = _check_common(op, D, x_scale, qw, w_scale, bias, out_dtype, out_scales)
+    fix = "build it with qmamba.ops.int8_conv1d.conv1d_int8_initial_state"
+    require_int8(op, "conv_state", conv_state, fix=fix)
+    if shape_of(conv_state) != (B, D, K):
+        raise ValueError(f"{op}: conv_state must be int8 codes (B, D, K) = {(B, D, K)}, got {shape_of(conv_state)}; "
+                         f"{fix}")
+    if B * D >= INT32_LIMIT:
+        raise ValueError(f"{op}: B * D = {B * D} is too large for the kernel's int32 indexing; split the batch")
+    return K
+
+
 def conv1d_int8(qx: torch.Tensor, x_scale, qw: torch.Tensor, w_scale, bias: torch.Tensor | None = None,
                 silu: bool = True, out_dtype: torch.dtype = torch.float32, out_scales: Sequence = ()):
     """qx (B, D, L) int8, any strides -> (B, D, L) channel-last in ``out_dtype`` when ``out_scales`` is empty, else
     a list of int8 codes (B, D, L) channel-last, one per out_scale."""
+    out_scales = list(out_scales)
+    check_conv1d_args(qx, x_scale, qw, w_scale, bias, out_dtype, out_scales)
     load()
-    if qx.ndim != 3:
-        raise ValueError(f"conv1d_int8: qx must be (B, D, L) int8 codes, got shape {tuple(qx.shape)}")
+    require_cuda("conv1d_int8", "qx", qx)  # the other tensors are moved to qx's device below
     dev, D = qx.device, qx.shape[1]
     qw, bias = _weight_and_bias(qw, bias, D, dev)
     outs = torch.ops.qmamba.conv1d_int8(qx, per_tensor_scale(x_scale, dev, "x_scale"), qw,
@@ -65,9 +127,11 @@ def conv1d_int8_update(qx: torch.Tensor, conv_state: torch.Tensor, x_scale, qw: 
                        out_scales: Sequence = ()):
     """qx (B, D) int8, conv_state (B, D, K) int8 (updated in place) -> (B, D) in ``out_dtype``, or a list of int8
     codes (B, D), one per out_scale."""
+    out_scales = list(out_scales)
+    check_conv1d_update_args(qx, conv_state, x_scale, qw, w_scale, bias, out_dtype, out_scales)
     load()
-    if qx.ndim != 2:
-        raise ValueError(f"conv1d_int8_update: qx must be (B, D) int8 codes, got shape {tuple(qx.shape)}")
+    # conv_state is updated in place, so it cannot be moved: it must already be on qx's device
+    require_cuda("conv1d_int8_update", "qx", qx, conv_state=conv_state)
     dev, D = qx.device, qx.shape[1]
     qw, bias = _weight_and_bias(qw, bias, D, dev)
     outs = torch.ops.qmamba.conv1d_int8_update(qx, conv_state, per_tensor_scale(x_scale, dev, "x_scale"), qw,

@@ -7,7 +7,8 @@ Both take qx (..., K) int8, a one-element fp32 x_scale, qw (N, K) int8, w_scale 
 the output (activation) dtype, and an optional per-column out_scale (N,) that makes them return int8 codes; they
 return (..., N). Scales and bias are passed to the kernels as fp32 (``.float()`` is free when they already are), and
 never read on the host, so decode steps can be captured in CUDA graphs. The Triton GEMM autotunes on the first call
-of each (M bucket, N, K): run one warm-up step before capturing a graph that contains it.
+of each (M bucket, N, K): run one warm-up step before capturing a graph that contains it. Arguments are checked in
+Python first (``check_w8a8_args`` / ``check_gemv_args``, metadata only: see ``qmamba.kernels.checks``).
 """
 
 from __future__ import annotations
@@ -16,14 +17,60 @@ import math
 
 import torch
 
+from qmamba.kernels.checks import (INT32_LIMIT, require_channel_scale, require_cuda, require_int8, require_numel,
+                                   require_out_dtype, require_per_tensor_scale, shape_of)
+
+GEMV_MAX_ROWS = 8     # csrc kMaxM: rows (tokens) of one GEMV call
+GEMV_K_MULTIPLE = 16  # 16-byte loads of the weight rows
+# the int32 accumulator holds K products of at most 128 * 128 (DESIGN §3: split larger reductions)
+GEMV_MAX_K = INT32_LIMIT // (128 * 128) - 1
+
+
+def check_w8a8_args(op: str, qx, x_scale, qw, w_scale, bias=None, out_dtype: torch.dtype = torch.float32,
+                    out_scale=None) -> tuple[int, int, int]:
+    """The argument contract shared by the GEMM and the GEMV, on metadata only (CPU tensors work); raises
+    TypeError / ValueError naming the fix. Returns (M, N, K), M = prod(qx.shape[:-1])."""
+    require_int8(op, "qx", qx, layout="(..., K)")
+    require_int8(op, "qw", qw, layout="(N, K)")
+    if qw.ndim != 2 or qx.ndim < 1 or qx.shape[-1] != qw.shape[1]:
+        raise ValueError(f"{op}: expected qx (..., K) and qw (N, K) (nn.Linear's layout), got {shape_of(qx)} and "
+                         f"{shape_of(qw)}")
+    N, K = qw.shape
+    require_per_tensor_scale(op, "x_scale", x_scale, numbers_ok=False)
+    require_channel_scale(op, "w_scale", w_scale, N, "per-output-channel", numbers_ok=False)
+    if bias is not None:
+        require_numel(op, "bias", bias, N, f"N = {N} elements")
+    require_out_dtype(op, out_dtype)
+    if out_scale is not None:
+        require_numel(op, "out_scale", out_scale, N, f"one scale per output column, N = {N} elements (repeat a "
+                      "per-tensor scale over its columns)")
+    return math.prod(qx.shape[:-1]), N, K
+
+
+def check_gemv_args(qx, x_scale, qw, w_scale, bias=None, out_dtype: torch.dtype = torch.float32,
+                    out_scale=None) -> tuple[int, int, int]:
+    """Everything ``torch.ops.qmamba.w8a8_gemv`` requires (besides contiguity and 16-byte alignment, which
+    ``w8a8_gemv`` arranges itself), on metadata only; raises TypeError / ValueError naming the fix. Returns
+    (M, N, K)."""
+    op = "w8a8_gemv"
+    M, N, K = check_w8a8_args(op, qx, x_scale, qw, w_scale, bias, out_dtype, out_scale)
+    if not 1 <= M <= GEMV_MAX_ROWS:
+        raise ValueError(f"{op}: x must have 1..{GEMV_MAX_ROWS} rows (tokens), got {M}; use the GEMM "
+                         "(qmamba.kernels.linear.w8a8_gemm) for more")
+    if K % GEMV_K_MULTIPLE:
+        raise ValueError(f"{op}: K={K} must be a multiple of {GEMV_K_MULTIPLE} (16-byte weight loads); use the GEMM "
+                         "(qmamba.kernels.linear.w8a8_gemm) or pad K")
+    if K > GEMV_MAX_K:
+        raise ValueError(f"{op}: K={K} could overflow the int32 accumulator (needs K <= {GEMV_MAX_K}); split the "
+                         "reduction or use backend='torch'")
+    if N >= INT32_LIMIT:
+        raise ValueError(f"{op}: N={N} output columns are too many for the kernel's indexing; split the weight")
+    return M, N, K
+
 
 def _prep(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
           bias: torch.Tensor | None, out_scale: torch.Tensor | None):
-    if qx.dtype != torch.int8 or qw.dtype != torch.int8:
-        raise TypeError(f"w8a8 kernels take int8 codes, got qx {qx.dtype} and qw {qw.dtype}")
-    if qw.ndim != 2 or qx.shape[-1] != qw.shape[1]:
-        raise ValueError(f"w8a8 kernels: expected qx (..., K) and qw (N, K), got {tuple(qx.shape)} and "
-                         f"{tuple(qw.shape)}")
+    """The kernels' layouts: x (M, K) contiguous, fp32 scales / bias flat and contiguous (arguments checked)."""
     N, K = qw.shape
     x2 = qx.reshape(math.prod(qx.shape[:-1]), K).contiguous()  # (M, K)
     xs = x_scale.float().reshape(1)
@@ -39,6 +86,7 @@ def w8a8_gemm(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale
               config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """Triton GEMM: (..., K) x (N, K) -> (..., N) ``out_dtype`` (int8 with ``out_scale``). ``split_k`` /
     ``config`` (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) override the defaults (autotuned on CUDA)."""
+    check_w8a8_args("w8a8_gemm", qx, x_scale, qw, w_scale, bias, out_dtype, out_scale)
     from qmamba.kernels.triton import w8a8_gemm as tk  # lazy: Triton only when used
 
     if not qx.is_cuda and not tk.interpreting():
@@ -54,10 +102,12 @@ def w8a8_gemv(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale
               bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
               out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """CUDA GEMV for 1..8 rows (tokens): (..., K) x (N, K) -> (..., N) ``out_dtype`` (int8 with ``out_scale``).
-    K must be a multiple of 16 (16-byte weight loads)."""
+    K must be a multiple of 16 (16-byte weight loads). All tensors on one GPU (scales are not moved)."""
+    check_gemv_args(qx, x_scale, qw, w_scale, bias, out_dtype, out_scale)
     from qmamba.kernels import load
 
     load()
+    require_cuda("w8a8_gemv", "qx", qx, x_scale=x_scale, qw=qw, w_scale=w_scale, bias=bias, out_scale=out_scale)
     lead = qx.shape[:-1]
     x2, xs, w, ws, b, os_ = _prep(qx, x_scale, qw, w_scale, bias, out_scale)
     # 16-byte vector loads need 16-byte aligned rows: a view at an odd offset gets a fresh copy

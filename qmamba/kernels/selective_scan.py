@@ -1,10 +1,11 @@
 """Python side of csrc/selective_scan/selective_scan_int8.cu: the int8 Mamba1 selective scan (prefill) and its
 one-token state update, as ``torch.ops.qmamba.selective_scan_int8`` / ``selective_scan_int8_update``.
 
-These functions only normalize arguments (dtypes, one-element scales, a missing ``D``) and call the ops; the
-contract, shapes and reference are in ``qmamba.ops.int8_selective_scan``. Inputs may have any strides. Scales should
-be one-element fp32 tensors on the GPU (what the quantization points hold): Python floats are accepted but cost a
-host-to-device copy per call, which a CUDA graph cannot capture.
+These functions check their arguments in Python (``check_selective_scan_args`` / ``check_selective_scan_update_args``,
+metadata only: see ``qmamba.kernels.checks``), normalize them (dtypes, one-element scales, a missing ``D``) and call
+the ops; the contract, shapes and reference are in ``qmamba.ops.int8_selective_scan``. Inputs may have any strides.
+Scales should be one-element fp32 tensors on the GPU (what the quantization points hold): Python floats are accepted
+but cost a host-to-device copy per call, which a CUDA graph cannot capture.
 """
 
 from __future__ import annotations
@@ -12,16 +13,17 @@ from __future__ import annotations
 import torch
 
 from qmamba.kernels.build import load
+from qmamba.kernels.checks import (INT32_LIMIT, require_cuda, require_int8, require_out_dtype,
+                                   require_per_tensor_scale, require_shape, shape_of)
 
-_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_STATE = 256     # csrc kMaxState: N <= 32 lanes x 8 states per lane
+MAX_BATCH = 65536   # exclusive: the grid's y dimension (prefill) / batch index range (update)
 
 
-def _scale(scale, like: torch.Tensor, name: str) -> torch.Tensor:
+def _scale(scale, like: torch.Tensor) -> torch.Tensor:
+    """A one-element fp32 tensor on ``like``'s device (arguments checked: the scale is per-tensor)."""
     if not isinstance(scale, torch.Tensor):
         return torch.tensor([float(scale)], dtype=torch.float32, device=like.device)
-    if scale.numel() != 1:
-        raise ValueError(f"selective_scan_int8: {name} must be a per-tensor scale (one element), got shape "
-                         f"{tuple(scale.shape)}")
     return scale.reshape(1).to(device=like.device, dtype=torch.float32)
 
 
@@ -29,11 +31,86 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(dtype=torch.float32)
 
 
-def _check(out_dtype, qz, z_scale):
-    if out_dtype not in _OUT_DTYPES:
-        raise ValueError(f"selective_scan_int8: out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+def _check_params(op: str, dim: int, nstate: int, A, D, qz, z_scale, u_shape, z_ndim: int, delta_bias, out_dtype,
+                  scales: dict) -> None:
+    """Checks shared by prefill and update: the state size, A / D / delta_bias, the gate, the scales, out_dtype."""
+    require_out_dtype(op, out_dtype)
+    if not 1 <= nstate <= MAX_STATE:
+        raise ValueError(f"{op}: the state size N must be in 1..{MAX_STATE}, got {nstate}; use backend='torch' "
+                         "(qmamba.ops.int8_selective_scan)")
+    require_shape(op, "A", A, (dim, nstate), "(D, N)")
+    if D is not None:
+        require_shape(op, "D", D, (dim,), "(D,)")
+    if delta_bias is not None:
+        require_shape(op, "delta_bias", delta_bias, (dim,), "(D,)")
     if (qz is None) != (z_scale is None):
-        raise ValueError("selective_scan_int8: give qz and z_scale together (or neither, for no gate)")
+        raise ValueError(f"{op}: give qz and z_scale together (or neither, for no gate)")
+    if qz is not None:
+        require_int8(op, "z", qz, z_ndim)
+        if shape_of(qz) != u_shape:
+            raise ValueError(f"{op}: z must have u's shape {u_shape}, got {shape_of(qz)}")
+        scales = dict(scales, z_scale=z_scale)
+    for name, s in scales.items():
+        require_per_tensor_scale(op, name, s)
+
+
+def check_selective_scan_args(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D=None, qz=None,
+                              z_scale=None, delta_bias=None, out_dtype=torch.float32, initial_state=None
+                              ) -> tuple[int, int, int, int]:
+    """Everything ``torch.ops.qmamba.selective_scan_int8`` requires of its arguments (after the wrapper's float32
+    conversions), on metadata only (CPU tensors work); raises TypeError / ValueError naming the fix. Returns
+    (batch, D, L, N)."""
+    op = "selective_scan_int8"
+    require_int8(op, "u", qu, 3, "(batch, D, L)")
+    batch, dim, length = qu.shape
+    require_int8(op, "delta", qdelta, 3, "(batch, D, L)")
+    if shape_of(qdelta) != shape_of(qu):
+        raise ValueError(f"{op}: delta must have u's shape {shape_of(qu)}, got {shape_of(qdelta)}")
+    if isinstance(qB, torch.Tensor) and qB.ndim != 3:
+        raise ValueError(f"{op}: B must be (batch, N, L) (Mamba1: no groups), got shape {shape_of(qB)}")
+    require_int8(op, "B", qB, 3, "(batch, N, L)")
+    require_int8(op, "C", qC, 3, "(batch, N, L)")
+    nstate = qB.shape[1]
+    if qB.shape[0] != batch or qB.shape[2] != length or shape_of(qC) != shape_of(qB):
+        raise ValueError(f"{op}: B and C must be (batch, N, L) = ({batch}, N, {length}), got {shape_of(qB)} and "
+                         f"{shape_of(qC)}")
+    _check_params(op, dim, nstate, A, D, qz, z_scale, shape_of(qu), 3, delta_bias, out_dtype,
+                  dict(u_scale=u_scale, delta_scale=delta_scale, B_scale=B_scale, C_scale=C_scale))
+    if initial_state is not None:
+        require_shape(op, "initial_state", initial_state, (batch, dim, nstate), "(batch, D, N)")
+    if batch >= MAX_BATCH or dim >= INT32_LIMIT or length >= INT32_LIMIT:
+        raise ValueError(f"{op}: sizes out of the kernel's range (batch < {MAX_BATCH}, channels and length < 2^31), "
+                         f"got (batch, D, L) = {shape_of(qu)}; split the batch or the sequence")
+    return batch, dim, length, nstate
+
+
+def check_selective_scan_update_args(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D=None,
+                                     qz=None, z_scale=None, delta_bias=None, out_dtype=torch.float32
+                                     ) -> tuple[int, int, int]:
+    """Everything ``torch.ops.qmamba.selective_scan_int8_update`` requires of its arguments, on metadata only (CPU
+    tensors work); raises TypeError / ValueError naming the fix. Returns (batch, D, N)."""
+    op = "selective_scan_int8_update"
+    require_int8(op, "u", qu, 2, "(batch, D)")
+    batch, dim = qu.shape
+    require_int8(op, "delta", qdelta, 2, "(batch, D)")
+    if shape_of(qdelta) != shape_of(qu):
+        raise ValueError(f"{op}: delta must have u's shape (batch, D) {shape_of(qu)}, got {shape_of(qdelta)}")
+    require_int8(op, "B", qB, 2, "(batch, N)")
+    require_int8(op, "C", qC, 2, "(batch, N)")
+    nstate = qB.shape[1]
+    if qB.shape[0] != batch or shape_of(qC) != shape_of(qB):
+        raise ValueError(f"{op}: B and C must be (batch, N) with batch {batch}, got {shape_of(qB)} and "
+                         f"{shape_of(qC)}")
+    # the state is updated in place, so the wrapper cannot convert it: it must already be fp32
+    require_shape(op, "state", state, (batch, dim, nstate), "(batch, D, N)")
+    if state.dtype != torch.float32:
+        raise TypeError(f"{op}: state must be float32 (updated in place), got {state.dtype}")
+    _check_params(op, dim, nstate, A, D, qz, z_scale, shape_of(qu), 2, delta_bias, out_dtype,
+                  dict(u_scale=u_scale, delta_scale=delta_scale, B_scale=B_scale, C_scale=C_scale))
+    if batch >= MAX_BATCH or dim >= INT32_LIMIT:
+        raise ValueError(f"{op}: batch must be < {MAX_BATCH} (and channels < 2^31), got {shape_of(qu)}; split the "
+                         "batch")
+    return batch, dim, nstate
 
 
 def selective_scan_int8(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D=None, qz=None, z_scale=None,
@@ -41,15 +118,18 @@ def selective_scan_int8(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_
     """Prefill. qu, qdelta, qz (batch, D, L) int8; qB, qC (batch, N, L) int8; A (D, N); D, delta_bias (D,);
     initial_state (batch, D, N) or None. Returns (y (batch, D, L) in out_dtype, stored channel-last, i.e. a
     transposed contiguous (batch, L, D); last_state (batch, D, N) fp32)."""
+    check_selective_scan_args(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz, z_scale,
+                              delta_bias, out_dtype, initial_state)
     load()
-    _check(out_dtype, qz, z_scale)
+    # scales are moved to u's device by _scale; the other tensors must already be there
+    require_cuda("selective_scan_int8", "u", qu, delta=qdelta, A=A, B=qB, C=qC, D=D, z=qz, delta_bias=delta_bias,
+                 initial_state=initial_state)
     A = _f32(A)
     D = _f32(D) if D is not None else torch.zeros(qu.shape[1], dtype=torch.float32, device=qu.device)
     y, last = torch.ops.qmamba.selective_scan_int8(
-        qu, _scale(u_scale, qu, "u_scale"), qdelta, _scale(delta_scale, qu, "delta_scale"), A,
-        qB, _scale(B_scale, qu, "B_scale"), qC, _scale(C_scale, qu, "C_scale"), D,
-        qz, _scale(z_scale, qu, "z_scale") if qz is not None else None, _f32(delta_bias), bool(delta_softplus),
-        out_dtype, _f32(initial_state))
+        qu, _scale(u_scale, qu), qdelta, _scale(delta_scale, qu), A, qB, _scale(B_scale, qu), qC,
+        _scale(C_scale, qu), D, qz, _scale(z_scale, qu) if qz is not None else None, _f32(delta_bias),
+        bool(delta_softplus), out_dtype, _f32(initial_state))
     return y, last
 
 
@@ -58,14 +138,14 @@ def selective_scan_int8_update(state, qu, u_scale, qdelta, delta_scale, A, qB, B
     """One token. ``state`` (batch, D, N) fp32 is updated in place (it must already be fp32: a converted copy would
     not be the caller's state); qu, qdelta, qz (batch, D) int8; qB, qC (batch, N) int8. Returns y (batch, D) in
     out_dtype."""
+    check_selective_scan_update_args(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz,
+                                     z_scale, delta_bias, out_dtype)
     load()
-    _check(out_dtype, qz, z_scale)
-    if state.dtype != torch.float32:
-        raise TypeError(f"selective_scan_int8_update: state must be float32 (updated in place), got {state.dtype}")
+    require_cuda("selective_scan_int8_update", "u", qu, state=state, delta=qdelta, A=A, B=qB, C=qC, D=D, z=qz,
+                 delta_bias=delta_bias)
     A = _f32(A)
     D = _f32(D) if D is not None else torch.zeros(qu.shape[1], dtype=torch.float32, device=qu.device)
     return torch.ops.qmamba.selective_scan_int8_update(
-        state, qu, _scale(u_scale, qu, "u_scale"), qdelta, _scale(delta_scale, qu, "delta_scale"), A,
-        qB, _scale(B_scale, qu, "B_scale"), qC, _scale(C_scale, qu, "C_scale"), D,
-        qz, _scale(z_scale, qu, "z_scale") if qz is not None else None, _f32(delta_bias), bool(delta_softplus),
-        out_dtype)
+        state, qu, _scale(u_scale, qu), qdelta, _scale(delta_scale, qu), A, qB, _scale(B_scale, qu), qC,
+        _scale(C_scale, qu), D, qz, _scale(z_scale, qu) if qz is not None else None, _f32(delta_bias),
+        bool(delta_softplus), out_dtype)

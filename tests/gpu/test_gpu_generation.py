@@ -9,11 +9,11 @@ Tolerances:
   of fp32 sums differs), fakequant / int8 <= 5e-3 (a code at a rounding boundary may flip by 1 LSB, DESIGN §3: one
   flip moved these logits by 2e-3 on CPU; quantization itself moves them by ~3e-2).
 - the same on the "auto" backend (forward / prefill through mamba_ssm's kernels where installed, the step in torch):
-  relative L2 <= 1e-2, because mamba_ssm's SSD Triton kernel computes fp32 dot products in TF32 (~2e-3 from the fp32
-  loop, see test_gpu_mamba_ssm.py); a cache filled wrong is off by O(1).
+  relative L2 <= 2e-2, because mamba_ssm's SSD Triton kernel computes fp32 dot products in TF32 (~2e-3 from the fp32
+  loop, see test_gpu_mamba_ssm.py; a fakequant Mamba2 measured 1.01e-2 on an H200 when TF32 shifts put a code across a
+  rounding boundary); a cache filled wrong is off by O(1).
 - bf16: graph vs eager tokens only (bf16 rounding makes the forward comparison loose).
-Batch 20 on the int8 model takes the cuBLASLt int8 GEMM (torch._int_mm, M > 16) inside the graph; batch 3 the exact
-float64 fallback.
+Batch 20 on the int8 model takes qmamba's Triton W8A8 GEMM (M > 8) inside the graph; batch 3 the CUDA GEMV.
 """
 
 import pytest
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.gpu
 GRAPH_REL = 1e-5
 FP32_REL = 1e-4
 QUANT_REL = 5e-3
-KERNEL_REL = 1e-2
+KERNEL_REL = 2e-2
 RECIPES = {"tiny": "quamba_w8a8", "tiny-mamba2": "quamba2_w8a8"}
 
 

@@ -268,16 +268,29 @@ def test_in_cuda_graph():
 
 
 def test_kernel_errors_name_the_fix():
+    """Bad arguments are caught by the wrappers' Python checks (kconv.check_conv1d_args / check_conv1d_update_args),
+    before the op is called: a C++ TORCH_CHECK firing inside the extension is a backstop only, never reached here."""
     qx, sx, qw, sw, bias = _inputs("mamba-130m", 1, 8, K=4)
-    qw5 = torch.randint(-128, 128, (qx.shape[1], 5), dtype=torch.int8, device="cuda")
-    with pytest.raises(RuntimeError, match="K = 5"):
+    D = qx.shape[1]
+    qw5 = torch.randint(-128, 128, (D, 5), dtype=torch.int8, device="cuda")
+    with pytest.raises(ValueError, match="K = 5"):
         kconv.conv1d_int8(qx, sx, qw5, sw, bias)
-    with pytest.raises(RuntimeError, match="out_dtype"):
+    with pytest.raises(ValueError, match="out_dtype"):
         kconv.conv1d_int8(qx, sx, qw, sw, bias, True, torch.int32)
-    with pytest.raises(RuntimeError, match="at most 4"):
+    with pytest.raises(ValueError, match="at most 4"):
         kconv.conv1d_int8(qx, sx, qw, sw, bias, True, torch.float16, [sx] * 5)
-    with pytest.raises(RuntimeError, match="conv_state"):
-        kconv.conv1d_int8_update(qx[..., 0], torch.zeros(1, qx.shape[1], 3, dtype=torch.int8, device="cuda"),
-                                 sx, qw, sw, bias)
-    with pytest.raises(RuntimeError, match="x must be int8"):
+    with pytest.raises(ValueError, match="conv_state"):
+        kconv.conv1d_int8_update(qx[..., 0], torch.zeros(1, D, 3, dtype=torch.int8, device="cuda"), sx, qw, sw, bias)
+    with pytest.raises(TypeError, match="conv_state must be int8"):
+        kconv.conv1d_int8_update(qx[..., 0], torch.zeros(1, D, 4, device="cuda"), sx, qw, sw, bias)
+    with pytest.raises(TypeError, match="x must be int8"):
         kconv.conv1d_int8(qx.float(), sx, qw, sw, bias)
+    with pytest.raises(ValueError, match="bias must have D"):
+        kconv.conv1d_int8(qx, sx, qw, sw, bias[:-1])
+    with pytest.raises(ValueError, match=r"\(D, K\) or \(D, 1, K\)"):
+        kconv.conv1d_int8(qx, sx, qw.reshape(D // 2, 2, 4), sw, bias)
+    # devices: qx must be on the GPU (the other tensors are moved to it), and the in-place state must be there too
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        kconv.conv1d_int8(qx.cpu(), sx, qw, sw, bias)
+    with pytest.raises(RuntimeError, match="conv_state is on cpu"):
+        kconv.conv1d_int8_update(qx[..., 0], torch.zeros(1, D, 4, dtype=torch.int8), sx, qw, sw, bias)

@@ -123,13 +123,21 @@ def test_decode_in_cuda_graph():
 
 
 def test_kernel_errors_name_the_fix():
+    """Bad arguments are caught by the wrapper's Python check (knorm.check_add_rmsnorm_quant_args) before the op is
+    called: a C++ TORCH_CHECK firing inside the extension is a backstop only, never reached here."""
     hidden, residual, weight, in_scale, fp32 = _inputs(8193, (2,), SETUPS["fp32"])
-    with pytest.raises(RuntimeError, match="1..8192"):
+    with pytest.raises(ValueError, match="1..8192"):
         knorm.add_rmsnorm_quant(hidden, residual, weight, 1e-5, in_scale, fp32)
     hidden, residual, weight, in_scale, fp32 = _inputs(64, (2,), SETUPS["fp16-fp32res"])
-    with pytest.raises(RuntimeError, match="residual must have hidden's dtype"):
+    with pytest.raises(TypeError, match="residual must have hidden's dtype"):
         knorm.add_rmsnorm_quant(hidden, residual.bfloat16(), weight, 1e-5, in_scale, fp32)
-    with pytest.raises(RuntimeError, match="residual must have hidden's shape"):
+    with pytest.raises(ValueError, match="residual must have hidden's shape"):
         knorm.add_rmsnorm_quant(hidden, residual[:, :32], weight, 1e-5, in_scale, fp32)
-    with pytest.raises(RuntimeError, match="weight must be"):
+    with pytest.raises(ValueError, match="weight must be"):
         knorm.add_rmsnorm_quant(hidden, residual, weight[:32], 1e-5, in_scale, fp32)
+    with pytest.raises(TypeError, match="hidden must be float32, float16 or bfloat16"):
+        knorm.add_rmsnorm_quant(hidden.double(), None, weight, 1e-5, in_scale, fp32)
+    with pytest.raises(ValueError, match="in_scale must be a per-tensor scale"):
+        knorm.add_rmsnorm_quant(hidden, residual, weight, 1e-5, in_scale.expand(2), fp32)
+    with pytest.raises(RuntimeError, match="weight is on cpu"):
+        knorm.add_rmsnorm_quant(hidden, residual, weight.cpu(), 1e-5, in_scale, fp32)

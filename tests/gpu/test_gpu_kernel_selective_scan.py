@@ -241,21 +241,30 @@ def test_update_in_cuda_graph(kernel):
 
 # ---- errors --------------------------------------------------------------------------------------------------------
 def test_errors(kernel):
+    """Bad arguments are caught by the wrappers' Python checks (check_selective_scan_args /
+    check_selective_scan_update_args) before the op is called: a C++ TORCH_CHECK firing inside the extension is a
+    backstop only, never reached here."""
     inp = _inputs(1, 64, 8, r=4)
-    with pytest.raises(RuntimeError, match="int8 codes"):
+    with pytest.raises(TypeError, match="int8 codes"):
         kernel.selective_scan_int8(**dict(inp, qu=inp["qu"].float()))
     with pytest.raises(ValueError, match="per-tensor"):
         kernel.selective_scan_int8(**dict(inp, u_scale=torch.ones(2, device="cuda")))
-    with pytest.raises(RuntimeError, match="state size N"):
+    with pytest.raises(ValueError, match="state size N"):
         kernel.selective_scan_int8(**_inputs(1, 8, 4, n=300, r=2))
-    with pytest.raises(RuntimeError, match="no groups"):
+    with pytest.raises(ValueError, match="no groups"):
         kernel.selective_scan_int8(**dict(inp, qB=inp["qB"][:, None], qC=inp["qC"][:, None]))
-    with pytest.raises(RuntimeError, match="initial_state"):
+    with pytest.raises(ValueError, match="initial_state"):
         kernel.selective_scan_int8(**inp, initial_state=torch.zeros(1, 64, 3, device="cuda"))
-    with pytest.raises(RuntimeError, match="A must have shape"):
+    with pytest.raises(ValueError, match="A must have shape"):
         kernel.selective_scan_int8(**dict(inp, A=inp["A"][:, :4]))
+    with pytest.raises(ValueError, match="qz and z_scale together"):
+        kernel.selective_scan_int8(**dict(inp, z_scale=None))
+    with pytest.raises(RuntimeError, match="A is on cpu"):
+        kernel.selective_scan_int8(**dict(inp, A=inp["A"].cpu()))
     with pytest.raises(TypeError, match="float32"):
         kernel.selective_scan_int8_update(torch.zeros(1, 64, NSTATE, device="cuda", dtype=torch.float16),
                                           **_step(inp, 0))
-    with pytest.raises(RuntimeError, match="state must have shape"):
+    with pytest.raises(ValueError, match="state must have shape"):
         kernel.selective_scan_int8_update(torch.zeros(1, 64, 4, device="cuda"), **_step(inp, 0))
+    with pytest.raises(RuntimeError, match="state is on cpu"):
+        kernel.selective_scan_int8_update(torch.zeros(1, 64, NSTATE), **_step(inp, 0))

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qmamba import MambaLM, preset
+from qmamba import MambaLM, preset, set_backend
 from qmamba.qnn import agreement_report, calibrate, convert, prepare, quant_points, set_mode
 
 pytestmark = pytest.mark.gpu
@@ -34,7 +34,11 @@ def test_modes_agree_on_gpu(name, recipe):
     out = {}
     for mode in ("fp", "fakequant", "int8"):
         set_mode(model, mode)
+        # fakequant on the fp32 torch ops (mamba_ssm's SSD kernel computes its dots in TF32, ~1e-2 off), int8 on
+        # qmamba's int8 kernels: this compares the kernels with the float simulation they must agree with
+        set_backend(model, "torch" if mode == "fakequant" else "auto")
         out[mode] = model(x).float()
+    set_backend(model, "auto")
     rel = (out["int8"] - out["fakequant"]).norm() / out["fakequant"].norm()
     assert rel.item() <= LOGITS_RTOL
     assert not torch.equal(out["fp"], out["fakequant"])
