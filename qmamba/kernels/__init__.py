@@ -10,9 +10,16 @@ Python entry points (each calls ``load()`` itself):
     conv1d.py          int8 causal depthwise conv1d + SiLU + requantize (prefill, one-token update)
     selective_scan.py  int8 Mamba1 selective scan (prefill, one-token state update)
     norm.py            fused residual add + RMSNorm + int8 quantize
+    quantize.py        int8 quantize (per-tensor / per-channel) in one kernel
+    hadamard.py        Hadamard rotation + int8 quantize in one kernel (the out_proj input)
+    checks.py          argument checks in Python, before any op is called (see below)
     linear.py          W8A8 linear with the dequant (and optional requant) epilogue fused: GEMM and decode GEMV
     triton/ssd_int8.py int8 Mamba2 SSD chunk scan and its decode step (Triton)
     triton/w8a8_gemm.py  W8A8 GEMM with fused epilogue (Triton)
+
+Arguments are checked in Python before an op is called: on the device image we measured, a C++ exception thrown from
+a freshly built extension (a failing TORCH_CHECK) crashed the process instead of raising, so the C++ checks are only
+a backstop that valid calls never reach.
 """
 
 from qmamba.kernels.build import KernelsUnavailable, available, load

@@ -54,10 +54,10 @@ def require_int8(op: str, name: str, t, ndim: int | None = None, layout: str = "
 
 def require_shape(op: str, name: str, t, shape: tuple[int, ...], meaning: str = "") -> torch.Tensor:
     """``t`` must be a tensor of exactly ``shape`` (``meaning`` names the dims, e.g. "(D, N)")."""
-    require_tensor(op, name, t, f"a tensor of shape {meaning or ''}{tuple(shape)}")
+    expected = f"{meaning} = {tuple(shape)}" if meaning else f"{tuple(shape)}"
+    require_tensor(op, name, t, f"a tensor of shape {expected}")
     if shape_of(t) != tuple(shape):
-        raise ValueError(f"{op}: {name} must have shape {meaning + ' = ' if meaning else ''}{tuple(shape)}, got "
-                         f"{shape_of(t)}")
+        raise ValueError(f"{op}: {name} must have shape {expected}, got {shape_of(t)}")
     return t
 
 

@@ -57,7 +57,9 @@ def _check_common(op: str, D: int, x_scale, qw, w_scale, bias, out_dtype, out_sc
     if qw.ndim not in (2, 3) or qw.shape[0] != D or (qw.ndim == 3 and qw.shape[1] != 1):
         raise ValueError(f"{op}: qw must be (D, K) or (D, 1, K) with D = {D} channels of qx, got {shape_of(qw)}")
     K = qw.shape[-1]
-    if not 1 <= K <= MAX_TAPS:
+    if K < 1:
+        raise ValueError(f"{op}: the conv needs at least one tap, got K = {K} (qw {shape_of(qw)})")
+    if K > MAX_TAPS:
         raise ValueError(f"{op}: the kernel supports 1 <= K <= {MAX_TAPS} taps (d_conv), got K = {K}; use "
                          "backend='torch' (qmamba.ops.int8_conv1d) for longer convolutions")
     require_per_tensor_scale(op, "x_scale", x_scale)

@@ -24,6 +24,7 @@ from qmamba.models.parts import CausalConv1d, RMSNormGated, SelectiveScan, SSDSc
 from qmamba.qnn.point import QuantPoint
 from qmamba.quant.granularity import PerTensor
 from qmamba.ops.int8_conv1d import conv1d_int8, conv1d_int8_update
+from qmamba.ops.int8_hadamard import hadamard_quantize
 from qmamba.ops.int8_linear import w8a8_linear
 from qmamba.ops.int8_selective_scan import selective_scan_int8, selective_scan_int8_update
 from qmamba.ops.int8_ssd import ssd_chunk_scan_int8, ssd_step_int8
@@ -95,7 +96,7 @@ class QuantTwin:
         if self.qmode == "fakequant":
             return qp.fake(x)
         if self.qmode == "int8":
-            return qp.roundtrip(x)
+            return qp.roundtrip(x, self.backend)
         return x
 
     # ---- one-token steps: a CUDA graph captures them, and reading a tensor on the host (``bool(point.ready)`` in
@@ -114,7 +115,7 @@ class QuantTwin:
             return x, None
         xt = x if time_dim is None else x.unsqueeze(time_dim)
         s = self._step_scale(qp, xt)
-        q = quantize(xt, s, qp.spec.bits)
+        q = qp.codes(xt, s, self.backend)  # the fused kernel on a GPU: one launch, no host sync
         return (q, s) if time_dim is None else (q.squeeze(time_dim), s.squeeze(time_dim))
 
     def _step_act(self, point: str, x: torch.Tensor | None, time_dim: int | None = None):
@@ -184,11 +185,19 @@ class QuantLinear(QuantTwin, nn.Linear):
             if qi is not None and qi.watching:
                 qi.observe(ops.hadamard_transform(x) if self.rotated else x)
             return F.linear(x, self._weight_in_mode(qw).to(dtype), self.bias)
+        if self.qmode == "int8" and qi is not None and qw is not None and self.rotated and not qi.watching:
+            # rotate and quantize in one op (one kernel on a GPU): the codes of quantize(hadamard_transform(x));
+            # an observer or probe needs the rotated tensor itself, so it takes the two-step path below
+            sx = qi.scale_for(x).detach()
+            qx = hadamard_quantize(x.detach(), sx, qi.spec.bits, backend=self.backend)
+            if qi.recording:
+                qi.recorded = qx
+            return self._int8_linear(qx, sx, *self._int8_weight(qw), dtype)
         if self.rotated:
             x = ops.hadamard_transform(x)
         if self.qmode == "int8" and qi is not None and qw is not None:
             qi.observe(x)
-            qx, sx = qi.quantize(x)
+            qx, sx = qi.quantize(x, self.backend)
             return self._int8_linear(qx, sx, *self._int8_weight(qw), dtype)
         x = self._in("input", x).to(dtype)
         return F.linear(x, self._weight_in_mode(qw).to(dtype), self.bias)
@@ -205,6 +214,10 @@ class QuantLinear(QuantTwin, nn.Linear):
         dtype = x.dtype
         if self.qmode == "fp":
             return F.linear(x, self._step_weight(qw).to(dtype), self.bias)
+        if self.qmode == "int8" and qi is not None and qw is not None and self.rotated:
+            sx = self._step_scale(qi, x)  # rotate + quantize in one op, as in forward (a step observes nothing)
+            qx = hadamard_quantize(x.detach(), sx, qi.spec.bits, backend=self.backend)
+            return self._int8_linear(qx, sx, *self._step_int8_weight(qw), dtype)
         if self.rotated:
             x = ops.hadamard_transform(x)
         if self.qmode == "int8" and qi is not None and qw is not None:
@@ -237,7 +250,7 @@ class QuantCausalConv1d(QuantTwin, CausalConv1d):
     def _int8_forward(self, x, qi, qw):
         """Integer depthwise causal conv: int32 sums of int8 x int8, then acc * (s_x * s_w) + bias, then SiLU, in x's
         dtype (``conv1d_int8``: the CUDA kernel on a GPU, the reference elsewhere)."""
-        qx, sx = qi.quantize(x)
+        qx, sx = qi.quantize(x, self.backend)
         wq, sw = self._int8_weight(qw)
         return conv1d_int8(qx, sx.reshape(()), wq.reshape(wq.shape[0], -1), sw.reshape(-1), self.bias,
                            silu=self.activation is not None, out_dtype=x.dtype, backend=self.backend)
@@ -301,7 +314,7 @@ class QuantSelectiveScan(QuantTwin, SelectiveScan):
         for p, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
             qp = self.quant_points[p]
             qp.observe(t)
-            codes.extend(qp.quantize(t))
+            codes.extend(qp.quantize(t, self.backend))
         A = -torch.exp(A_log.float())
         out = selective_scan_int8(*codes[:4], A, *codes[4:8], D.float(), *codes[8:], delta_softplus=True,
                                   out_dtype=u.dtype, return_last_state=ssm_state is not None, backend=self.backend)
@@ -358,7 +371,7 @@ class QuantSSDScan(QuantTwin, SSDScan):
         for p, t in (("x", x), ("dt", dt), ("B", B), ("C", C)):
             qp = self.quant_points[p]
             qp.observe(t)
-            codes.extend(qp.quantize(t))
+            codes.extend(qp.quantize(t, self.backend))
         A = -torch.exp(A_log.float())
         out = ssd_chunk_scan_int8(*codes[:4], A, *codes[4:], self.chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True,
                                   out_dtype=x.dtype, return_final_states=ssm_state is not None, backend=self.backend)

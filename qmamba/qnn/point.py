@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qmamba.ops.int8_quantize import quantize_int8
 from qmamba.quant.numerics import dequantize, fake_quantize, quantize, scale_from_absmax
 from qmamba.quant.observers import make_observer
 from qmamba.quant.recipe import QuantSpec
@@ -89,15 +90,28 @@ class QuantPoint(nn.Module):
             return dequantize(self.forced, scale.detach()).to(x.dtype)
         return fake_quantize(x, scale, self.spec.bits)
 
-    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """int8: the codes of x and the (broadcastable) scale they are in."""
+    def quantize(self, x: torch.Tensor, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+        """int8: the codes of x and the (broadcastable) scale they are in. ``backend`` as in ``qmamba.ops``: "torch"
+        (``numerics.quantize``), "cuda" / "auto" (the fused kernel on a GPU); the same codes either way."""
         scale = self.scale_for(x).detach()
-        q = quantize(x.detach(), scale, self.spec.bits)
+        q = self.codes(x, scale, backend)
         if self.recording:
             self.recorded = q
         return q, scale
 
-    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
+    def codes(self, x: torch.Tensor, scale: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+        """The int8 codes of x in ``scale``, this point's scale broadcast against x (``scale_for(x)``): one element
+        (per-tensor) or C along the granularity's axis (per-channel, per-group). "torch" is ``numerics.quantize``;
+        any other backend goes through ``qmamba.ops.int8_quantize.quantize_int8`` (one kernel on a GPU). Reads no
+        value on the host (decode steps call it inside a CUDA graph) and records nothing."""
+        x = x.detach()
+        if backend == "torch":
+            return quantize(x, scale, self.spec.bits)
+        scale = scale.detach()
+        axis = getattr(self.spec.granularity, "axis", -1) if scale.numel() > 1 else -1
+        return quantize_int8(x, scale.reshape(-1), axis, self.spec.bits, backend=backend)
+
+    def roundtrip(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
         """int8 codes of x dequantized back to fp32 (an int8 input to an op whose math runs in fp32)."""
-        q, scale = self.quantize(x)
+        q, scale = self.quantize(x, backend)
         return dequantize(q, scale).to(x.dtype)

@@ -1,0 +1,222 @@
+// Fused Hadamard rotation + int8 quantize: the int8 codes of a rotated linear's input (Quamba's out_proj) in one
+// kernel. Torch twin: qmamba/ops/int8_hadamard.py (hadamard_quantize_ref) = quantize(hadamard_transform(x), scale):
+//
+//   y     = x (row block of b elements) upcast to fp32                 exact
+//   for h = 1, 2, 4, ..., b/2:  (y[i], y[i+h]) -> (y[i] + y[i+h], y[i] - y[i+h])   for i with (i & h) == 0
+//   v     = y * c,  c = (float)(1.0 / sqrt(b))                          torch multiplies by the Python double
+//                                                                       1/sqrt(b) converted to an fp32 scalar
+//   codes = clamp(rint(v * (1.0f / scale)), qmin, qmax)
+//
+// b is the largest power of two dividing the row width n (n / b independent blocks per row). Every add / subtract /
+// multiply is one separately rounded fp32 op in torch's order (the butterfly order above is the only order: each
+// stage's pairs are independent), so the codes are bit-identical to the twin's.
+//
+// Layout: one group of b / E threads per Hadamard block, E consecutive elements per thread in registers (E = 8 up to
+// b = 2048, 16 up to 8192). Stages h < E run inside a thread, E <= h < 32 E across lanes (warp shuffles), and the
+// remaining h (the warp-index bits, W = threads / 32 <= E warps) after one round trip through shared memory in which
+// each thread takes whole groups of W elements spaced 32 E apart. Blocks of fewer than 32 threads share a CTA.
+#include "common/qmamba_common.cuh"
+
+#include <cmath>
+
+namespace qmamba {
+namespace {
+
+constexpr int kMaxBlock = 8192;  // b <= 32 * E * E with E = 16: the cross-warp stages fit one thread's registers
+
+// Elements per thread for a Hadamard block of b elements (b a power of two <= kMaxBlock).
+inline int elems_per_thread(int64_t b) { return b <= 2048 ? static_cast<int>(b < 8 ? b : 8) : 16; }
+
+// Load E consecutive elements upcast to fp32: 16-byte vector loads where the caller checked alignment.
+template <typename T, int E>
+__device__ __forceinline__ void load_elems(const T* __restrict__ p, float (&v)[E], bool vec) {
+  constexpr int kBytes = E * static_cast<int>(sizeof(T));
+  if constexpr (kBytes % 16 == 0) {
+    if (vec) {
+      alignas(16) T tmp[E];
+#pragma unroll
+      for (int c = 0; c < kBytes / 16; ++c) reinterpret_cast<uint4*>(tmp)[c] = reinterpret_cast<const uint4*>(p)[c];
+#pragma unroll
+      for (int j = 0; j < E; ++j) v[j] = static_cast<float>(tmp[j]);
+      return;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < E; ++j) v[j] = static_cast<float>(p[j]);
+}
+
+// The butterfly stages h = 1 .. E/2 on one thread's E elements (their block offset is a multiple of E, so the pair
+// rule (i & h) == 0 is the same on local indices).
+template <int E>
+__device__ __forceinline__ void butterflies_in_thread(float (&v)[E], int count) {
+#pragma unroll
+  for (int h = 1; h < E; h <<= 1) {
+    if (h < count) {
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        if ((i & h) == 0 && i < count) {
+          const float a = v[i], c = v[i + h];
+          v[i] = __fadd_rn(a, c);
+          v[i + h] = __fsub_rn(a, c);
+        }
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ int padded(int e) { return e + (e >> 5); }
+
+// x: rows of n = nblocks * b elements, row stride row_stride (elements), last dim contiguous. out: (rows, n) int8,
+// contiguous, so Hadamard block g starts at out + g * b. Each CTA handles blockDim.x / tpb blocks (tpb = b / E threads
+// per block; more than one only when tpb < 32).
+template <typename T, int E>
+__global__ void __launch_bounds__(1024) hadamard_quantize_kernel(
+    const T* __restrict__ x, int64_t row_stride, int nblocks, int log_b, int64_t total, float rsqrt_b,
+    const float* __restrict__ scale, int qmin, int qmax, bool vec, int8_t* __restrict__ out) {
+  // one float of padding per 32: both the per-thread runs (stride E) and the group reads (stride 1) hit 32 banks
+  constexpr int kSmem = E >= 8 ? 32 * E * E + E * E : 1;
+  __shared__ float smem[kSmem];
+  const int b = 1 << log_b;
+  const int tpb = b / E;
+  const int t = static_cast<int>(threadIdx.x) % tpb;  // thread within its Hadamard block
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * (blockDim.x / tpb) + threadIdx.x / tpb;
+  const bool valid = g < total;  // only CTAs shared by several small blocks can have idle groups
+
+  float v[E];
+  if (valid) {
+    const int64_t row = g / nblocks, blk = g % nblocks;
+    load_elems<T, E>(x + row * row_stride + blk * b + static_cast<int64_t>(t) * E, v, vec);
+  } else {
+#pragma unroll
+    for (int j = 0; j < E; ++j) v[j] = 0.0f;  // idle lanes still take part in the shuffles
+  }
+
+  // stages h < E: inside the thread
+  butterflies_in_thread<E>(v, E);
+
+  // stages h = m E for lane bits m < min(tpb, 32): the partner holds y[i ^ h]. blockDim.x is a multiple of 32 and
+  // a group of tpb < 32 threads is tpb-aligned inside its warp, so lane ^ m stays in the group and the mask is full.
+  const int lane_span = tpb < 32 ? tpb : 32;
+  for (int m = 1; m < lane_span; m <<= 1) {
+    const bool upper = (t & m) != 0;  // holds y[i + h]: its result is y[i] - y[i + h] = partner - own
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      const float p = __shfl_xor_sync(0xffffffffu, v[j], m);
+      v[j] = upper ? __fsub_rn(p, v[j]) : __fadd_rn(v[j], p);
+    }
+  }
+
+  // stages h >= 32 E: the warp-index bits (one Hadamard block per CTA here, W = tpb / 32 warps, W <= E)
+  if (tpb > 32) {
+    const int W = tpb / 32;
+    const int span = 32 * E;  // distance between the W elements of one group
+#pragma unroll
+    for (int j = 0; j < E; ++j) smem[padded(t * E + j)] = v[j];
+    __syncthreads();
+    for (int q = 0; q < E / W; ++q) {
+      const int r = t + q * tpb;  // groups r = 0 .. span - 1, consecutive across lanes (no bank conflicts)
+      float z[E];
+#pragma unroll
+      for (int k = 0; k < E; ++k) z[k] = k < W ? smem[padded(r + k * span)] : 0.0f;
+      butterflies_in_thread<E>(z, W);  // stage h = k_h * span pairs group members k, k + k_h, in torch's order
+#pragma unroll
+      for (int k = 0; k < E; ++k) {
+        if (k < W) smem[padded(r + k * span)] = z[k];
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < E; ++j) v[j] = smem[padded(t * E + j)];
+  }
+
+  if (!valid) return;
+  const float inv = __fdiv_rn(1.0f, *scale);
+  alignas(16) int8_t q[E];
+#pragma unroll
+  for (int j = 0; j < E; ++j) {
+    int c = __float2int_rn(__fmul_rn(__fmul_rn(v[j], rsqrt_b), inv));
+    c = c < qmin ? qmin : (c > qmax ? qmax : c);
+    q[j] = static_cast<int8_t>(c);
+  }
+  int8_t* dst = out + g * b + static_cast<int64_t>(t) * E;  // E-byte aligned: out is fresh, b and t * E multiples
+  if constexpr (E == 16) {
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(q);
+  } else if constexpr (E == 8) {
+    *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(q);
+  } else {
+#pragma unroll
+    for (int j = 0; j < E; ++j) dst[j] = q[j];
+  }
+}
+
+template <typename T>
+void launch(const at::Tensor& x, const at::Tensor& scale, at::Tensor& out, int64_t n, int64_t b, int qmin,
+            int qmax) {
+  const int64_t rows = x.size(0);
+  const int64_t nblocks = n / b;
+  const int64_t total = rows * nblocks;
+  const int E = elems_per_thread(b);
+  const int64_t tpb = b / E;
+  const int64_t per_cta = tpb < 32 ? 32 / tpb : 1;
+  const int64_t threads = tpb * per_cta;
+  const int64_t grid = (total + per_cta - 1) / per_cta;
+  TORCH_CHECK(grid < (int64_t(1) << 31), "hadamard_quantize: ", total, " Hadamard blocks exceed the grid limit");
+  int log_b = 0;
+  while ((int64_t(1) << log_b) < b) ++log_b;
+  // torch multiplies the fp32 tensor by the Python double 1/sqrt(b) converted to fp32 (IEEE sqrt and division are
+  // correctly rounded in both languages, so the double is the same)
+  const float rsqrt_b = static_cast<float>(1.0 / std::sqrt(static_cast<double>(b)));
+  const int64_t row_stride = x.stride(0);
+  const bool vec = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+                   (row_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
+                   (b * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  auto go = [&](auto e_tag) {
+    constexpr int kE = decltype(e_tag)::value;
+    hadamard_quantize_kernel<T, kE><<<static_cast<unsigned>(grid), static_cast<unsigned>(threads), 0, stream>>>(
+        x.data_ptr<T>(), row_stride, static_cast<int>(nblocks), log_b, total, rsqrt_b, scale.data_ptr<float>(), qmin,
+        qmax, vec, out.data_ptr<int8_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  switch (E) {
+    case 1: go(std::integral_constant<int, 1>{}); break;
+    case 2: go(std::integral_constant<int, 2>{}); break;
+    case 4: go(std::integral_constant<int, 4>{}); break;
+    case 8: go(std::integral_constant<int, 8>{}); break;
+    default: go(std::integral_constant<int, 16>{}); break;
+  }
+}
+
+at::Tensor hadamard_quantize(const at::Tensor& x, const at::Tensor& scale, int64_t bits) {
+  QMAMBA_CHECK_CUDA(x);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) >= 1 && (x.size(1) == 1 || x.stride(1) == 1),
+              "hadamard_quantize: x must be (M, n) with a contiguous last dim, got sizes ", x.sizes(), " strides ",
+              x.strides());
+  QMAMBA_CHECK_SCALAR_SCALE(scale);
+  TORCH_CHECK(scale.device() == x.device(), "hadamard_quantize: scale is on ", scale.device(), " but x is on ",
+              x.device());
+  TORCH_CHECK(bits >= 2 && bits <= 8, "hadamard_quantize: bits must be in 2..8, got ", bits);
+  const int64_t n = x.size(1);
+  const int64_t b = n & -n;
+  TORCH_CHECK(b <= kMaxBlock, "hadamard_quantize: Hadamard blocks of up to ", kMaxBlock, " elements, got ", b,
+              " (n = ", n, "); use backend='torch'");
+  const int qmin = -(1 << (bits - 1)), qmax = (1 << (bits - 1)) - 1;
+
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  at::Tensor out = at::empty({x.size(0), n}, x.options().dtype(at::kChar));
+  if (x.size(0) == 0) return out;
+  switch (x.scalar_type()) {
+    case at::kFloat: launch<float>(x, scale, out, n, b, qmin, qmax); break;
+    case at::kHalf: launch<at::Half>(x, scale, out, n, b, qmin, qmax); break;
+    case at::kBFloat16: launch<at::BFloat16>(x, scale, out, n, b, qmin, qmax); break;
+    default: TORCH_CHECK(false, "hadamard_quantize: x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace qmamba
+
+TORCH_LIBRARY_FRAGMENT(qmamba, m) { m.def("hadamard_quantize(Tensor x, Tensor scale, int bits) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(qmamba, CUDA, m) { m.impl("hadamard_quantize", &qmamba::hadamard_quantize); }
