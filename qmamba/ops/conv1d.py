@@ -29,5 +29,8 @@ def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def causal_conv1d(x, weight, bias=None, activation=None, backend: str = "auto"):
     """Through ``causal_conv1d.causal_conv1d_fn`` where ``backend`` allows, else the reference."""
     if use_fast_path(backend, x, "causal_conv1d", "causal_conv1d"):
-        return try_import("causal_conv1d").causal_conv1d_fn(x, weight, bias, activation=activation)
+        # the kernel wants weight and bias in x's dtype (under autocast x arrives in bf16, the parameters in fp32)
+        return try_import("causal_conv1d").causal_conv1d_fn(x, weight.to(x.dtype),
+                                                            None if bias is None else bias.to(x.dtype),
+                                                            activation=activation)
     return causal_conv1d_ref(x, weight, bias, activation)
