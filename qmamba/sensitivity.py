@@ -29,6 +29,7 @@ from torch import nn
 from qmamba.lightning.metrics import LMMetrics
 from qmamba.qnn import calibrate, current_mode, is_calibrated, is_converted, prepare, quant_points, set_mode, twins
 from qmamba.qnn.point import QuantPoint
+from qmamba.quant.dual_scale import dual_fake_quantize
 from qmamba.quant.numerics import fake_quantize
 
 
@@ -100,7 +101,12 @@ def activation_sqnr(model: nn.Module, batches: list, device) -> dict[str, float]
 
     def probe(point: QuantPoint, x: torch.Tensor) -> None:
         scale = point.spec.granularity.broadcast(point.scale.detach(), x.dim())
-        noise = (x.float() - fake_quantize(x.float(), scale, point.spec.bits)).double().pow(2).sum()
+        if point.dual is not None:  # dual-scale SSM input: its own two-scale fakequant
+            s_out = point.spec.granularity.broadcast(point.outlier_scale.detach(), x.dim())
+            fq = dual_fake_quantize(x.float(), scale, s_out, point.dual.encoding, point.dual.knee)
+        else:
+            fq = fake_quantize(x.float(), scale, point.spec.bits)
+        noise = (x.float() - fq).double().pow(2).sum()
         e = energy.setdefault(point.name, [0.0, 0.0])
         e[0] += float(x.double().pow(2).sum())
         e[1] += float(noise)

@@ -14,6 +14,7 @@ from torch import nn
 from qmamba.modes import parse_mode
 from qmamba.qnn.modules import TWINS, QuantTwin
 from qmamba.qnn.point import QuantPoint
+from qmamba.quant.dual_scale import pack_mask
 from qmamba.quant.recipe import Recipe, load_recipe
 
 
@@ -175,8 +176,9 @@ def is_converted(model: nn.Module) -> bool:
 class Agreement:
     point: str
     elements: int
-    identical: float  # share of identical int8 codes
-    max_lsb: int  # largest code difference
+    identical: float  # share of identical int8 codes (dual-scale mask encoding: identical codes and outlier flags)
+    max_lsb: int  # largest code difference (dual-scale mask: among elements whose flags agree)
+    flag_flips: int = 0  # dual-scale mask encoding: elements whose outlier flag differs (counted as not identical)
 
     @property
     def meets_contract(self) -> bool:
@@ -207,16 +209,20 @@ def agreement_report(model: nn.Module, input_ids: torch.Tensor, forcing: str = "
     hooks = [b.register_forward_pre_hook(lambda mod, args, i=i: block_inputs.__setitem__(i, args))
              for i, b in enumerate(blocks)]
     codes: dict[str, dict[str, torch.Tensor]] = {"int8": {}, "fakequant": {}}
+    flags: dict[str, dict[str, torch.Tensor | None]] = {"int8": {}, "fakequant": {}}  # dual-scale mask encoding
     try:
         for p in points:
             p.recording = True
         set_mode(model, "int8")
         model(input_ids)
         codes["int8"] = {p.name: p.recorded for p in points}
+        flags["int8"] = {p.name: p.recorded_mask for p in points}
         for p in points:
-            p.recorded = None
+            p.recorded, p.recorded_mask = None, None
             if forcing == "op":
                 p.forced = codes["int8"][p.name]
+                if flags["int8"][p.name] is not None:
+                    p.forced_mask = pack_mask(flags["int8"][p.name])
         for h in hooks:
             h.remove()
         hooks = []
@@ -227,11 +233,13 @@ def agreement_report(model: nn.Module, input_ids: torch.Tensor, forcing: str = "
         else:
             model(input_ids)
         codes["fakequant"] = {p.name: p.recorded for p in points}
+        flags["fakequant"] = {p.name: p.recorded_mask for p in points}
     finally:
         for h in hooks:
             h.remove()
         for p in points:
             p.recording, p.recorded, p.forced = False, None, None
+            p.recorded_mask, p.forced_mask = None, None
         set_mode(model, mode if mode != "mixed" else "fp")
     rows = []
     for p in points:
@@ -239,7 +247,15 @@ def agreement_report(model: nn.Module, input_ids: torch.Tensor, forcing: str = "
         if a is None or b is None:
             continue
         diff = (a.to(torch.int16) - b.to(torch.int16)).abs()
-        rows.append(Agreement(p.name, diff.numel(), float((diff == 0).double().mean()), int(diff.max())))
+        fa, fb = flags["fakequant"][p.name], flags["int8"][p.name]
+        if fa is None and fb is None:
+            rows.append(Agreement(p.name, diff.numel(), float((diff == 0).double().mean()), int(diff.max())))
+            continue
+        # dual-scale mask encoding: a code means something only with its flag; a flipped flag is a different value
+        flip = fa != fb if fa is not None and fb is not None else torch.ones_like(diff, dtype=torch.bool)
+        same = (diff == 0) & ~flip
+        max_lsb = int(diff[~flip].max()) if bool((~flip).any()) else 0
+        rows.append(Agreement(p.name, diff.numel(), float(same.double().mean()), max_lsb, int(flip.sum())))
     return rows
 
 
@@ -247,6 +263,8 @@ def format_agreement(rows: list[Agreement]) -> str:
     lines = [f"{'quantization point':60s} {'elements':>10s} {'identical':>10s} {'max LSB':>8s}"]
     for r in rows:
         flag = "" if r.meets_contract else "  <-- breaks the contract"
+        if r.flag_flips:
+            flag += f"  ({r.flag_flips} outlier flags differ)"
         lines.append(f"{r.point:60s} {r.elements:10d} {100 * r.identical:9.3f}% {r.max_lsb:8d}{flag}")
     return "\n".join(lines)
 

@@ -38,6 +38,7 @@ class QuantTwin:
     """Mixin: the quantization points of a part. ``POINTS`` maps point -> (is_weight, channel count getter)."""
 
     POINTS: dict = {}
+    DUAL_SCALE_POINTS: tuple[str, ...] = ()  # points that may carry a dual_scale spec (the SSM input)
 
     @classmethod
     def from_float(cls, module: nn.Module, name: str, specs: dict[str, QuantSpec | None]):
@@ -53,6 +54,11 @@ class QuantTwin:
             if spec is None:
                 continue
             is_weight, channels = cls.POINTS[point]
+            if spec.dual_scale is not None and point not in cls.DUAL_SCALE_POINTS:
+                raise ValueError(f"dual_scale on {name}.{point}: dual-scale quantization is only for the SSM input "
+                                 f"(scan.u of Mamba1, scan.x of Mamba2); elsewhere the op cannot take per-element "
+                                 f"scales (e.g. the x_proj GEMM factors one input scale out of its sums) — remove "
+                                 f"dual_scale from the recipe target matching {name}.{point}")
             twin._check_spec(point, spec)
             twin.quant_points[point] = QuantPoint(f"{name}.{point}", spec, channels(twin), is_weight=is_weight)
         return twin
@@ -124,7 +130,15 @@ class QuantTwin:
         qp = self.q(point)
         if qp is None or x is None or self.qmode == "fp" or (self.qmode == "fakequant" and not qp.enabled):
             return x
+        if qp.dual is not None:
+            return self._step_dual(qp, x, time_dim)
         return _deq(*self._step_codes(point, x, time_dim), x.dtype)
+
+    def _step_dual(self, qp: QuantPoint, x: torch.Tensor, time_dim: int | None) -> torch.Tensor:
+        """One token of a dual-scale point, dequantized to x's dtype (torch ops; no host sync on a GPU)."""
+        xt = x if time_dim is None else x.unsqueeze(time_dim)
+        out = qp.dual_roundtrip(xt, check_ready=not xt.is_cuda)
+        return out if time_dim is None else out.squeeze(time_dim)
 
     def _step_int8_weight(self, qw: QuantPoint) -> tuple[torch.Tensor, torch.Tensor]:
         """``_int8_weight`` without a host sync on a GPU."""
@@ -290,10 +304,14 @@ class QuantSelectiveScan(QuantTwin, SelectiveScan):
 
     POINTS = {p: (False, lambda m: m.d_inner) for p in ("u", "delta", "z")} | \
              {p: (False, lambda m: m.d_state) for p in ("B", "C")}
+    DUAL_SCALE_POINTS = ("u",)
 
     def _integer(self) -> bool:
-        """int8 mode with every input quantized: the scan runs from codes (the int8 kernel on a GPU)."""
-        return self.qmode == "int8" and all(p in self.quant_points for p in self.POINTS)
+        """int8 mode with every input quantized: the scan runs from codes (the int8 kernel on a GPU). A dual-scale u
+        takes the torch path instead (each input quantized, dequantized to fp32, the float scan): the int8 kernels
+        read one scale per tensor and no outlier flags yet, and must never get dual-scale codes."""
+        return (self.qmode == "int8" and all(p in self.quant_points for p in self.POINTS)
+                and self.quant_points["u"].dual is None)
 
     def forward(self, u, delta, A_log, B, C, D, z):
         if self._integer():
@@ -325,6 +343,13 @@ class QuantSelectiveScan(QuantTwin, SelectiveScan):
 
     def step(self, state, u, delta, A_log, B, C, D, z):  # one token: u, delta, z (B, D); B, C (B, N)
         named = (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z))
+        qpu = self.q("u")
+        if self.qmode == "int8" and qpu is not None and qpu.dual is not None:
+            # dual-scale u: dequantized here (torch ops), handed on as a float input (scale None), so _int8_step
+            # takes the torch step, never the single-scale update kernel
+            (qd, sd), (qB, sB), (qC, sC), (qz, sz) = (self._step_codes(p, t, -1) for p, t in named[1:])
+            return self._int8_step(state, self._step_dual(qpu, u, -1), None, qd, sd, A_log, qB, sB, qC, sC, D, qz,
+                                   sz, u.dtype)
         if self.qmode == "int8":
             (qu, su), (qd, sd), (qB, sB), (qC, sC), (qz, sz) = (self._step_codes(p, t, -1) for p, t in named)
             return self._int8_step(state, qu, su, qd, sd, A_log, qB, sB, qC, sC, D, qz, sz, u.dtype)
@@ -347,10 +372,14 @@ class QuantSSDScan(QuantTwin, SSDScan):
 
     POINTS = {"x": (False, lambda m: m.nheads), "dt": (False, lambda m: m.nheads),
               "B": (False, lambda m: m.ngroups), "C": (False, lambda m: m.ngroups)}
+    DUAL_SCALE_POINTS = ("x",)
 
     def _integer(self) -> bool:
-        """int8 mode with every input quantized: the scan runs from codes (the Triton int8 kernel on a GPU)."""
-        return self.qmode == "int8" and all(p in self.quant_points for p in self.POINTS)
+        """int8 mode with every input quantized: the scan runs from codes (the Triton int8 kernel on a GPU). A
+        dual-scale x takes the torch path instead (each input quantized, dequantized to fp32, the float scan): the
+        int8 kernels read one scale per head and no outlier flags yet, and must never get dual-scale codes."""
+        return (self.qmode == "int8" and all(p in self.quant_points for p in self.POINTS)
+                and self.quant_points["x"].dual is None)
 
     def forward(self, x, dt, A_log, B, C, D, dt_bias):
         if self._integer():
@@ -382,6 +411,12 @@ class QuantSSDScan(QuantTwin, SSDScan):
 
     def step(self, state, x, dt, A_log, B, C, D, dt_bias):  # one token: x (B, H, P), dt (B, H), B / C (B, G, N)
         named = (("x", x), ("dt", dt), ("B", B), ("C", C))
+        qpx = self.q("x")
+        if self.qmode == "int8" and qpx is not None and qpx.dual is not None:
+            # dual-scale x: dequantized here (torch ops), handed on as a float input (scale None): the torch step
+            (qdt, sdt), (qB, sB), (qC, sC) = (self._step_codes(p, t, 1) for p, t in named[1:])
+            return self._int8_step(state, self._step_dual(qpx, x, 1), None, qdt, sdt, A_log, qB, sB, qC, sC, D,
+                                   dt_bias, x.dtype)
         if self.qmode == "int8":
             (qx, sx), (qdt, sdt), (qB, sB), (qC, sC) = (self._step_codes(p, t, 1) for p, t in named)
             return self._int8_step(state, qx, sx, qdt, sdt, A_log, qB, sB, qC, sC, D, dt_bias, x.dtype)

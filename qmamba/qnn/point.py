@@ -3,6 +3,11 @@
 Activation points take their scale from calibration (``observing`` on, then ``freeze_()``); a learnable-scale spec
 makes that scale a parameter for QAT. Weight points take their scale from the weight itself (absmax at the spec's
 granularity), recomputed on every use until ``convert`` stores the int8 weight and its scale.
+
+A dual-scale point (``spec.dual_scale``, the SSM input only) holds two scales: ``scale`` = the inlier scale s_in and
+the buffer ``outlier_scale`` = s_out (both in the state_dict; points without dual_scale have no ``outlier_scale``, so
+their state_dict is as before). Its codes come with outlier flags (mask encoding) and must never reach a single-scale
+op: ``quantize`` / ``codes`` refuse it; ``dual_codes`` / ``roundtrip`` / ``fake`` handle it.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ import torch
 from torch import nn
 
 from qmamba.ops.int8_quantize import quantize_int8
+from qmamba.quant.dual_scale import dual_dequantize, dual_fake_quantize, dual_quantize, unpack_mask
 from qmamba.quant.numerics import dequantize, fake_quantize, quantize, scale_from_absmax
-from qmamba.quant.observers import make_observer
+from qmamba.quant.observers import DualScaleObserver, make_observer
 from qmamba.quant.recipe import QuantSpec
 
 
@@ -21,7 +27,13 @@ class QuantPoint(nn.Module):
         super().__init__()
         self.name, self.spec, self.is_weight = name, spec, is_weight
         stat_shape = spec.granularity.stat_shape(channels)
-        if not is_weight:
+        if spec.dual_scale is not None and is_weight:
+            raise ValueError(f"{name}: dual_scale applies to the SSM input activation, not to a weight — fix the recipe")
+        if not is_weight and spec.dual_scale is not None:
+            self.observer = DualScaleObserver(spec.granularity, channels, name, spec.observer.kind,
+                                              spec.observer.kwargs(), spec.dual_scale)
+            self.register_buffer("outlier_scale", torch.ones(stat_shape))
+        elif not is_weight:
             self.observer = make_observer(spec.observer.kind, spec.granularity, channels, name,
                                           **spec.observer.kwargs())
         scale = torch.ones(stat_shape)
@@ -32,8 +44,10 @@ class QuantPoint(nn.Module):
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool))  # scale holds a calibrated value
         self.observing = False
         self.recorded: torch.Tensor | None = None  # int8 codes of the last forward, when recording
+        self.recorded_mask: torch.Tensor | None = None  # dual-scale mask encoding: its bool outlier flags, likewise
         self.recording = False
         self.forced: torch.Tensor | None = None  # codes fakequant hands on instead of its own (agreement_report)
+        self.forced_mask: torch.Tensor | None = None  # their packed outlier flags (dual-scale mask encoding)
         self.enabled = True  # fakequant passes x through unquantized when False (qmamba.sensitivity: one at a time)
         self.probe = None  # callable(point, x) that sees the tensor in fp mode too (qmamba.sensitivity: SQNR)
 
@@ -57,8 +71,45 @@ class QuantPoint(nn.Module):
         if self.is_weight:
             return
         with torch.no_grad():
-            self.scale.copy_(self.observer.scale(self.spec.bits))
+            if self.dual is not None:
+                s_in, s_out = self.observer.dual_scales(self.spec.bits)
+                self.scale.copy_(s_in)
+                self.outlier_scale.copy_(s_out)
+            else:
+                self.scale.copy_(self.observer.scale(self.spec.bits))
             self.ready.fill_(True)
+
+    # ---- dual scale --------------------------------------------------------------------------------------------
+    @property
+    def dual(self):
+        """The point's DualScaleSpec, or None (single scale)."""
+        return self.spec.dual_scale
+
+    def _no_dual(self, what: str) -> None:
+        if self.dual is not None:
+            raise RuntimeError(f"{self.name} is a dual-scale point: its codes need both scales (and the outlier "
+                               f"flags), so {what} (single-scale) cannot give them — use dual_codes / roundtrip")
+
+    def dual_scales_for(self, x: torch.Tensor, check_ready: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s_in, s_out) shaped to broadcast against x. ``check_ready=False`` skips the readiness check (a host
+        read; decode steps under a CUDA graph)."""
+        s_in = self.scale_for(x) if check_ready else self.spec.granularity.broadcast(self.scale, x.dim())
+        return s_in, self.spec.granularity.broadcast(self.outlier_scale, x.dim())
+
+    def dual_codes(self, x: torch.Tensor, check_ready: bool = True):
+        """int8: (codes, packed mask or None, s_in, s_out) of x in the point's dual encoding (torch ops; the kernels
+        do not read the encoding yet). Records codes (and flags) when recording."""
+        s_in, s_out = (s.detach() for s in self.dual_scales_for(x, check_ready))
+        q, mask = dual_quantize(x.detach(), s_in, s_out, self.dual.encoding, self.dual.knee)
+        if self.recording:
+            self.recorded = q
+            self.recorded_mask = None if mask is None else unpack_mask(mask, q.shape[-1])
+        return q, mask, s_in, s_out
+
+    def dual_roundtrip(self, x: torch.Tensor, check_ready: bool = True) -> torch.Tensor:
+        """The dual-scale codes of x dequantized back to fp32, then x's dtype."""
+        q, mask, s_in, s_out = self.dual_codes(x, check_ready)
+        return dual_dequantize(q, mask, s_in, s_out, self.dual.encoding, self.dual.knee).to(x.dtype)
 
     # ---- scales ------------------------------------------------------------------------------------------------
     def scale_for(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +134,8 @@ class QuantPoint(nn.Module):
         """fakequant: dequantize(quantize(x)) with the straight-through estimator."""
         if not self.enabled:
             return x
+        if self.dual is not None:
+            return self._dual_fake(x)
         scale = self.scale_for(x)
         if self.recording:
             self.recorded = quantize(x.detach(), scale.detach(), self.spec.bits)
@@ -90,9 +143,22 @@ class QuantPoint(nn.Module):
             return dequantize(self.forced, scale.detach()).to(x.dtype)
         return fake_quantize(x, scale, self.spec.bits)
 
+    def _dual_fake(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.dual
+        s_in, s_out = self.dual_scales_for(x)
+        if self.recording:
+            q, mask = dual_quantize(x.detach(), s_in.detach(), s_out.detach(), d.encoding, d.knee)
+            self.recorded = q
+            self.recorded_mask = None if mask is None else unpack_mask(mask, q.shape[-1])
+        if self.forced is not None:  # teacher forcing (agreement_report): the int8 run's codes and flags
+            return dual_dequantize(self.forced, self.forced_mask, s_in.detach(), s_out.detach(), d.encoding,
+                                   d.knee).to(x.dtype)
+        return dual_fake_quantize(x, s_in, s_out, d.encoding, d.knee)
+
     def quantize(self, x: torch.Tensor, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
         """int8: the codes of x and the (broadcastable) scale they are in. ``backend`` as in ``qmamba.ops``: "torch"
         (``numerics.quantize``), "cuda" / "auto" (the fused kernel on a GPU); the same codes either way."""
+        self._no_dual("quantize")
         scale = self.scale_for(x).detach()
         q = self.codes(x, scale, backend)
         if self.recording:
@@ -104,6 +170,7 @@ class QuantPoint(nn.Module):
         (per-tensor) or C along the granularity's axis (per-channel, per-group). "torch" is ``numerics.quantize``;
         any other backend goes through ``qmamba.ops.int8_quantize.quantize_int8`` (one kernel on a GPU). Reads no
         value on the host (decode steps call it inside a CUDA graph) and records nothing."""
+        self._no_dual("codes")
         x = x.detach()
         if backend == "torch":
             return quantize(x, scale, self.spec.bits)
@@ -112,6 +179,9 @@ class QuantPoint(nn.Module):
         return quantize_int8(x, scale.reshape(-1), axis, self.spec.bits, backend=backend)
 
     def roundtrip(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-        """int8 codes of x dequantized back to fp32 (an int8 input to an op whose math runs in fp32)."""
+        """int8 codes of x dequantized back to fp32 (an int8 input to an op whose math runs in fp32). A dual-scale
+        point uses its dual encoding (torch ops, whatever the backend)."""
+        if self.dual is not None:
+            return self.dual_roundtrip(x)
         q, scale = self.quantize(x, backend)
         return dequantize(q, scale).to(x.dtype)

@@ -307,3 +307,69 @@ def make_observer(kind: str, granularity: Granularity | dict = PerTensor(), chan
     if cls is None:
         raise ValueError(f"unknown observer kind {kind!r}; choose one of {sorted(OBSERVERS)}")
     return cls(granularity, channels, name, **kwargs)
+
+
+class DualScaleObserver(Observer):
+    """The observer of a dual-scale point (``QuantSpec.dual_scale``, ``qmamba.quant.dual_scale``): three
+    sub-observers fed the same tensor, whose buffers travel in the state_dict under ``baseline.`` / ``threshold.`` /
+    ``outlier.``:
+
+    - ``baseline``: the spec's own observer (kind / alpha as without dual_scale): ``absmax()`` / ``scale()``, and
+      both scales of the control group (equal_scales);
+    - ``threshold``: a PercentileObserver at ``threshold_alpha``: T;
+    - ``outlier``: a MinMaxObserver (outlier "absmax") or a PercentileObserver at ``outlier_alpha``: A.
+
+    ``dual_scales(bits)`` -> (s_in, s_out), stat_shape fp32 > 0:
+      equal_scales:  s_in = s_out = scale_from_absmax(baseline.absmax(), bits)   (bit-identical to the baseline)
+      mask:          s_in = scale_from_absmax(T, bits) = T / 127,  s_out = scale_from_absmax(max(A, T), bits)
+      piecewise:     s_in = max(T, eps) / knee,  s_out = max(A - T, eps) / (127 - knee)
+    """
+
+    def __init__(self, granularity: Granularity | dict = PerTensor(), channels: int = 1, name: str = "",
+                 baseline_kind: str = "minmax", baseline_kwargs: dict | None = None, dual_scale=None):
+        super().__init__(granularity, channels, name)
+        if dual_scale is None:
+            raise ValueError(f"DualScaleObserver {self._label()}: needs the point's DualScaleSpec")
+        self.dual = dual_scale
+        self.baseline = make_observer(baseline_kind, granularity, channels, name, **(baseline_kwargs or {}))
+        self.threshold = PercentileObserver(granularity, channels, name, alpha=dual_scale.threshold_alpha)
+        self.outlier = (MinMaxObserver(granularity, channels, name) if dual_scale.outlier == "absmax" else
+                        PercentileObserver(granularity, channels, name, alpha=dual_scale.outlier_alpha))
+
+    def _subs(self):
+        return (self.baseline, self.threshold, self.outlier)
+
+    def _update(self, x):
+        for obs in self._subs():
+            obs._update(x)
+            obs.num_batches += 1
+
+    def _absmax(self):
+        return self.baseline.absmax()
+
+    def _sync(self, world):
+        for obs in self._subs():
+            obs.sync_()
+
+    def _reset(self):
+        for obs in self._subs():
+            obs.reset_()
+
+    def dual_scales(self, bits: int = 8, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s_in, s_out) as in the class docstring, checked finite and > 0."""
+        self._require_data()
+        label = f"observer {self._label()}"
+        if self.dual.equal_scales:
+            s = self.scale(bits)
+            return s, s.clone()
+        T, A = self.threshold.absmax().float(), self.outlier.absmax().float()
+        if self.dual.encoding == "mask":
+            s_in, s_out = scale_from_absmax(T, bits, eps), scale_from_absmax(torch.maximum(A, T), bits, eps)
+        else:
+            k = self.dual.knee
+            s_in = T.clamp_min(eps) / k
+            s_out = (A - T).clamp_min(eps) / (127 - k)
+        return check_scale(s_in, f"{label} (inlier)"), check_scale(s_out, f"{label} (outlier)")
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, dual_scale={self.dual}"

@@ -11,7 +11,9 @@ Points of one mixer (consumer-side: every quantized op quantizes its own inputs)
           scan.{u,delta,B,C,z}, out_proj.{input,weight}
   Mamba2: in_proj.{input,weight}, conv1d.{input,weight}, scan.{x,dt,B,C}, norm.z, out_proj.{input,weight}
 ``x_proj.input`` and ``scan.u`` observe the same tensor (the conv output u); give them the same spec so both see the
-same int8 codes.
+same int8 codes. ``dual_scale`` (``DualScaleSpec``: an inlier and an outlier scale) is allowed on the SSM input
+``scan.u`` / ``scan.x`` only; ``x_proj.input`` stays single-scale (its GEMM cannot factor per-element scales out of
+the sums).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from qmamba.quant.granularity import Granularity, PerChannel, PerTensor, granula
 
 OBSERVER_KINDS = ("minmax", "percentile", "ema")
 ROTATIONS = (None, "hadamard")
+DUAL_SCALE_ENCODINGS = ("mask", "piecewise")
+DUAL_SCALE_OUTLIER = ("absmax", "percentile")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,60 @@ class ObserverSpec:
 
 
 @dataclass(frozen=True)
+class DualScaleSpec:
+    """Dual-scale int8 (``qmamba.quant.dual_scale``) for the SSM input only (``scan.u`` / ``scan.x``): an inlier
+    scale from the ``threshold_alpha`` percentile T of |x| and an outlier scale for the values beyond it.
+
+    encoding: "mask" (codes + packed 1-bit outlier flags; s_in = T / 127, s_out = A / 127) or "piecewise" (codes
+      above ``knee`` hold the outliers; s_in = T / knee, s_out = (A - T) / (127 - knee)).
+    outlier: A = "absmax" (running max |x|) or "percentile" (the ``outlier_alpha`` percentile of |x|).
+    equal_scales: the control group: s_in = s_out = the scale the spec's own ``observer`` gives (what the point
+      would get without dual_scale), so the dual-scale code path reproduces the single-scale baseline bit for bit
+      (mask encoding only: piecewise decodes outliers as knee * s + (|q| - knee) * s, which rounds differently).
+    """
+
+    encoding: str = "mask"
+    threshold_alpha: float = 0.999
+    outlier: str = "absmax"
+    outlier_alpha: float = 0.99999
+    knee: int = 112
+    equal_scales: bool = False
+
+    def __post_init__(self):
+        if self.encoding not in DUAL_SCALE_ENCODINGS:
+            raise ValueError(f"dual_scale.encoding must be one of {DUAL_SCALE_ENCODINGS}, got {self.encoding!r}")
+        if self.outlier not in DUAL_SCALE_OUTLIER:
+            raise ValueError(f"dual_scale.outlier must be one of {DUAL_SCALE_OUTLIER}, got {self.outlier!r}")
+        if not isinstance(self.threshold_alpha, (int, float)) or not 0 < self.threshold_alpha < 1:
+            raise ValueError(f"dual_scale.threshold_alpha (percentile of |x| giving the threshold) must be in (0, 1), "
+                             f"got {self.threshold_alpha!r}")
+        lo = self.threshold_alpha if self.outlier == "percentile" else 0.0  # unused (but sane) for absmax
+        if not isinstance(self.outlier_alpha, (int, float)) or not lo < self.outlier_alpha <= 1:
+            raise ValueError(f"dual_scale.outlier_alpha must be in (threshold_alpha, 1] = ({self.threshold_alpha}, 1],"
+                             f" got {self.outlier_alpha!r}")
+        if not isinstance(self.knee, int) or isinstance(self.knee, bool) or not 1 <= self.knee <= 126:
+            raise ValueError(f"dual_scale.knee must be an int in 1..126, got {self.knee!r}")
+        if not isinstance(self.equal_scales, bool):
+            raise ValueError(f"dual_scale.equal_scales must be true or false, got {self.equal_scales!r}")
+        if self.equal_scales and self.encoding != "mask":
+            raise ValueError("dual_scale.equal_scales (the control group) needs encoding: mask — the piecewise "
+                             "decode knee * s + (|q| - knee) * s does not reproduce q * s bit for bit")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DualScaleSpec":
+        if not isinstance(data, dict):
+            raise ValueError(f"dual_scale must be a mapping of DualScaleSpec fields (or null), got {data!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown dual_scale field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class QuantSpec:
     """One quantized tensor: symmetric ``bits``-bit integers with scales at ``granularity``. Weights take their
     scale from the weight itself (absmax at that granularity); activations from ``observer``. ``learnable_scale``
@@ -62,6 +120,7 @@ class QuantSpec:
     learnable_scale: bool = False
     symmetric: bool = True
     rotation: str | None = None
+    dual_scale: DualScaleSpec | None = None  # SSM input only (scan.u / scan.x); see DualScaleSpec
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
@@ -70,11 +129,23 @@ class QuantSpec:
             raise ValueError("only symmetric quantization is supported (DESIGN §3); set symmetric: true")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        if self.dual_scale is not None:
+            if not isinstance(self.dual_scale, DualScaleSpec):
+                raise ValueError(f"dual_scale must be a DualScaleSpec (or its dict form), got {self.dual_scale!r}")
+            if self.bits != 8:
+                raise ValueError(f"dual_scale encodes int8 codes: set bits: 8 (got {self.bits})")
+            if self.learnable_scale:
+                raise ValueError("dual_scale with learnable_scale is not supported: set learnable_scale: false")
+            if self.rotation is not None:
+                raise ValueError("dual_scale applies to the SSM input, which is not rotated: remove rotation")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bits": self.bits, "granularity": self.granularity.to_dict(),
-                "observer": dataclasses.asdict(self.observer), "learnable_scale": self.learnable_scale,
-                "symmetric": self.symmetric, "rotation": self.rotation}
+        out = {"bits": self.bits, "granularity": self.granularity.to_dict(),
+               "observer": dataclasses.asdict(self.observer), "learnable_scale": self.learnable_scale,
+               "symmetric": self.symmetric, "rotation": self.rotation}
+        if self.dual_scale is not None:  # absent otherwise: recipes (and checkpoints) without it stay as they were
+            out["dual_scale"] = self.dual_scale.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantSpec":
@@ -91,6 +162,8 @@ class QuantSpec:
             if obs_unknown:
                 raise ValueError(f"unknown observer field(s) {obs_unknown}; known: {sorted(obs_known)}")
             data["observer"] = ObserverSpec(**data["observer"])
+        if data.get("dual_scale") is not None and not isinstance(data["dual_scale"], DualScaleSpec):
+            data["dual_scale"] = DualScaleSpec.from_dict(data["dual_scale"])
         return cls(**data)
 
 
