@@ -93,6 +93,12 @@ class QuantTwin:
             return dequantize(self.weight, qw.scale_for(self.weight))
         return qw.fake(self.weight_to_quantize())
 
+    def _codes(self, point: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8 mode: activation x observed at ``point``, then its codes and scale (the twin's backend)."""
+        qp = self.quant_points[point]
+        qp.observe(x)
+        return qp.quantize(x, self.backend)
+
     def _in(self, point: str, x: torch.Tensor) -> torch.Tensor:
         """An activation input through its point in the current mode (fp32 dequantized codes in int8 mode)."""
         qp = self.q(point)
@@ -210,9 +216,7 @@ class QuantLinear(QuantTwin, nn.Linear):
         if self.rotated:
             x = ops.hadamard_transform(x)
         if self.qmode == "int8" and qi is not None and qw is not None:
-            qi.observe(x)
-            qx, sx = qi.quantize(x, self.backend)
-            return self._int8_linear(qx, sx, *self._int8_weight(qw), dtype)
+            return self._int8_linear(*self._codes("input", x), *self._int8_weight(qw), dtype)
         x = self._in("input", x).to(dtype)
         return F.linear(x, self._weight_in_mode(qw).to(dtype), self.bias)
 
@@ -251,8 +255,7 @@ class QuantCausalConv1d(QuantTwin, CausalConv1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D, L) -> (B, D, L)
         qi, qw = self.q("input"), self.q("weight")
         if self.qmode == "int8" and qi is not None and qw is not None:
-            qi.observe(x)
-            return self._int8_forward(x, qi, qw)
+            return self._int8_forward(x, qw)
         x = self._in("input", x)
         w = self._weight_in_mode(qw)
         if self.qmode == "fp":
@@ -261,10 +264,10 @@ class QuantCausalConv1d(QuantTwin, CausalConv1d):
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
             return ops.causal_conv1d(x, w.squeeze(1).to(x.dtype), self.bias, self.activation, backend=self.backend)
 
-    def _int8_forward(self, x, qi, qw):
+    def _int8_forward(self, x, qw):
         """Integer depthwise causal conv: int32 sums of int8 x int8, then acc * (s_x * s_w) + bias, then SiLU, in x's
         dtype (``conv1d_int8``: the CUDA kernel on a GPU, the reference elsewhere)."""
-        qx, sx = qi.quantize(x, self.backend)
+        qx, sx = self._codes("input", x)
         wq, sw = self._int8_weight(qw)
         return conv1d_int8(qx, sx.reshape(()), wq.reshape(wq.shape[0], -1), sw.reshape(-1), self.bias,
                            silu=self.activation is not None, out_dtype=x.dtype, backend=self.backend)
@@ -328,11 +331,7 @@ class QuantSelectiveScan(QuantTwin, SelectiveScan):
     def _int8_scan(self, ssm_state, u, delta, A_log, B, C, D, z):
         """The scan from the codes of its five inputs: ``selective_scan_int8`` (kernel on a GPU; else the reference,
         which dequantizes to u's dtype as ``_in`` does and runs the fp32 scan). ssm_state <- the last state if given."""
-        codes = []
-        for p, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
-            qp = self.quant_points[p]
-            qp.observe(t)
-            codes.extend(qp.quantize(t, self.backend))
+        codes = [c for p, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)) for c in self._codes(p, t)]
         A = -torch.exp(A_log.float())
         out = selective_scan_int8(*codes[:4], A, *codes[4:8], D.float(), *codes[8:], delta_softplus=True,
                                   out_dtype=u.dtype, return_last_state=ssm_state is not None, backend=self.backend)
@@ -396,11 +395,7 @@ class QuantSSDScan(QuantTwin, SSDScan):
     def _int8_scan(self, ssm_state, x, dt, A_log, B, C, D, dt_bias):
         """The SSD scan from the codes of x, dt, B, C: ``ssd_chunk_scan_int8`` (Triton kernel on a GPU, else the
         reference). ssm_state <- the final state if given."""
-        codes = []
-        for p, t in (("x", x), ("dt", dt), ("B", B), ("C", C)):
-            qp = self.quant_points[p]
-            qp.observe(t)
-            codes.extend(qp.quantize(t, self.backend))
+        codes = [c for p, t in (("x", x), ("dt", dt), ("B", B), ("C", C)) for c in self._codes(p, t)]
         A = -torch.exp(A_log.float())
         out = ssd_chunk_scan_int8(*codes[:4], A, *codes[4:], self.chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True,
                                   out_dtype=x.dtype, return_final_states=ssm_state is not None, backend=self.backend)
