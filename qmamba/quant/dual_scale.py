@@ -41,12 +41,16 @@ Scales get no gradient (learnable dual scales are not supported).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from qmamba.quant.numerics import _as_scale, _cheap_check
+from qmamba.quant.numerics import _as_scale, _cheap_check, dequantize
 
 ENCODINGS = ("mask", "piecewise")
 QMIN, QMAX = -128, 127
+# what the kernels get for the encoding (0: an ordinary single-scale tensor)
+ENCODING_IDS = {"mask": 1, "piecewise": 2}
 
 
 def _check(encoding: str, knee: int) -> None:
@@ -189,3 +193,61 @@ def outlier_share(x: torch.Tensor, s_in, encoding: str = "mask", knee: int = 112
     if x.numel() == 0:
         return 0.0
     return float(outlier_flags(x, s_in, encoding, knee).double().mean())
+
+
+# ---- what an op needs to read dual-scale codes -------------------------------------------------------------------
+@dataclass(frozen=True)
+class DualScale:
+    """How to read dual-scale int8 codes besides their inlier scale (the scale every int8 op already takes): the
+    outlier scale s_out (shaped like the inlier scale: one element, or one per channel / head) and the encoding. The
+    mask encoding's packed flags are data of the tensor, not of the scale: they travel beside the codes (an op takes
+    ``<name>_mask``). Ops that take ``<name>_dual=None`` read ordinary single-scale codes."""
+
+    outlier_scale: torch.Tensor
+    encoding: str = "mask"
+    knee: int = 112
+
+    def __post_init__(self):
+        _check(self.encoding, self.knee)
+        if not isinstance(self.outlier_scale, torch.Tensor):
+            raise TypeError(f"DualScale.outlier_scale must be an fp32 tensor (no host value: decode steps run in "
+                            f"CUDA graphs), got {type(self.outlier_scale).__name__}")
+
+    @property
+    def encoding_id(self) -> int:
+        return ENCODING_IDS[self.encoding]
+
+
+def check_dual_mask(name: str, codes: torch.Tensor, dual: DualScale | None, mask: torch.Tensor | None) -> None:
+    """One clear error where codes, their DualScale and their packed mask do not go together."""
+    if dual is None:
+        if mask is not None:
+            raise ValueError(f"{name}_mask given without {name}_dual: outlier flags mean nothing without the outlier "
+                             f"scale — pass {name}_dual=DualScale(...) or drop the mask")
+        return
+    if not isinstance(dual, DualScale):
+        raise TypeError(f"{name}_dual must be a qmamba.quant.dual_scale.DualScale, got {type(dual).__name__}")
+    if dual.encoding == "mask":
+        if mask is None:
+            raise ValueError(f"{name}: the mask encoding needs its packed outlier flags ({name}_mask, the second output "
+                             f"of dual_quantize)")
+        if mask.dtype != torch.uint8:
+            raise TypeError(f"{name}_mask must be uint8 (8 packed flags a byte), got {mask.dtype}")
+        want = (*codes.shape[:-1], (codes.shape[-1] + 7) // 8)
+        if tuple(mask.shape) != want:
+            raise ValueError(f"{name}_mask must be {want} (the flags of {name}'s {tuple(codes.shape)} codes packed along "
+                             f"the last dim), got {tuple(mask.shape)}")
+    elif mask is not None:
+        raise ValueError(f"{name}: the piecewise encoding carries no mask (its codes above the knee are the outliers), "
+                         f"got a {name}_mask")
+
+
+def dequantize_codes(codes: torch.Tensor, scale, dual: DualScale | None = None,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 values of int8 codes: ``q * scale`` (single scale, ``numerics.dequantize``), or ``dual_dequantize`` with
+    ``dual``'s outlier scale and encoding (and the packed ``mask`` for the mask encoding)."""
+    if dual is None:
+        if mask is not None:
+            raise ValueError("dequantize_codes: a mask without a DualScale")
+        return dequantize(codes, scale)
+    return dual_dequantize(codes, mask, scale, dual.outlier_scale, dual.encoding, dual.knee)
