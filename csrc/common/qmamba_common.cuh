@@ -32,6 +32,52 @@ template <> __device__ __forceinline__ float round_through<at::BFloat16>(float v
   return __bfloat162float(__float2bfloat16_rn(v));
 }
 
+// ---- dual-scale int8 (issue 5; torch twin and exact op order: qmamba/quant/dual_scale.py) ----------------------------
+// enc 0: one scale (q * s_in); 1: "mask" (a 1-bit flag per element says q is at s_out); 2: "piecewise" (codes with
+// |q| > knee are outliers: knee * s_in + (|q| - knee) * s_out, signed). __fmul_rn / __fadd_rn / __fsub_rn keep nvcc
+// from contracting a product and a sum into one FMA, which the torch twin (separate ops) never does.
+constexpr int kEncSingle = 0, kEncMask = 1, kEncPiecewise = 2;
+
+struct DualScaleArgs {
+  int enc;           // kEncSingle / kEncMask / kEncPiecewise
+  int knee;          // piecewise: 1..126
+  const float* s_out;  // the outlier scale (one element); nullptr for kEncSingle
+};
+
+// The fp32 value of code q (flag: its outlier bit, read only by the mask encoding).
+__device__ __forceinline__ float dual_decode(int8_t q, bool flag, int enc, int knee, float s_in, float s_out) {
+  if (enc == kEncMask) return static_cast<float>(q) * (flag ? s_out : s_in);
+  if (enc == kEncPiecewise) {
+    const int a = q < 0 ? -static_cast<int>(q) : static_cast<int>(q);
+    if (a > knee) {
+      const float outer = __fadd_rn(__fmul_rn(static_cast<float>(knee), s_in),
+                                    __fmul_rn(static_cast<float>(a - knee), s_out));
+      return q < 0 ? -outer : outer;
+    }
+  }
+  return static_cast<float>(q) * s_in;
+}
+
+// The code of v (and its outlier flag) in encoding enc (kEncMask or kEncPiecewise); inv_in = 1 / s_in and
+// inv_out = 1 / s_out computed once by the caller (IEEE division, as torch's 1.0 / s).
+__device__ __forceinline__ int8_t dual_encode(float v, int enc, int knee, float s_in, float inv_in, float inv_out,
+                                              bool& flag) {
+  const float r = rintf(__fmul_rn(v, inv_in));
+  if (enc == kEncMask) {
+    flag = fabsf(r) > 127.0f;
+    if (!flag) return static_cast<int8_t>(static_cast<int>(r));
+    return quantize_rn(v, inv_out);
+  }
+  flag = fabsf(r) > static_cast<float>(knee);
+  if (!flag) return static_cast<int8_t>(static_cast<int>(r));
+  const float kn = __fmul_rn(static_cast<float>(knee), s_in);
+  const float u = __fmul_rn(__fsub_rn(fabsf(v), kn), inv_out);
+  const float top = v >= 0.0f ? 127.0f : 128.0f;
+  const float o = fminf(fmaxf(__fadd_rn(rintf(u), static_cast<float>(knee)), static_cast<float>(knee)), top);
+  const int oi = static_cast<int>(o);
+  return static_cast<int8_t>(v >= 0.0f ? oi : -oi);
+}
+
 }  // namespace qmamba
 
 #define QMAMBA_CHECK_CUDA(x) TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor")

@@ -6,6 +6,9 @@
 //   v    = acc * (s_x * s_w[c]) (+ bias[c])           fp32, scales multiplied first, no FMA contraction
 //   v    = silu(v) (if silu); v = round_through<out_dtype>(v)
 //   out  = v in out_dtype, or codes_j = clamp(rint(v * (1 / out_scale_j)), -128, 127) for each out_scale
+//   one output may be dual-scale (issue 5: the SSM input u): codes = dual_encode(v) (common/qmamba_common.cuh) in the
+//   mask or piecewise encoding, plus, for the mask encoding, its outlier flags packed 8 time steps a byte (byte t / 8,
+//   bit t % 8, as qmamba.quant.dual_scale.pack_mask packs (B, D, L) along L); the update writes one byte per (b, d).
 //
 // Layout: x (B, D, L) int8 with any strides; outputs (B, D, L) allocated channel-last (a contiguous (B, L, D) tensor
 // transposed), which the next GEMM reads as (B*L, D) rows. Prefill threads map to channels (coalesced when x's channel
@@ -33,6 +36,9 @@ struct Outputs {
   void* out[kMaxOuts];
   const float* scale[kMaxOuts];
   int n_codes;
+  int dual_j;          // the dual-scale output (-1: none)
+  DualScaleArgs dual;  // its encoding and outlier scale
+  uint8_t* mask;       // its packed flags (mask encoding), else nullptr: prefill (B, ceil(L / 8), D), update (B, D)
 };
 
 template <typename T, int N>
@@ -88,10 +94,38 @@ __device__ __forceinline__ void store(const Outputs& outs, const float (&inv)[kM
   }
 }
 
+// store for a call with a dual-scale output: output dual_j gets dual_encode'd codes, and bit `bit` of flags[v] is
+// set where channel v's value is an outlier (the caller packs 8 steps of flags into a mask byte).
+template <int VEC>
+__device__ __forceinline__ void store_dual(const Outputs& outs, const float (&inv)[kMaxOuts], float s_in_dual,
+                                           float inv_out_dual, int64_t off, const float (&val)[VEC], int bit,
+                                           uint32_t (&flags)[VEC]) {
+#pragma unroll
+  for (int j = 0; j < kMaxOuts; ++j) {
+    if (j < outs.n_codes) {
+      Pack<int8_t, VEC> p;
+      if (j == outs.dual_j) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          bool flag = false;
+          p.v[v] = dual_encode(val[v], outs.dual.enc, outs.dual.knee, s_in_dual, inv[j], inv_out_dual, flag);
+          flags[v] |= static_cast<uint32_t>(flag) << bit;
+        }
+      } else {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) p.v[v] = quantize_rn(val[v], inv[j]);
+      }
+      *reinterpret_cast<Pack<int8_t, VEC>*>(static_cast<int8_t*>(outs.out[j]) + off) = p;
+    }
+  }
+}
+
 // grid (ceil(D / (VEC * kThreads)), ceil(L / tile_l), B). Thread: VEC channels x tile_l time steps. The int8 taps
 // and the window of the last 4 inputs of a channel each pack into one 32-bit register, and __dp4a sums their 4
 // products exactly in int32 (the same integer as the twin's sum). K < 4 taps are right-aligned with zero taps before.
-template <typename T, int VEC>
+// DUAL: the call has a dual-scale output (a separate instantiation, so single-scale calls run the code they always ran).
+// tile_l is a multiple of kChunk = 8, so each chunk of 8 steps is one byte of the mask.
+template <typename T, int VEC, bool DUAL>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) conv1d_int8_kernel(
     const int8_t* __restrict__ x, int64_t sxb, int64_t sxd, int64_t sxl, const int8_t* __restrict__ w, int K,
     const float* __restrict__ x_scale, const float* __restrict__ w_scale, bool w_per_channel,
@@ -120,6 +154,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) conv1d_int8_kernel(
   float inv[kMaxOuts];
 #pragma unroll
   for (int j = 0; j < kMaxOuts; ++j) inv[j] = j < outs.n_codes ? 1.0f / *outs.scale[j] : 0.0f;
+  float s_in_dual = 0.0f, inv_out_dual = 0.0f;
+  if constexpr (DUAL) {
+    s_in_dual = *outs.scale[outs.dual_j];
+    inv_out_dual = 1.0f / *outs.dual.s_out;
+  }
 
   const int8_t* xb = x + b * sxb + c0 * sxd;
   // the 3 inputs before the tile (zero before t = 0) fill bytes 1..3 of the window; byte 0 drops out at the first step
@@ -137,6 +176,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) conv1d_int8_kernel(
 #pragma unroll
     for (int s = 0; s < kChunk; ++s)
       buf[s] = t + s < t_end ? load_raw<VEC>(xb + static_cast<int64_t>(t + s) * sxl) : 0u;
+    uint32_t flags[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) flags[v] = 0u;
 #pragma unroll
     for (int s = 0; s < kChunk; ++s) {
       if (t + s < t_end) {
@@ -147,7 +189,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) conv1d_int8_kernel(
           const int acc = __dp4a(static_cast<int>(win[v]), wt[v], 0);
           val[v] = epilogue<T>(acc, scale[v], bias_v[v], bias != nullptr, silu_on);
         }
-        store<T, VEC>(outs, inv, (row0 + t + s) * D + c0, val);
+        if constexpr (DUAL) {
+          store_dual<VEC>(outs, inv, s_in_dual, inv_out_dual, (row0 + t + s) * D + c0, val, s, flags);
+        } else {
+          store<T, VEC>(outs, inv, (row0 + t + s) * D + c0, val);
+        }
+      }
+    }
+    if constexpr (DUAL) {
+      if (outs.mask != nullptr) {  // steps past L leave their bits 0, as pack_mask's zero padding does
+        Pack<uint8_t, VEC> m;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) m.v[v] = static_cast<uint8_t>(flags[v]);
+        const int64_t l8 = (L + kChunk - 1) / kChunk;
+        *reinterpret_cast<Pack<uint8_t, VEC>*>(outs.mask + (static_cast<int64_t>(b) * l8 + t / kChunk) * D + c0) = m;
       }
     }
   }
@@ -189,8 +244,18 @@ __global__ void conv1d_int8_update_kernel(const int8_t* __restrict__ x, int64_t 
     return;
   }
 #pragma unroll
-  for (int j = 0; j < kMaxOuts; ++j)
-    if (j < outs.n_codes) static_cast<int8_t*>(outs.out[j])[idx] = quantize_rn(v, 1.0f / *outs.scale[j]);
+  for (int j = 0; j < kMaxOuts; ++j) {
+    if (j >= outs.n_codes) continue;
+    if (j == outs.dual_j) {
+      bool flag = false;
+      const float s_in = *outs.scale[j];
+      static_cast<int8_t*>(outs.out[j])[idx] =
+          dual_encode(v, outs.dual.enc, outs.dual.knee, s_in, 1.0f / s_in, 1.0f / *outs.dual.s_out, flag);
+      if (outs.mask != nullptr) outs.mask[idx] = static_cast<uint8_t>(flag);
+    } else {
+      static_cast<int8_t*>(outs.out[j])[idx] = quantize_rn(v, 1.0f / *outs.scale[j]);
+    }
+  }
 }
 
 // Multiprocessors of a device, queried once (no CUDA API call in later launches, e.g. under graph capture).
@@ -283,12 +348,45 @@ Outputs make_outputs(const at::Tensor& x, at::ScalarType out_dtype, at::TensorLi
     }
     outs.n_codes = static_cast<int>(out_scales.size());
   }
+  outs.dual_j = -1;
+  outs.dual = DualScaleArgs{kEncSingle, 0, nullptr};
+  outs.mask = nullptr;
   return outs;
+}
+
+// The dual-scale output (issue 5), if any: output `dual_index` of the codes gets `dual_encoding` (1 mask, 2 piecewise)
+// with outlier scale `dual_outlier_scale`; the mask encoding appends its packed flags to `results`, allocated as
+// `mask_shape` (transposed 1 <-> 2 for the prefill's channel-last layout).
+void set_dual(const char* op, Outputs& outs, const at::Tensor& x, int64_t n_scales, int64_t dual_index,
+              int64_t dual_encoding, int64_t dual_knee, const std::optional<at::Tensor>& dual_outlier_scale,
+              at::IntArrayRef mask_shape, bool transpose12, std::vector<at::Tensor>& results) {
+  if (dual_index < 0) {
+    TORCH_CHECK(!dual_outlier_scale.has_value(), op, ": dual_outlier_scale given without a dual_index");
+    return;
+  }
+  TORCH_CHECK(dual_index < n_scales, op, ": dual_index ", dual_index, " names no output (", n_scales, " out_scales)");
+  TORCH_CHECK(dual_encoding == kEncMask || dual_encoding == kEncPiecewise, op,
+              ": dual_encoding must be 1 (mask) or 2 (piecewise), got ", dual_encoding);
+  TORCH_CHECK(dual_encoding != kEncPiecewise || (dual_knee >= 1 && dual_knee <= 126), op,
+              ": the piecewise knee must be in 1..126, got ", dual_knee);
+  TORCH_CHECK(dual_outlier_scale.has_value(), op, ": a dual-scale output needs dual_outlier_scale");
+  QMAMBA_CHECK_SCALAR_SCALE(*dual_outlier_scale);
+  TORCH_CHECK(dual_outlier_scale->device() == x.device(), op, ": dual_outlier_scale must be on x's device");
+  outs.dual_j = static_cast<int>(dual_index);
+  outs.dual = DualScaleArgs{static_cast<int>(dual_encoding), static_cast<int>(dual_knee),
+                            dual_outlier_scale->data_ptr<float>()};
+  if (dual_encoding == kEncMask) {
+    at::Tensor m = at::zeros(mask_shape, x.options().dtype(at::kByte));
+    results.push_back(transpose12 ? m.transpose(1, 2) : m);
+    outs.mask = m.data_ptr<uint8_t>();
+  }
 }
 
 std::vector<at::Tensor> conv1d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w,
                                     const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, bool silu,
-                                    at::ScalarType out_dtype, at::TensorList out_scales) {
+                                    at::ScalarType out_dtype, at::TensorList out_scales, int64_t dual_index,
+                                    int64_t dual_encoding, int64_t dual_knee,
+                                    const std::optional<at::Tensor>& dual_outlier_scale) {
   TORCH_CHECK(x.dim() == 3, "conv1d_int8: x must be (B, D, L) int8 codes, got ", x.sizes());
   const int64_t B = x.size(0), D = x.size(1), L = x.size(2);
   ConvArgs a = check_args("conv1d_int8", x, D, x_scale, w, w_scale, bias, out_dtype, out_scales);
@@ -298,6 +396,8 @@ std::vector<at::Tensor> conv1d_int8(const at::Tensor& x, const at::Tensor& x_sca
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   std::vector<at::Tensor> results;
   Outputs outs = make_outputs(x, out_dtype, out_scales, {B, L, D}, /*transpose12=*/true, results);
+  set_dual("conv1d_int8", outs, x, static_cast<int64_t>(out_scales.size()), dual_index, dual_encoding, dual_knee,
+           dual_outlier_scale, {B, (L + kChunk - 1) / kChunk, D}, /*transpose12=*/true, results);
   if (B * D * L == 0) return results;
 
   const int64_t sxb = x.stride(0), sxd = x.stride(1), sxl = x.stride(2);
@@ -319,7 +419,8 @@ std::vector<at::Tensor> conv1d_int8(const at::Tensor& x, const at::Tensor& x_sca
   const float* bias_p = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   dispatch_out_dtype(out_dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto kernel = vec4 ? conv1d_int8_kernel<T, 4> : conv1d_int8_kernel<T, 1>;
+    auto kernel = outs.dual_j >= 0 ? (vec4 ? conv1d_int8_kernel<T, 4, true> : conv1d_int8_kernel<T, 1, true>)
+                                   : (vec4 ? conv1d_int8_kernel<T, 4, false> : conv1d_int8_kernel<T, 1, false>);
     kernel<<<grid, kThreads, 0, stream>>>(x.data_ptr<int8_t>(), sxb, sxd, sxl, a.w.data_ptr<int8_t>(), a.K,
                                           x_scale.data_ptr<float>(), w_scale.data_ptr<float>(), a.w_per_channel,
                                           bias_p, silu, static_cast<int>(D), static_cast<int>(L),
@@ -332,7 +433,8 @@ std::vector<at::Tensor> conv1d_int8(const at::Tensor& x, const at::Tensor& x_sca
 std::vector<at::Tensor> conv1d_int8_update(const at::Tensor& x, const at::Tensor& conv_state,
                                            const at::Tensor& x_scale, const at::Tensor& w, const at::Tensor& w_scale,
                                            const std::optional<at::Tensor>& bias, bool silu, at::ScalarType out_dtype,
-                                           at::TensorList out_scales) {
+                                           at::TensorList out_scales, int64_t dual_index, int64_t dual_encoding,
+                                           int64_t dual_knee, const std::optional<at::Tensor>& dual_outlier_scale) {
   TORCH_CHECK(x.dim() == 2, "conv1d_int8_update: x must be (B, D) int8 codes of one token, got ", x.sizes());
   const int64_t B = x.size(0), D = x.size(1);
   ConvArgs a = check_args("conv1d_int8_update", x, D, x_scale, w, w_scale, bias, out_dtype, out_scales);
@@ -347,6 +449,8 @@ std::vector<at::Tensor> conv1d_int8_update(const at::Tensor& x, const at::Tensor
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   std::vector<at::Tensor> results;
   Outputs outs = make_outputs(x, out_dtype, out_scales, {B, D}, /*transpose12=*/false, results);
+  set_dual("conv1d_int8_update", outs, x, static_cast<int64_t>(out_scales.size()), dual_index, dual_encoding,
+           dual_knee, dual_outlier_scale, {B, D}, /*transpose12=*/false, results);
   if (B * D == 0) return results;
 
   constexpr int threads = 256;
@@ -369,9 +473,11 @@ std::vector<at::Tensor> conv1d_int8_update(const at::Tensor& x, const at::Tensor
 
 TORCH_LIBRARY_FRAGMENT(qmamba, m) {
   m.def("conv1d_int8(Tensor x, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias, bool silu, "
-        "ScalarType out_dtype, Tensor[] out_scales) -> Tensor[]");
+        "ScalarType out_dtype, Tensor[] out_scales, int dual_index, int dual_encoding, int dual_knee, "
+        "Tensor? dual_outlier_scale) -> Tensor[]");
   m.def("conv1d_int8_update(Tensor x, Tensor(a!) conv_state, Tensor x_scale, Tensor w, Tensor w_scale, "
-        "Tensor? bias, bool silu, ScalarType out_dtype, Tensor[] out_scales) -> Tensor[]");
+        "Tensor? bias, bool silu, ScalarType out_dtype, Tensor[] out_scales, int dual_index, int dual_encoding, "
+        "int dual_knee, Tensor? dual_outlier_scale) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(qmamba, CUDA, m) {

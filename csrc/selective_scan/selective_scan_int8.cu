@@ -6,6 +6,9 @@
 //   y[t] *= silu(rt(qz * sz))                                            out = T(y)
 // where rt(v) rounds through the activation dtype T (the torch int8 backend's QuantPoint.roundtrip ends with
 // `.to(x.dtype)`), so an fp16 / bf16 model sees the same dequantized inputs here and there.
+// A dual-scale u (issue 5) decodes with dual_decode (common/qmamba_common.cuh) instead of qu * su: the mask encoding
+// reads its flags from u_mask (packed 8 steps a byte along L: byte l / 8, bit l % 8; the update reads bit 0 of one byte
+// per (batch, channel)), the piecewise encoding needs none. Everything after u's dequantization is unchanged.
 //
 // Prefill layout: one block = CH channels of one batch element; each channel's N states are split over KP lanes
 // (consecutive lanes of one warp), NPL states per lane held in registers, walked sequentially over time. Time goes
@@ -30,9 +33,12 @@ struct ScanParams {
   const int8_t *u, *delta, *z, *B, *C;
   const float *u_scale, *delta_scale, *z_scale, *B_scale, *C_scale;
   const float *A, *D, *delta_bias, *h0;
+  const uint8_t* u_mask;  // dual-scale mask encoding: (batch, dim, ceil(len / 8)) with strides um_s*
+  DualScaleArgs u_dual;
   void* y;
   float* last;
   int batch, dim, len, nstate;
+  int64_t um_sb, um_sd, um_sl;
   int64_t u_sb, u_sd, u_sl, dl_sb, dl_sd, dl_sl, z_sb, z_sd, z_sl;
   int64_t B_sb, B_sn, B_sl, C_sb, C_sn, C_sl;
   int64_t A_sd, A_sn, D_s, bias_s, h0_sb, h0_sd, h0_sn;
@@ -48,7 +54,13 @@ __device__ __forceinline__ float deq(int8_t q, float scale) {
   return round_through<T>(static_cast<float>(q) * scale);
 }
 
-template <typename T, int NPL>
+// u's value: deq, or the dual-scale decode (flag: the element's mask bit; ignored unless the mask encoding).
+template <typename T>
+__device__ __forceinline__ float deq_u(int8_t q, bool flag, float su, float su_out, const DualScaleArgs& dual) {
+  return round_through<T>(dual_decode(q, flag, dual.enc, dual.knee, su, su_out));
+}
+
+template <typename T, int NPL, bool DUAL>
 __global__ void __launch_bounds__(kScanThreads) selective_scan_int8_kernel(const ScanParams p) {
   extern __shared__ float smem[];
   const int KP = p.lanes, CH = p.chans, TT = p.tile, N = p.nstate, L = p.len;
@@ -70,6 +82,7 @@ __global__ void __launch_bounds__(kScanThreads) selective_scan_int8_kernel(const
 
   const float su = *p.u_scale, sd = *p.delta_scale, sBs = *p.B_scale, sCs = *p.C_scale;
   const float sz = p.z != nullptr ? *p.z_scale : 0.0f;
+  const float su_out = p.u_dual.enc != kEncSingle ? *p.u_dual.s_out : 0.0f;
 
   float A[NPL], h[NPL];
 #pragma unroll
@@ -83,6 +96,7 @@ __global__ void __launch_bounds__(kScanThreads) selective_scan_int8_kernel(const
   const int8_t* Bb = p.B + b * p.B_sb;
   const int8_t* Cb = p.C + b * p.C_sb;
   const int8_t* ub = p.u + b * p.u_sb;
+  const uint8_t* umb = p.u_mask != nullptr ? p.u_mask + b * p.um_sb : nullptr;
   const int8_t* dlb = p.delta + b * p.dl_sb;
   const int8_t* zb = p.z != nullptr ? p.z + b * p.z_sb : nullptr;
   T* yb = static_cast<T*>(p.y) + b * p.y_sb;
@@ -106,7 +120,13 @@ __global__ void __launch_bounds__(kScanThreads) selective_scan_int8_kernel(const
       const int t = i / CH, cc = i % CH, tg = t0 + t, dd = d0 + cc;
       float dl = 0.0f, du = 0.0f, uu = 0.0f, g = 1.0f;
       if (tg < L && dd < p.dim) {
-        uu = deq<T>(ub[dd * p.u_sd + tg * p.u_sl], su);
+        const int8_t qu = ub[dd * p.u_sd + tg * p.u_sl];
+        if constexpr (DUAL) {
+          const bool flag = umb != nullptr && ((umb[dd * p.um_sd + (tg >> 3) * p.um_sl] >> (tg & 7)) & 1);
+          uu = deq_u<T>(qu, flag, su, su_out, p.u_dual);
+        } else {
+          uu = deq<T>(qu, su);
+        }
         dl = deq<T>(dlb[dd * p.dl_sd + tg * p.dl_sl], sd);
         if (p.delta_bias != nullptr) dl = dl + p.delta_bias[dd * p.bias_s];
         if (p.softplus) dl = softplus(dl);
@@ -162,6 +182,9 @@ struct UpdateParams {
   const int8_t *u, *delta, *z, *B, *C;
   const float *u_scale, *delta_scale, *z_scale, *B_scale, *C_scale;
   const float *A, *D, *delta_bias;
+  const uint8_t* u_mask;  // dual-scale mask encoding: one byte per (batch, channel), the flag in bit 0
+  DualScaleArgs u_dual;
+  int64_t um_sb, um_sd;
   void* y;  // contiguous (batch, dim)
   int batch, dim, nstate;
   int64_t st_sb, st_sd, st_sn, u_sb, u_sd, dl_sb, dl_sd, z_sb, z_sd, B_sb, B_sn, C_sb, C_sn;
@@ -184,7 +207,14 @@ __global__ void __launch_bounds__(kUpdateThreads) selective_scan_int8_update_ker
   __syncthreads();
   if (d >= p.dim) return;
 
-  const float uu = deq<T>(p.u[b * p.u_sb + d * p.u_sd], *p.u_scale);
+  const int8_t qu = p.u[b * p.u_sb + d * p.u_sd];
+  float uu;
+  if (p.u_dual.enc != kEncSingle) {
+    const bool flag = p.u_mask != nullptr && (p.u_mask[b * p.um_sb + d * p.um_sd] & 1);
+    uu = deq_u<T>(qu, flag, *p.u_scale, *p.u_dual.s_out, p.u_dual);
+  } else {
+    uu = deq<T>(qu, *p.u_scale);
+  }
   float dl = deq<T>(p.delta[b * p.dl_sb + d * p.dl_sd], *p.delta_scale);
   if (p.delta_bias != nullptr) dl = dl + p.delta_bias[d * p.bias_s];
   if (p.softplus) dl = softplus(dl);
@@ -257,17 +287,48 @@ void check_out_dtype(at::ScalarType out_dtype) {
               "selective_scan_int8: out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
 }
 
-template <typename T>
-void launch_scan(const ScanParams& p, int npl, cudaStream_t stream) {
+template <typename T, bool DUAL>
+void launch_scan_npl(const ScanParams& p, int npl, cudaStream_t stream) {
   const dim3 grid((p.dim + p.chans - 1) / p.chans, p.batch);
   const size_t smem = static_cast<size_t>(p.tile) * (2 * p.lanes * npl + 5 * p.chans) * sizeof(float);
   switch (npl) {
-    case 1: selective_scan_int8_kernel<T, 1><<<grid, kScanThreads, smem, stream>>>(p); break;
-    case 2: selective_scan_int8_kernel<T, 2><<<grid, kScanThreads, smem, stream>>>(p); break;
-    case 4: selective_scan_int8_kernel<T, 4><<<grid, kScanThreads, smem, stream>>>(p); break;
-    default: selective_scan_int8_kernel<T, 8><<<grid, kScanThreads, smem, stream>>>(p); break;
+    case 1: selective_scan_int8_kernel<T, 1, DUAL><<<grid, kScanThreads, smem, stream>>>(p); break;
+    case 2: selective_scan_int8_kernel<T, 2, DUAL><<<grid, kScanThreads, smem, stream>>>(p); break;
+    case 4: selective_scan_int8_kernel<T, 4, DUAL><<<grid, kScanThreads, smem, stream>>>(p); break;
+    default: selective_scan_int8_kernel<T, 8, DUAL><<<grid, kScanThreads, smem, stream>>>(p); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// A single-scale u compiles without the dual-scale branch (its speed is the baseline the dual path is measured by).
+template <typename T>
+void launch_scan(const ScanParams& p, int npl, cudaStream_t stream) {
+  if (p.u_dual.enc != kEncSingle) {
+    launch_scan_npl<T, true>(p, npl, stream);
+  } else {
+    launch_scan_npl<T, false>(p, npl, stream);
+  }
+}
+
+// u_encoding: 0 single scale, 1 mask, 2 piecewise; u_outlier_scale / u_mask as that encoding needs them.
+DualScaleArgs dual_args(const char* op, int64_t enc, int64_t knee, const std::optional<at::Tensor>& s_out,
+                        const std::optional<at::Tensor>& mask, const at::Tensor& u) {
+  TORCH_CHECK(enc >= kEncSingle && enc <= kEncPiecewise, op, ": u_encoding must be 0 (single), 1 (mask) or 2 "
+              "(piecewise), got ", enc);
+  TORCH_CHECK((enc == kEncSingle) == !s_out.has_value(), op, ": u_outlier_scale goes with a dual-scale u_encoding");
+  TORCH_CHECK((enc == kEncMask) == mask.has_value(), op, ": u_mask goes with the mask encoding (u_encoding 1) only");
+  TORCH_CHECK(enc != kEncPiecewise || (knee >= 1 && knee <= 126), op, ": the piecewise knee must be in 1..126, got ",
+              knee);
+  if (s_out.has_value()) check_scale(*s_out, "u_outlier_scale", u);
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->is_cuda() && mask->device() == u.device() && mask->scalar_type() == at::kByte, op,
+                ": u_mask must be a uint8 CUDA tensor on u's device");
+  }
+  DualScaleArgs a{};
+  a.enc = static_cast<int>(enc);
+  a.knee = static_cast<int>(knee);
+  a.s_out = s_out.has_value() ? s_out->data_ptr<float>() : nullptr;
+  return a;
 }
 
 std::vector<at::Tensor> selective_scan_int8(const at::Tensor& u, const at::Tensor& u_scale, const at::Tensor& delta,
@@ -276,7 +337,10 @@ std::vector<at::Tensor> selective_scan_int8(const at::Tensor& u, const at::Tenso
                                             const at::Tensor& D, const std::optional<at::Tensor>& z,
                                             const std::optional<at::Tensor>& z_scale,
                                             const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                                            at::ScalarType out_dtype, const std::optional<at::Tensor>& initial_state) {
+                                            at::ScalarType out_dtype, const std::optional<at::Tensor>& initial_state,
+                                            int64_t u_encoding, int64_t u_knee,
+                                            const std::optional<at::Tensor>& u_outlier_scale,
+                                            const std::optional<at::Tensor>& u_mask) {
   check_code(u, "u", 3);
   const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2);
   check_code(delta, "delta", 3);
@@ -306,6 +370,13 @@ std::vector<at::Tensor> selective_scan_int8(const at::Tensor& u, const at::Tenso
   if (delta_bias.has_value()) check_float(*delta_bias, "delta_bias", {dim}, u);
   if (initial_state.has_value()) check_float(*initial_state, "initial_state", {batch, dim, nstate}, u);
   check_out_dtype(out_dtype);
+  const DualScaleArgs dual = dual_args("selective_scan_int8", u_encoding, u_knee, u_outlier_scale, u_mask, u);
+  if (u_mask.has_value()) {
+    TORCH_CHECK(u_mask->dim() == 3 && u_mask->size(0) == batch && u_mask->size(1) == dim &&
+                    u_mask->size(2) == (len + 7) / 8,
+                "selective_scan_int8: u_mask must be (batch, D, ceil(L / 8)) = (", batch, ", ", dim, ", ",
+                (len + 7) / 8, "), got ", u_mask->sizes());
+  }
   TORCH_CHECK(dim < (1LL << 31) && len < (1LL << 31) && batch < 65536,
               "selective_scan_int8: sizes out of range (batch < 65536, channels and length < 2^31)");
 
@@ -330,6 +401,9 @@ std::vector<at::Tensor> selective_scan_int8(const at::Tensor& u, const at::Tenso
   p.D = D.data_ptr<float>();
   p.delta_bias = delta_bias.has_value() ? delta_bias->data_ptr<float>() : nullptr;
   p.h0 = initial_state.has_value() ? initial_state->data_ptr<float>() : nullptr;
+  p.u_dual = dual;
+  p.u_mask = u_mask.has_value() ? u_mask->data_ptr<uint8_t>() : nullptr;
+  if (u_mask.has_value()) p.um_sb = u_mask->stride(0), p.um_sd = u_mask->stride(1), p.um_sl = u_mask->stride(2);
   p.y = y.data_ptr();
   p.last = last.data_ptr<float>();
   p.batch = static_cast<int>(batch);
@@ -374,7 +448,9 @@ at::Tensor selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, co
                                       const at::Tensor& C_scale, const at::Tensor& D,
                                       const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& z_scale,
                                       const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                                      at::ScalarType out_dtype) {
+                                      at::ScalarType out_dtype, int64_t u_encoding, int64_t u_knee,
+                                      const std::optional<at::Tensor>& u_outlier_scale,
+                                      const std::optional<at::Tensor>& u_mask) {
   check_code(u, "u", 2);
   const int64_t batch = u.size(0), dim = u.size(1);
   check_code(delta, "delta", 2);
@@ -404,6 +480,12 @@ at::Tensor selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, co
   }
   if (delta_bias.has_value()) check_float(*delta_bias, "delta_bias", {dim}, u);
   check_out_dtype(out_dtype);
+  const DualScaleArgs dual = dual_args("selective_scan_int8_update", u_encoding, u_knee, u_outlier_scale, u_mask, u);
+  if (u_mask.has_value()) {
+    TORCH_CHECK(u_mask->dim() == 2 && u_mask->size(0) == batch && u_mask->size(1) == dim,
+                "selective_scan_int8_update: u_mask must be (batch, D) (one byte per element, the flag in bit 0), got ",
+                u_mask->sizes());
+  }
   TORCH_CHECK(batch < 65536 && dim < (1LL << 31), "selective_scan_int8_update: batch must be < 65536");
 
   const c10::cuda::OptionalCUDAGuard guard(u.device());
@@ -425,6 +507,9 @@ at::Tensor selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, co
   p.A = A.data_ptr<float>();
   p.D = D.data_ptr<float>();
   p.delta_bias = delta_bias.has_value() ? delta_bias->data_ptr<float>() : nullptr;
+  p.u_dual = dual;
+  p.u_mask = u_mask.has_value() ? u_mask->data_ptr<uint8_t>() : nullptr;
+  if (u_mask.has_value()) p.um_sb = u_mask->stride(0), p.um_sd = u_mask->stride(1);
   p.y = y.data_ptr();
   p.batch = static_cast<int>(batch);
   p.dim = static_cast<int>(dim);
@@ -457,10 +542,12 @@ at::Tensor selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, co
 TORCH_LIBRARY_FRAGMENT(qmamba, m) {
   m.def("selective_scan_int8(Tensor u, Tensor u_scale, Tensor delta, Tensor delta_scale, Tensor A, Tensor B, "
         "Tensor B_scale, Tensor C, Tensor C_scale, Tensor D, Tensor? z, Tensor? z_scale, Tensor? delta_bias, "
-        "bool delta_softplus, ScalarType out_dtype, Tensor? initial_state) -> Tensor[]");
+        "bool delta_softplus, ScalarType out_dtype, Tensor? initial_state, int u_encoding, int u_knee, "
+        "Tensor? u_outlier_scale, Tensor? u_mask) -> Tensor[]");
   m.def("selective_scan_int8_update(Tensor(a!) state, Tensor u, Tensor u_scale, Tensor delta, Tensor delta_scale, "
         "Tensor A, Tensor B, Tensor B_scale, Tensor C, Tensor C_scale, Tensor D, Tensor? z, Tensor? z_scale, "
-        "Tensor? delta_bias, bool delta_softplus, ScalarType out_dtype) -> Tensor");
+        "Tensor? delta_bias, bool delta_softplus, ScalarType out_dtype, int u_encoding, int u_knee, "
+        "Tensor? u_outlier_scale, Tensor? u_mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qmamba, CUDA, m) {

@@ -15,6 +15,7 @@ import torch
 from qmamba.kernels.build import load
 from qmamba.kernels.checks import (INT32_LIMIT, require_channel_scale, require_cuda, require_int8, require_numel,
                                    require_out_dtype, require_per_tensor_scale, shape_of)
+from qmamba.quant.dual_scale import check_out_duals
 
 MAX_TAPS = 4      # csrc kMaxTaps: d_conv of every Mamba model
 MAX_OUTS = 4      # csrc kMaxOuts: int8 consumers of one conv output
@@ -51,6 +52,26 @@ def _scales(out_scales: Sequence, device: torch.device) -> list[torch.Tensor]:
     return [per_tensor_scale(s, device, f"out_scales[{i}]") for i, s in enumerate(out_scales)]
 
 
+def _dual_op_args(duals: list, device: torch.device) -> tuple:
+    """(dual_index, dual_encoding, dual_knee, dual_outlier_scale) as the op takes them."""
+    for j, d in enumerate(duals):
+        if d is not None:
+            return j, d.encoding_id, d.knee, per_tensor_scale(d.outlier_scale, device, f"out_duals[{j}].outlier_scale")
+    return -1, 0, 0, None
+
+
+def _split(outs: list, n: int, duals: list):
+    """The op's results -> codes (a list), or (codes, masks) when the call has out_duals."""
+    codes = list(outs[:n])
+    if not duals:
+        return codes
+    masks = [None] * n
+    for j, d in enumerate(duals):
+        if d is not None and d.encoding == "mask":
+            masks[j] = outs[n]
+    return codes, masks
+
+
 def _check_common(op: str, D: int, x_scale, qw, w_scale, bias, out_dtype, out_scales) -> int:
     """The checks of csrc's ``check_args`` that the wrappers' conversions do not make hold anyway; returns K."""
     require_int8(op, "qw", qw, layout="(D, K) or (D, 1, K)", fix="quantize the conv weight first")
@@ -76,13 +97,14 @@ def _check_common(op: str, D: int, x_scale, qw, w_scale, bias, out_dtype, out_sc
 
 
 def check_conv1d_args(qx, x_scale, qw, w_scale, bias=None, out_dtype: torch.dtype = torch.float32,
-                      out_scales: Sequence = ()) -> int:
+                      out_scales: Sequence = (), out_duals: Sequence = ()) -> int:
     """Everything ``torch.ops.qmamba.conv1d_int8`` requires of its arguments, checked on metadata only (CPU
     tensors work); raises TypeError / ValueError naming the fix. Returns K (taps)."""
     op = "conv1d_int8"
     require_int8(op, "qx", qx, 3, "(B, D, L)", fix="quantize the conv input first")
     B, D, L = qx.shape
     K = _check_common(op, D, x_scale, qw, w_scale, bias, out_dtype, out_scales)
+    check_out_duals(op, out_duals, out_scales)
     if B > MAX_BATCH:
         raise ValueError(f"{op}: batch {B} exceeds the kernel's grid limit of {MAX_BATCH}; split the batch")
     if D * L >= INT32_LIMIT:
@@ -91,13 +113,15 @@ def check_conv1d_args(qx, x_scale, qw, w_scale, bias=None, out_dtype: torch.dtyp
 
 
 def check_conv1d_update_args(qx, conv_state, x_scale, qw, w_scale, bias=None,
-                             out_dtype: torch.dtype = torch.float32, out_scales: Sequence = ()) -> int:
+                             out_dtype: torch.dtype = torch.float32, out_scales: Sequence = (),
+                             out_duals: Sequence = ()) -> int:
     """Everything ``torch.ops.qmamba.conv1d_int8_update`` requires of its arguments, checked on metadata only (CPU
     tensors work); raises TypeError / ValueError naming the fix. Returns K (taps)."""
     op = "conv1d_int8_update"
     require_int8(op, "qx", qx, 2, "(B, D) (one token)", fix="quantize the conv input first")
     B, D = qx.shape
     K = _check_common(op, D, x_scale, qw, w_scale, bias, out_dtype, out_scales)
+    check_out_duals(op, out_duals, out_scales)
     fix = "build it with qmamba.ops.int8_conv1d.conv1d_int8_initial_state"
     require_int8(op, "conv_state", conv_state, fix=fix)
     if shape_of(conv_state) != (B, D, K):
@@ -109,28 +133,33 @@ def check_conv1d_update_args(qx, conv_state, x_scale, qw, w_scale, bias=None,
 
 
 def conv1d_int8(qx: torch.Tensor, x_scale, qw: torch.Tensor, w_scale, bias: torch.Tensor | None = None,
-                silu: bool = True, out_dtype: torch.dtype = torch.float32, out_scales: Sequence = ()):
+                silu: bool = True, out_dtype: torch.dtype = torch.float32, out_scales: Sequence = (),
+                out_duals: Sequence = ()):
     """qx (B, D, L) int8, any strides -> (B, D, L) channel-last in ``out_dtype`` when ``out_scales`` is empty, else
-    a list of int8 codes (B, D, L) channel-last, one per out_scale."""
+    a list of int8 codes (B, D, L) channel-last, one per out_scale; with ``out_duals`` (codes, masks), the dual-scale
+    output's mask (B, D, ceil(L / 8)) uint8 channel-last (the others None)."""
     out_scales = list(out_scales)
-    check_conv1d_args(qx, x_scale, qw, w_scale, bias, out_dtype, out_scales)
+    check_conv1d_args(qx, x_scale, qw, w_scale, bias, out_dtype, out_scales, out_duals)
+    duals = list(out_duals or ())
     load()
     require_cuda("conv1d_int8", "qx", qx)  # the other tensors are moved to qx's device below
     dev, D = qx.device, qx.shape[1]
     qw, bias = _weight_and_bias(qw, bias, D, dev)
     outs = torch.ops.qmamba.conv1d_int8(qx, per_tensor_scale(x_scale, dev, "x_scale"), qw,
                                         channel_scale(w_scale, D, dev, "w_scale"), bias, bool(silu), out_dtype,
-                                        _scales(out_scales, dev))
-    return list(outs) if out_scales else outs[0]
+                                        _scales(out_scales, dev), *_dual_op_args(duals, dev))
+    return _split(outs, len(out_scales), duals) if out_scales else outs[0]
 
 
 def conv1d_int8_update(qx: torch.Tensor, conv_state: torch.Tensor, x_scale, qw: torch.Tensor, w_scale,
                        bias: torch.Tensor | None = None, silu: bool = True, out_dtype: torch.dtype = torch.float32,
-                       out_scales: Sequence = ()):
+                       out_scales: Sequence = (), out_duals: Sequence = ()):
     """qx (B, D) int8, conv_state (B, D, K) int8 (updated in place) -> (B, D) in ``out_dtype``, or a list of int8
-    codes (B, D), one per out_scale."""
+    codes (B, D), one per out_scale; with ``out_duals`` (codes, masks), the dual-scale output's mask (B, D) uint8
+    with the flag in bit 0."""
     out_scales = list(out_scales)
-    check_conv1d_update_args(qx, conv_state, x_scale, qw, w_scale, bias, out_dtype, out_scales)
+    check_conv1d_update_args(qx, conv_state, x_scale, qw, w_scale, bias, out_dtype, out_scales, out_duals)
+    duals = list(out_duals or ())
     load()
     # conv_state is updated in place, so it cannot be moved: it must already be on qx's device
     require_cuda("conv1d_int8_update", "qx", qx, conv_state=conv_state)
@@ -138,5 +167,5 @@ def conv1d_int8_update(qx: torch.Tensor, conv_state: torch.Tensor, x_scale, qw: 
     qw, bias = _weight_and_bias(qw, bias, D, dev)
     outs = torch.ops.qmamba.conv1d_int8_update(qx, conv_state, per_tensor_scale(x_scale, dev, "x_scale"), qw,
                                                channel_scale(w_scale, D, dev, "w_scale"), bias, bool(silu),
-                                               out_dtype, _scales(out_scales, dev))
-    return list(outs) if out_scales else outs[0]
+                                               out_dtype, _scales(out_scales, dev), *_dual_op_args(duals, dev))
+    return _split(outs, len(out_scales), duals) if out_scales else outs[0]

@@ -15,6 +15,7 @@ import torch
 from qmamba.kernels.build import load
 from qmamba.kernels.checks import (INT32_LIMIT, require_cuda, require_int8, require_out_dtype,
                                    require_per_tensor_scale, require_shape, shape_of)
+from qmamba.quant.dual_scale import DualScale, check_dual_mask
 
 MAX_STATE = 256     # csrc kMaxState: N <= 32 lanes x 8 states per lane
 MAX_BATCH = 65536   # exclusive: the grid's y dimension (prefill) / batch index range (update)
@@ -54,9 +55,31 @@ def _check_params(op: str, dim: int, nstate: int, A, D, qz, z_scale, u_shape, z_
         require_per_tensor_scale(op, name, s)
 
 
+def check_dual_u(op: str, qu, u_dual, u_mask, update: bool) -> None:
+    """A dual-scale u: its DualScale, its per-tensor outlier scale, and the mask's dtype and shape (prefill
+    (batch, D, ceil(L / 8)), update (batch, D))."""
+    if u_dual is None:
+        check_dual_mask("u", qu, None, u_mask)
+        return
+    if not isinstance(u_dual, DualScale):
+        raise TypeError(f"{op}: u_dual must be a qmamba.quant.dual_scale.DualScale, got {type(u_dual).__name__}")
+    require_per_tensor_scale(op, "u_dual.outlier_scale", u_dual.outlier_scale, numbers_ok=False)
+    if update:
+        check_dual_mask("u", qu.unsqueeze(-1), u_dual, None if u_mask is None else u_mask.unsqueeze(-1))
+    else:
+        check_dual_mask("u", qu, u_dual, u_mask)
+
+
+def _dual_op_args(u_dual, u_mask, like: torch.Tensor) -> tuple:
+    """(u_encoding, u_knee, u_outlier_scale, u_mask) as the op takes them."""
+    if u_dual is None:
+        return 0, 0, None, None
+    return u_dual.encoding_id, u_dual.knee, _scale(u_dual.outlier_scale, like), u_mask
+
+
 def check_selective_scan_args(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D=None, qz=None,
-                              z_scale=None, delta_bias=None, out_dtype=torch.float32, initial_state=None
-                              ) -> tuple[int, int, int, int]:
+                              z_scale=None, delta_bias=None, out_dtype=torch.float32, initial_state=None,
+                              u_dual=None, u_mask=None) -> tuple[int, int, int, int]:
     """Everything ``torch.ops.qmamba.selective_scan_int8`` requires of its arguments (after the wrapper's float32
     conversions), on metadata only (CPU tensors work); raises TypeError / ValueError naming the fix. Returns
     (batch, D, L, N)."""
@@ -78,6 +101,7 @@ def check_selective_scan_args(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, 
                   dict(u_scale=u_scale, delta_scale=delta_scale, B_scale=B_scale, C_scale=C_scale))
     if initial_state is not None:
         require_shape(op, "initial_state", initial_state, (batch, dim, nstate), "(batch, D, N)")
+    check_dual_u(op, qu, u_dual, u_mask, update=False)
     if batch >= MAX_BATCH or dim >= INT32_LIMIT or length >= INT32_LIMIT:
         raise ValueError(f"{op}: sizes out of the kernel's range (batch < {MAX_BATCH}, channels and length < 2^31), "
                          f"got (batch, D, L) = {shape_of(qu)}; split the batch or the sequence")
@@ -85,8 +109,8 @@ def check_selective_scan_args(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, 
 
 
 def check_selective_scan_update_args(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D=None,
-                                     qz=None, z_scale=None, delta_bias=None, out_dtype=torch.float32
-                                     ) -> tuple[int, int, int]:
+                                     qz=None, z_scale=None, delta_bias=None, out_dtype=torch.float32, u_dual=None,
+                                     u_mask=None) -> tuple[int, int, int]:
     """Everything ``torch.ops.qmamba.selective_scan_int8_update`` requires of its arguments, on metadata only (CPU
     tensors work); raises TypeError / ValueError naming the fix. Returns (batch, D, N)."""
     op = "selective_scan_int8_update"
@@ -107,6 +131,7 @@ def check_selective_scan_update_args(state, qu, u_scale, qdelta, delta_scale, A,
         raise TypeError(f"{op}: state must be float32 (updated in place), got {state.dtype}")
     _check_params(op, dim, nstate, A, D, qz, z_scale, shape_of(qu), 2, delta_bias, out_dtype,
                   dict(u_scale=u_scale, delta_scale=delta_scale, B_scale=B_scale, C_scale=C_scale))
+    check_dual_u(op, qu, u_dual, u_mask, update=True)
     if batch >= MAX_BATCH or dim >= INT32_LIMIT:
         raise ValueError(f"{op}: batch must be < {MAX_BATCH} (and channels < 2^31), got {shape_of(qu)}; split the "
                          "batch")
@@ -114,38 +139,41 @@ def check_selective_scan_update_args(state, qu, u_scale, qdelta, delta_scale, A,
 
 
 def selective_scan_int8(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D=None, qz=None, z_scale=None,
-                        delta_bias=None, delta_softplus=True, out_dtype=torch.float32, initial_state=None):
+                        delta_bias=None, delta_softplus=True, out_dtype=torch.float32, initial_state=None,
+                        u_dual: DualScale | None = None, u_mask: torch.Tensor | None = None):
     """Prefill. qu, qdelta, qz (batch, D, L) int8; qB, qC (batch, N, L) int8; A (D, N); D, delta_bias (D,);
-    initial_state (batch, D, N) or None. Returns (y (batch, D, L) in out_dtype, stored channel-last, i.e. a
-    transposed contiguous (batch, L, D); last_state (batch, D, N) fp32)."""
+    initial_state (batch, D, N) or None; a dual-scale u: u_dual and (mask encoding) u_mask (batch, D, ceil(L / 8))
+    uint8, any strides. Returns (y (batch, D, L) in out_dtype, stored channel-last, i.e. a transposed contiguous
+    (batch, L, D); last_state (batch, D, N) fp32)."""
     check_selective_scan_args(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz, z_scale,
-                              delta_bias, out_dtype, initial_state)
+                              delta_bias, out_dtype, initial_state, u_dual, u_mask)
     load()
     # scales are moved to u's device by _scale; the other tensors must already be there
     require_cuda("selective_scan_int8", "u", qu, delta=qdelta, A=A, B=qB, C=qC, D=D, z=qz, delta_bias=delta_bias,
-                 initial_state=initial_state)
+                 initial_state=initial_state, u_mask=u_mask)
     A = _f32(A)
     D = _f32(D) if D is not None else torch.zeros(qu.shape[1], dtype=torch.float32, device=qu.device)
     y, last = torch.ops.qmamba.selective_scan_int8(
         qu, _scale(u_scale, qu), qdelta, _scale(delta_scale, qu), A, qB, _scale(B_scale, qu), qC,
         _scale(C_scale, qu), D, qz, _scale(z_scale, qu) if qz is not None else None, _f32(delta_bias),
-        bool(delta_softplus), out_dtype, _f32(initial_state))
+        bool(delta_softplus), out_dtype, _f32(initial_state), *_dual_op_args(u_dual, u_mask, qu))
     return y, last
 
 
 def selective_scan_int8_update(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D=None, qz=None,
-                               z_scale=None, delta_bias=None, delta_softplus=True, out_dtype=torch.float32):
+                               z_scale=None, delta_bias=None, delta_softplus=True, out_dtype=torch.float32,
+                               u_dual: DualScale | None = None, u_mask: torch.Tensor | None = None):
     """One token. ``state`` (batch, D, N) fp32 is updated in place (it must already be fp32: a converted copy would
-    not be the caller's state); qu, qdelta, qz (batch, D) int8; qB, qC (batch, N) int8. Returns y (batch, D) in
-    out_dtype."""
+    not be the caller's state); qu, qdelta, qz (batch, D) int8; qB, qC (batch, N) int8; a dual-scale u: u_dual and
+    (mask encoding) u_mask (batch, D) uint8, the flag in bit 0. Returns y (batch, D) in out_dtype."""
     check_selective_scan_update_args(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz,
-                                     z_scale, delta_bias, out_dtype)
+                                     z_scale, delta_bias, out_dtype, u_dual, u_mask)
     load()
     require_cuda("selective_scan_int8_update", "u", qu, state=state, delta=qdelta, A=A, B=qB, C=qC, D=D, z=qz,
-                 delta_bias=delta_bias)
+                 delta_bias=delta_bias, u_mask=u_mask)
     A = _f32(A)
     D = _f32(D) if D is not None else torch.zeros(qu.shape[1], dtype=torch.float32, device=qu.device)
     return torch.ops.qmamba.selective_scan_int8_update(
         state, qu, _scale(u_scale, qu), qdelta, _scale(delta_scale, qu), A, qB, _scale(B_scale, qu), qC,
         _scale(C_scale, qu), D, qz, _scale(z_scale, qu) if qz is not None else None, _f32(delta_bias),
-        bool(delta_softplus), out_dtype)
+        bool(delta_softplus), out_dtype, *_dual_op_args(u_dual, u_mask, qu))

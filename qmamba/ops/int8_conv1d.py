@@ -12,6 +12,11 @@ quantizer (DESIGN §3), op for op:
     codes_j      = clamp(rint(out.float() * (1 / out_scale_j)), -128, 127)   one per consumer (Mamba1's u feeds
                                                                          x_proj.input and scan.u)
 
+One consumer may be dual-scale (issue 5: Mamba1's scan.u): ``out_duals[j]`` a ``DualScale`` for output j (None for the
+others) makes its codes ``dual_quantize(out, out_scales[j], s_out)`` in that encoding (``qmamba.quant.dual_scale``),
+and the call returns ``(codes, masks)``: the code tensors and, per output, the packed outlier flags (mask encoding:
+(B, D, ceil(L / 8)) uint8 packed along L for the prefill; (B, D), the flag in bit 0, for the update) or None.
+
 Shapes: qx (B, D, L) int8 (any strides), qw (D, K) or (D, 1, K) int8, s_x one element, s_w one element or (D,)
 (any shape of that many elements, e.g. the module's (D, 1, 1)), bias (D,) or None. With no ``out_scales`` the result
 is the float output (B, D, L) in ``out_dtype``; else a list of int8 code tensors (B, D, L), one per scale.
@@ -32,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from qmamba.ops.backend import use_kernels
+from qmamba.quant.dual_scale import DualScale, check_out_duals, dual_quantize
 from qmamba.quant.numerics import quantize
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -70,25 +76,39 @@ def _describe(v) -> str:
 
 
 def _epilogue(acc: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, silu: bool, out_dtype,
-              out_scales: Sequence[torch.Tensor]):
-    """int32 sums -> the float output in out_dtype, or its codes for each consumer scale."""
+              out_scales: Sequence[torch.Tensor], out_duals: list | None = None, update: bool = False):
+    """int32 sums -> the float output in out_dtype, or its codes for each consumer scale (and, with out_duals,
+    (codes, masks)). ``update``: one token (B, D), whose mask is one flag byte per element."""
     out = acc.float() * scale
     if bias is not None:
         out = out + bias
     out = (F.silu(out) if silu else out).to(out_dtype)
     if not out_scales:
         return out
-    return [quantize(out, s.float().reshape(())) for s in out_scales]
+    if not out_duals:
+        return [quantize(out, s.float().reshape(())) for s in out_scales]
+    codes, masks = [], []
+    for s, d in zip(out_scales, out_duals):
+        if d is None:
+            codes.append(quantize(out, s.float().reshape(())))
+            masks.append(None)
+            continue
+        v = out.unsqueeze(-1) if update else out  # the update's token: its flags packed along a time dim of 1
+        q, m = dual_quantize(v, s.float().reshape(()), d.outlier_scale.float().reshape(()), d.encoding, d.knee)
+        codes.append(q[..., 0] if update else q)
+        masks.append(m[..., 0] if (update and m is not None) else m)
+    return codes, masks
 
 
 def conv1d_int8_ref(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
                     bias: torch.Tensor | None = None, silu: bool = True, out_dtype: torch.dtype = torch.float32,
-                    out_scales: Sequence[torch.Tensor] = ()):
+                    out_scales: Sequence[torch.Tensor] = (), out_duals: Sequence[DualScale | None] = ()):
     """Prefill: qx (B, D, L) int8 -> (B, D, L) in out_dtype, or [int8 codes (B, D, L) per out_scale]."""
     if qx.dtype != torch.int8 or qx.ndim != 3:
         raise TypeError(f"conv1d_int8: qx must be int8 codes of shape (B, D, L), got {qx.dtype} {tuple(qx.shape)}")
     D, L = qx.shape[1], qx.shape[2]
     k = _check_common(D, qw, x_scale, w_scale, bias, out_dtype, out_scales, "conv1d_int8")
+    duals = check_out_duals("conv1d_int8", out_duals, out_scales)
     w32 = qw.reshape(D, k).to(torch.int32)
     xp = F.pad(qx.to(torch.int32), (k - 1, 0))  # (B, D, k - 1 + L): the zeros before t = 0
     acc = torch.zeros(qx.shape, dtype=torch.int32, device=qx.device)
@@ -97,12 +117,13 @@ def conv1d_int8_ref(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w
     # scales multiply first (DESIGN §3): (s_x * s_w) is (1, 1) or (D, 1), as in QuantCausalConv1d._int8_forward
     scale = x_scale.float().reshape(()) * w_scale.float().reshape(-1, 1)
     b = None if bias is None else bias.float().reshape(D)[:, None]
-    return _epilogue(acc, scale, b, silu, out_dtype, out_scales)
+    return _epilogue(acc, scale, b, silu, out_dtype, out_scales, duals)
 
 
 def conv1d_int8_update_ref(qx: torch.Tensor, conv_state: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor,
                            w_scale: torch.Tensor, bias: torch.Tensor | None = None, silu: bool = True,
-                           out_dtype: torch.dtype = torch.float32, out_scales: Sequence[torch.Tensor] = ()):
+                           out_dtype: torch.dtype = torch.float32, out_scales: Sequence[torch.Tensor] = (),
+                           out_duals: Sequence[DualScale | None] = ()):
     """One decode step: qx (B, D) int8, conv_state (B, D, K) int8 (updated in place: shifted left by one, qx
     appended) -> (B, D) in out_dtype, or [int8 codes (B, D) per out_scale]. The output is the prefill's output at
     the new time step."""
@@ -111,6 +132,7 @@ def conv1d_int8_update_ref(qx: torch.Tensor, conv_state: torch.Tensor, x_scale: 
                         f"{tuple(qx.shape)}")
     B, D = qx.shape
     k = _check_common(D, qw, x_scale, w_scale, bias, out_dtype, out_scales, "conv1d_int8_update")
+    duals = check_out_duals("conv1d_int8_update", out_duals, out_scales)
     if conv_state.dtype != torch.int8 or tuple(conv_state.shape) != (B, D, k):
         raise ValueError(f"conv1d_int8_update: conv_state must be int8 of shape (B, D, K) = {(B, D, k)} (the codes "
                          f"of the last K inputs; build it with conv1d_int8_initial_state), got {conv_state.dtype} "
@@ -120,7 +142,7 @@ def conv1d_int8_update_ref(qx: torch.Tensor, conv_state: torch.Tensor, x_scale: 
     acc = (window.to(torch.int32) * qw.reshape(D, k).to(torch.int32)).sum(-1, dtype=torch.int32)  # (B, D)
     scale = x_scale.float().reshape(()) * w_scale.float().reshape(-1)  # (1,) or (D,)
     b = None if bias is None else bias.float().reshape(D)
-    return _epilogue(acc, scale, b, silu, out_dtype, out_scales)
+    return _epilogue(acc, scale, b, silu, out_dtype, out_scales, duals, update=True)
 
 
 def conv1d_int8_initial_state(qx: torch.Tensor, k: int) -> torch.Tensor:
@@ -138,21 +160,24 @@ def conv1d_int8_initial_state(qx: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def conv1d_int8(qx, x_scale, qw, w_scale, bias=None, silu: bool = True, out_dtype: torch.dtype = torch.float32,
-                out_scales: Sequence[torch.Tensor] = (), backend: str = "auto"):
+                out_scales: Sequence[torch.Tensor] = (), backend: str = "auto",
+                out_duals: Sequence[DualScale | None] = ()):
     """``conv1d_int8_ref`` or qmamba's CUDA kernel (channel-last outputs), by ``backend``."""
     if use_kernels(backend, qx, "conv1d_int8"):
         from qmamba.kernels import conv1d as kernel
 
-        return kernel.conv1d_int8(qx, x_scale, qw, w_scale, bias, silu, out_dtype, out_scales)
-    return conv1d_int8_ref(qx, x_scale, qw, w_scale, bias, silu, out_dtype, out_scales)
+        return kernel.conv1d_int8(qx, x_scale, qw, w_scale, bias, silu, out_dtype, out_scales, out_duals)
+    return conv1d_int8_ref(qx, x_scale, qw, w_scale, bias, silu, out_dtype, out_scales, out_duals)
 
 
 def conv1d_int8_update(qx, conv_state, x_scale, qw, w_scale, bias=None, silu: bool = True,
                        out_dtype: torch.dtype = torch.float32, out_scales: Sequence[torch.Tensor] = (),
-                       backend: str = "auto"):
+                       backend: str = "auto", out_duals: Sequence[DualScale | None] = ()):
     """``conv1d_int8_update_ref`` or qmamba's CUDA kernel, by ``backend``; conv_state is updated in place."""
     if use_kernels(backend, qx, "conv1d_int8_update"):
         from qmamba.kernels import conv1d as kernel
 
-        return kernel.conv1d_int8_update(qx, conv_state, x_scale, qw, w_scale, bias, silu, out_dtype, out_scales)
-    return conv1d_int8_update_ref(qx, conv_state, x_scale, qw, w_scale, bias, silu, out_dtype, out_scales)
+        return kernel.conv1d_int8_update(qx, conv_state, x_scale, qw, w_scale, bias, silu, out_dtype, out_scales,
+                                         out_duals)
+    return conv1d_int8_update_ref(qx, conv_state, x_scale, qw, w_scale, bias, silu, out_dtype, out_scales,
+                                  out_duals)

@@ -17,6 +17,12 @@ x_proj output (B, L, R + 2N)):
     update:   state (batch, D, N) fp32, updated in place    qu, qdelta, qz (batch, D)    qB, qC (batch, N)
               -> y (batch, D) in out_dtype
 
+Dual-scale u (issue 5, ``qmamba.quant.dual_scale``): ``u_dual`` (a ``DualScale``: outlier scale, encoding, knee) and,
+for the mask encoding, ``u_mask``, the packed outlier flags: (batch, D, ceil(L / 8)) uint8 for the prefill (packed along
+L, as ``dual_quantize`` packs u's last dim), (batch, D) for the update (one byte per element, the flag in bit 0: the
+token's (batch, D, 1) mask with the time dim dropped). u is then ``dual_dequantize(qu, u_mask, su, s_out).to(out_dtype)``
+instead of ``dequantize(qu, su).to(out_dtype)``; nothing else changes. u_dual=None: single-scale codes.
+
 ``selective_scan_int8`` / ``selective_scan_int8_update`` dispatch to the CUDA kernels (csrc/selective_scan/) where
 ``backend`` allows (``qmamba.ops.backend.use_kernels``), else to the references here.
 """
@@ -28,6 +34,7 @@ import torch.nn.functional as F
 
 from qmamba.ops.backend import use_kernels
 from qmamba.ops.selective_scan import _finish, selective_scan_ref
+from qmamba.quant.dual_scale import DualScale, check_dual_mask, dequantize_codes
 from qmamba.quant.numerics import dequantize
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -43,6 +50,26 @@ def _deq(q: torch.Tensor, scale, dtype: torch.dtype, name: str) -> torch.Tensor:
     if isinstance(scale, torch.Tensor):
         scale = scale.reshape(())
     return dequantize(q, scale).to(dtype).float()
+
+
+def _deq_u(qu, u_scale, dtype, u_dual: DualScale | None, u_mask, update: bool) -> torch.Tensor:
+    """fp32 values of u rounded through ``dtype``: ``_deq`` for single-scale codes, the dual-scale decode otherwise.
+    ``update``: qu is one token (batch, D) and u_mask (batch, D) holds one flag byte per element."""
+    if u_dual is None:
+        check_dual_mask("u", qu, None, u_mask)
+        return _deq(qu, u_scale, dtype, "u")
+    if qu.dtype != torch.int8:
+        raise TypeError(f"selective_scan_int8: u must hold int8 codes, got {qu.dtype} (quantize it first)")
+    for name, sc in (("u_scale", u_scale), ("u_dual.outlier_scale", getattr(u_dual, "outlier_scale", None))):
+        if isinstance(sc, torch.Tensor) and sc.numel() != 1:
+            raise ValueError(f"selective_scan_int8: {name} must be per-tensor (one element), got shape "
+                             f"{tuple(sc.shape)}")
+    q = qu.unsqueeze(-1) if update else qu  # the token's time dim back: its flags are packed along it
+    m = u_mask.unsqueeze(-1) if (update and u_mask is not None) else u_mask
+    check_dual_mask("u", q, u_dual, m)
+    dual = DualScale(u_dual.outlier_scale.reshape(()), u_dual.encoding, u_dual.knee)
+    v = dequantize_codes(q, torch.as_tensor(u_scale).reshape(()), dual, m)
+    return (v[..., 0] if update else v).to(dtype).float()
 
 
 def _check_common(out_dtype, qz, z_scale):
@@ -65,7 +92,7 @@ def _delta(qdelta, delta_scale, delta_bias, delta_softplus, out_dtype):
 
 def selective_scan_int8_ref(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz=None, z_scale=None,
                             delta_bias=None, delta_softplus=True, out_dtype=torch.float32, return_last_state=False,
-                            initial_state=None):
+                            initial_state=None, u_dual: DualScale | None = None, u_mask: torch.Tensor | None = None):
     """Pure-torch int8 selective scan (prefill): the module's math, see the module docstring.
 
     Without ``initial_state`` the result is bit-identical to ``QuantSelectiveScan`` in int8 mode on the same codes.
@@ -77,7 +104,7 @@ def selective_scan_int8_ref(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC
     if qB.dim() != 3 or qC.dim() != 3:
         raise ValueError(f"selective_scan_int8: B and C must be (batch, N, L) (Mamba1 has no groups), got "
                          f"{tuple(qB.shape)} and {tuple(qC.shape)}")
-    u = _deq(qu, u_scale, out_dtype, "u")  # (b, d, L)
+    u = _deq_u(qu, u_scale, out_dtype, u_dual, u_mask, update=False)  # (b, d, L)
     delta = _delta(qdelta, delta_scale, delta_bias, delta_softplus, out_dtype)  # (b, d, L), after softplus
     B = _deq(qB, B_scale, out_dtype, "B")  # (b, n, L)
     C = _deq(qC, C_scale, out_dtype, "C")
@@ -107,7 +134,8 @@ def selective_scan_int8_ref(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC
 
 
 def selective_scan_int8_update_ref(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz=None,
-                                   z_scale=None, delta_bias=None, delta_softplus=True, out_dtype=torch.float32):
+                                   z_scale=None, delta_bias=None, delta_softplus=True, out_dtype=torch.float32,
+                                   u_dual: DualScale | None = None, u_mask: torch.Tensor | None = None):
     """One step of the recurrence (decode): ``state`` (batch, D, N) fp32 becomes ``exp(delta A) state +
     (delta u) B`` in place; returns y (batch, D) in ``out_dtype``. The module's int8 step (``QuantSelectiveScan.step``:
     dequantize to the activation dtype, then the float part's ``step``) op for op. Prefill with the last state then
@@ -122,7 +150,7 @@ def selective_scan_int8_update_ref(state, qu, u_scale, qdelta, delta_scale, A, q
     if state.shape != (qu.shape[0], qu.shape[1], qB.shape[1]):
         raise ValueError(f"selective_scan_int8_update: state must be (batch, D, N) = "
                          f"{(qu.shape[0], qu.shape[1], qB.shape[1])}, got {tuple(state.shape)}")
-    u = _deq(qu, u_scale, out_dtype, "u")  # (b, d)
+    u = _deq_u(qu, u_scale, out_dtype, u_dual, u_mask, update=True)  # (b, d)
     delta = _delta(qdelta[..., None], delta_scale, delta_bias, delta_softplus, out_dtype)[..., 0]  # (b, d)
     B = _deq(qB, B_scale, out_dtype, "B")  # (b, n)
     C = _deq(qC, C_scale, out_dtype, "C")
@@ -137,28 +165,34 @@ def selective_scan_int8_update_ref(state, qu, u_scale, qdelta, delta_scale, A, q
 
 def selective_scan_int8(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz=None, z_scale=None,
                         delta_bias=None, delta_softplus=True, out_dtype=torch.float32, return_last_state=False,
-                        initial_state=None, backend: str = "auto"):
+                        initial_state=None, backend: str = "auto", u_dual: DualScale | None = None,
+                        u_mask: torch.Tensor | None = None):
     """int8 selective scan (prefill) through the CUDA kernel where ``backend`` allows, else the reference.
     Same arguments and result as ``selective_scan_int8_ref``. The kernel's y is channel-last ((batch, L, D) memory)."""
     if use_kernels(backend, qu, "selective_scan_int8"):
         from qmamba.kernels import selective_scan as kernel
 
         y, last = kernel.selective_scan_int8(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz,
-                                             z_scale, delta_bias, delta_softplus, out_dtype, initial_state)
+                                             z_scale, delta_bias, delta_softplus, out_dtype, initial_state,
+                                             u_dual=u_dual, u_mask=u_mask)
         return (y, last) if return_last_state else y
     return selective_scan_int8_ref(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz, z_scale,
-                                   delta_bias, delta_softplus, out_dtype, return_last_state, initial_state)
+                                   delta_bias, delta_softplus, out_dtype, return_last_state, initial_state,
+                                   u_dual=u_dual, u_mask=u_mask)
 
 
 def selective_scan_int8_update(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz=None,
                                z_scale=None, delta_bias=None, delta_softplus=True, out_dtype=torch.float32,
-                               backend: str = "auto"):
+                               backend: str = "auto", u_dual: DualScale | None = None,
+                               u_mask: torch.Tensor | None = None):
     """One-token int8 scan step through the CUDA kernel where ``backend`` allows, else the reference; ``state``
     is updated in place either way."""
     if use_kernels(backend, qu, "selective_scan_int8_update"):
         from qmamba.kernels import selective_scan as kernel
 
         return kernel.selective_scan_int8_update(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale,
-                                                 D, qz, z_scale, delta_bias, delta_softplus, out_dtype)
+                                                 D, qz, z_scale, delta_bias, delta_softplus, out_dtype,
+                                                 u_dual=u_dual, u_mask=u_mask)
     return selective_scan_int8_update_ref(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D,
-                                          qz, z_scale, delta_bias, delta_softplus, out_dtype)
+                                          qz, z_scale, delta_bias, delta_softplus, out_dtype, u_dual=u_dual,
+                                          u_mask=u_mask)

@@ -8,12 +8,21 @@ Inputs are the codes the quantization points produce and the scales they are in 
 The decode step takes one token: qx (batch, h, p), qdt (batch, h), qB / qC (batch, g, n), and updates the fp32 state
 (batch, h, p, n) in place.
 
+Dual-scale x (issue 5, ``qmamba.quant.dual_scale``): ``x_dual=DualScale(s_out, encoding, knee)`` reads qx with the
+inlier scale ``x_scale`` and the outlier scale ``x_dual.outlier_scale`` (one element or (h,), like x_scale). The
+mask encoding also takes ``x_mask``, the packed outlier flags: uint8 (batch, L, h, ceil(p / 8)) for the scan,
+(batch, h, ceil(p / 8)) for the step (bit j of byte i = element 8i + j of headdim, ``dual_scale.pack_mask``; any
+strides); the piecewise encoding takes none. x is then ``dual_scale.dequantize_codes(qx, x_scale, x_dual, x_mask)``
+(fp32) instead of ``q * x_scale``, and everything else is unchanged. ``x_dual=None`` (the default) is single scale,
+exactly as before.
+
 The math is ``qmamba.ops.ssd``'s on the dequantized codes, ``q.float() * scale`` (the scale broadcast as
-``qmamba.quant.granularity`` does), in fp32: dt = softplus(dt + dt_bias); per head
+``qmamba.quant.granularity`` does; x dual-scale as above), in fp32: dt = softplus(dt + dt_bias); per head
     S[t] = exp(dt[t] A) S[t-1] + dt[t] x[t] B[t]^T    (S: p x n),     y[t] = S[t] C[t] + D x[t].
 No gate z: Mamba2's gate is applied in its norm. ``ssd_chunk_scan_int8_ref`` is exactly what the ``torch`` int8
 backend computes (``QuantSSDScan`` in int8 mode on fp32 activations: dequantized codes into ``ssd_chunk_scan_ref``);
-the Triton kernels (``qmamba.kernels.triton.ssd_int8``) match it to fp32 rounding.
+the Triton kernels (``qmamba.kernels.triton.ssd_int8``) match it to fp32 rounding (dual-scale x included; their
+docstring says where an FMA may enter).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import torch.nn.functional as F
 
 from qmamba.ops.backend import use_kernels
 from qmamba.ops.ssd import ssd_chunk_scan_ref
+from qmamba.quant.dual_scale import DualScale, check_dual_mask, dequantize_codes
 from qmamba.quant.numerics import dequantize
 
 
@@ -45,6 +55,19 @@ def _scale(name: str, scale: torch.Tensor, channels: int, what: str, lead: int, 
         raise ValueError(f"{name} must have one element (per-tensor) or {channels} (one per {what}), got shape "
                          f"{tuple(scale.shape)}")
     return scale.reshape((1,) * lead + (channels,) + (1,) * trail)
+
+
+def _x_values(qx: torch.Tensor, x_scale: torch.Tensor, x_dual: DualScale | None, x_mask: torch.Tensor | None,
+              lead: int) -> torch.Tensor:
+    """fp32 x from its codes (x's heads after ``lead`` dims, headdim last): ``q * x_scale``, or dual-scale
+    ``dequantize_codes`` with the outlier scale shaped as x_scale is."""
+    check_dual_mask("x", qx, x_dual, x_mask)
+    h = qx.shape[lead]
+    s_in = _scale("x_scale", x_scale, h, "head", lead, 1)
+    if x_dual is None:
+        return dequantize(qx, s_in)
+    s_out = _scale("x_dual.outlier_scale", x_dual.outlier_scale, h, "head", lead, 1)
+    return dequantize_codes(qx, s_in, DualScale(s_out, x_dual.encoding, x_dual.knee), x_mask)
 
 
 def _check_scan_shapes(qx, qdt, qB, qC):
@@ -80,14 +103,16 @@ def _check_step_shapes(state, qx, qdt, qB, qC):
 
 def ssd_chunk_scan_int8_ref(qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale, chunk_size, D=None,
                             dt_bias=None, dt_softplus=True, out_dtype=torch.float32, initial_states=None,
-                            return_final_states=False):
+                            return_final_states=False, x_dual: DualScale | None = None,
+                            x_mask: torch.Tensor | None = None):
     """Pure-torch int8 SSD scan: dequantize the codes, then ``ssd_chunk_scan_ref`` (see module docstring).
 
     Returns y (batch, L, h, p) in ``out_dtype`` and, with ``return_final_states``, the fp32 state after the last
-    token (batch, h, p, n), which ``ssd_step_int8`` continues from. ``initial_states``: (batch, h, p, n)."""
+    token (batch, h, p, n), which ``ssd_step_int8`` continues from. ``initial_states``: (batch, h, p, n).
+    ``x_dual`` / ``x_mask``: dual-scale x (module docstring); x_mask (batch, L, h, ceil(p / 8)) uint8."""
     _check_scan_shapes(qx, qdt, qB, qC)
     h, g = qx.shape[2], qB.shape[2]
-    x = dequantize(qx, _scale("x_scale", x_scale, h, "head", 2, 1))  # (b, L, h, p) fp32
+    x = _x_values(qx, x_scale, x_dual, x_mask, 2)  # (b, L, h, p) fp32
     dt = dequantize(qdt, _scale("dt_scale", dt_scale, h, "head", 2, 0))  # (b, L, h)
     B = dequantize(qB, _scale("B_scale", B_scale, g, "group", 2, 1))  # (b, L, g, n)
     C = dequantize(qC, _scale("C_scale", C_scale, g, "group", 2, 1))
@@ -99,13 +124,15 @@ def ssd_chunk_scan_int8_ref(qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_sc
 
 
 def ssd_step_int8_ref(state, qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale, D=None, dt_bias=None,
-                      dt_softplus=True, out_dtype=torch.float32):
+                      dt_softplus=True, out_dtype=torch.float32, x_dual: DualScale | None = None,
+                      x_mask: torch.Tensor | None = None):
     """One decode token: ``S = exp(dt A) S + dt x B^T`` into ``state`` (fp32 (batch, h, p, n), in place), returns
     ``y = S C + D x`` (batch, h, p) in ``out_dtype``. Shapes in the module docstring. The same fp32 ops as
-    ``SSDScan.step`` on the dequantized codes (``QuantSSDScan.step`` in int8 mode on fp32 activations)."""
+    ``SSDScan.step`` on the dequantized codes (``QuantSSDScan.step`` in int8 mode on fp32 activations).
+    ``x_dual`` / ``x_mask``: dual-scale x (module docstring); x_mask (batch, h, ceil(p / 8)) uint8."""
     _check_step_shapes(state, qx, qdt, qB, qC)
     h, g = qx.shape[1], qB.shape[1]
-    x = dequantize(qx, _scale("x_scale", x_scale, h, "head", 1, 1))  # (b, h, p)
+    x = _x_values(qx, x_scale, x_dual, x_mask, 1)  # (b, h, p)
     dt = dequantize(qdt, _scale("dt_scale", dt_scale, h, "head", 1, 0))  # (b, h)
     B = dequantize(qB, _scale("B_scale", B_scale, g, "group", 1, 1))  # (b, g, n)
     C = dequantize(qC, _scale("C_scale", C_scale, g, "group", 1, 1))
@@ -128,12 +155,12 @@ def ssd_step_int8_ref(state, qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_s
 
 def ssd_chunk_scan_int8(qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale, chunk_size, D=None, dt_bias=None,
                         dt_softplus=True, out_dtype=torch.float32, initial_states=None, return_final_states=False,
-                        backend: str = "auto"):
+                        backend: str = "auto", x_dual: DualScale | None = None, x_mask: torch.Tensor | None = None):
     """int8 SSD scan through the Triton kernel where ``backend`` allows (``qmamba.ops.backend.use_kernels``), else
     ``ssd_chunk_scan_int8_ref``. Same arguments and results as the reference."""
     args = (qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale, chunk_size)
     kwargs = dict(D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, out_dtype=out_dtype, initial_states=initial_states,
-                  return_final_states=return_final_states)
+                  return_final_states=return_final_states, x_dual=x_dual, x_mask=x_mask)
     if use_kernels(backend, qx, "ssd_chunk_scan_int8"):
         from qmamba.kernels.triton.ssd_int8 import ssd_chunk_scan_int8_triton  # lazy: imports triton
 
@@ -142,11 +169,12 @@ def ssd_chunk_scan_int8(qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale,
 
 
 def ssd_step_int8(state, qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale, D=None, dt_bias=None,
-                  dt_softplus=True, out_dtype=torch.float32, backend: str = "auto"):
+                  dt_softplus=True, out_dtype=torch.float32, backend: str = "auto", x_dual: DualScale | None = None,
+                  x_mask: torch.Tensor | None = None):
     """int8 SSD decode step through the Triton kernel where ``backend`` allows, else ``ssd_step_int8_ref``.
     Updates ``state`` in place either way."""
     args = (state, qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale)
-    kwargs = dict(D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, out_dtype=out_dtype)
+    kwargs = dict(D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, out_dtype=out_dtype, x_dual=x_dual, x_mask=x_mask)
     if use_kernels(backend, qx, "ssd_step_int8"):
         from qmamba.kernels.triton.ssd_int8 import ssd_step_int8_triton
 

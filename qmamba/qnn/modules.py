@@ -28,6 +28,7 @@ from qmamba.ops.int8_hadamard import hadamard_quantize
 from qmamba.ops.int8_linear import w8a8_linear
 from qmamba.ops.int8_selective_scan import selective_scan_int8, selective_scan_int8_update
 from qmamba.ops.int8_ssd import ssd_chunk_scan_int8, ssd_step_int8
+from qmamba.quant.dual_scale import DualScale
 from qmamba.quant.numerics import dequantize, quantize, scale_from_absmax
 from qmamba.quant.recipe import QuantSpec
 
@@ -99,6 +100,16 @@ class QuantTwin:
         qp.observe(x)
         return qp.quantize(x, self.backend)
 
+    def _dual_codes(self, point: str, x: torch.Tensor):
+        """``_codes`` for a point that may be dual-scale (the SSM input): (codes, inlier scale, DualScale or None,
+        packed outlier flags or None). A dual-scale point's codes come from ``QuantPoint.dual_codes`` (torch ops)."""
+        qp = self.quant_points[point]
+        if qp.dual is None:
+            return (*self._codes(point, x), None, None)
+        qp.observe(x)
+        q, mask, s_in, s_out = qp.dual_codes(x)
+        return q, s_in, DualScale(s_out, qp.dual.encoding, qp.dual.knee), mask
+
     def _in(self, point: str, x: torch.Tensor) -> torch.Tensor:
         """An activation input through its point in the current mode (fp32 dequantized codes in int8 mode)."""
         qp = self.q(point)
@@ -129,6 +140,17 @@ class QuantTwin:
         s = self._step_scale(qp, xt)
         q = qp.codes(xt, s, self.backend)  # the fused kernel on a GPU: one launch, no host sync
         return (q, s) if time_dim is None else (q.squeeze(time_dim), s.squeeze(time_dim))
+
+    def _step_dual_codes(self, point: str, x: torch.Tensor, time_dim: int):
+        """``_step_codes`` for a point that may be dual-scale: (codes, inlier scale, DualScale or None, packed flags or
+        None), each without the time dim (the mask of a (B, D) token is (B, D): one flag byte per element)."""
+        qp = self.q(point)
+        if qp is None or qp.dual is None:
+            return (*self._step_codes(point, x, time_dim), None, None)
+        xt = x.unsqueeze(time_dim)
+        q, mask, s_in, s_out = qp.dual_codes(xt, check_ready=not xt.is_cuda)
+        dual = DualScale(s_out.squeeze(time_dim), qp.dual.encoding, qp.dual.knee)
+        return q.squeeze(time_dim), s_in.squeeze(time_dim), dual, None if mask is None else mask.squeeze(time_dim)
 
     def _step_act(self, point: str, x: torch.Tensor | None, time_dim: int | None = None):
         """``_in`` for one token: fakequant and int8 both give dequantize(quantize(x)) in x's dtype (the same fp32
@@ -310,11 +332,9 @@ class QuantSelectiveScan(QuantTwin, SelectiveScan):
     DUAL_SCALE_POINTS = ("u",)
 
     def _integer(self) -> bool:
-        """int8 mode with every input quantized: the scan runs from codes (the int8 kernel on a GPU). A dual-scale u
-        takes the torch path instead (each input quantized, dequantized to fp32, the float scan): the int8 kernels
-        read one scale per tensor and no outlier flags yet, and must never get dual-scale codes."""
-        return (self.qmode == "int8" and all(p in self.quant_points for p in self.POINTS)
-                and self.quant_points["u"].dual is None)
+        """int8 mode with every input quantized: the scan runs from codes (the int8 kernel on a GPU), a dual-scale u
+        as its codes, outlier scale and flags."""
+        return self.qmode == "int8" and all(p in self.quant_points for p in self.POINTS)
 
     def forward(self, u, delta, A_log, B, C, D, z):
         if self._integer():
@@ -331,10 +351,12 @@ class QuantSelectiveScan(QuantTwin, SelectiveScan):
     def _int8_scan(self, ssm_state, u, delta, A_log, B, C, D, z):
         """The scan from the codes of its five inputs: ``selective_scan_int8`` (kernel on a GPU; else the reference,
         which dequantizes to u's dtype as ``_in`` does and runs the fp32 scan). ssm_state <- the last state if given."""
-        codes = [c for p, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)) for c in self._codes(p, t)]
+        qu, su, u_dual, u_mask = self._dual_codes("u", u)
+        codes = [c for p, t in (("delta", delta), ("B", B), ("C", C), ("z", z)) for c in self._codes(p, t)]
         A = -torch.exp(A_log.float())
-        out = selective_scan_int8(*codes[:4], A, *codes[4:8], D.float(), *codes[8:], delta_softplus=True,
-                                  out_dtype=u.dtype, return_last_state=ssm_state is not None, backend=self.backend)
+        out = selective_scan_int8(qu, su, *codes[:2], A, *codes[2:6], D.float(), *codes[6:], delta_softplus=True,
+                                  out_dtype=u.dtype, return_last_state=ssm_state is not None, backend=self.backend,
+                                  u_dual=u_dual, u_mask=u_mask)
         if ssm_state is None:
             return out
         ssm_state.copy_(out[1])
@@ -342,26 +364,21 @@ class QuantSelectiveScan(QuantTwin, SelectiveScan):
 
     def step(self, state, u, delta, A_log, B, C, D, z):  # one token: u, delta, z (B, D); B, C (B, N)
         named = (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z))
-        qpu = self.q("u")
-        if self.qmode == "int8" and qpu is not None and qpu.dual is not None:
-            # dual-scale u: dequantized here (torch ops), handed on as a float input (scale None), so _int8_step
-            # takes the torch step, never the single-scale update kernel
-            (qd, sd), (qB, sB), (qC, sC), (qz, sz) = (self._step_codes(p, t, -1) for p, t in named[1:])
-            return self._int8_step(state, self._step_dual(qpu, u, -1), None, qd, sd, A_log, qB, sB, qC, sC, D, qz,
-                                   sz, u.dtype)
         if self.qmode == "int8":
-            (qu, su), (qd, sd), (qB, sB), (qC, sC), (qz, sz) = (self._step_codes(p, t, -1) for p, t in named)
-            return self._int8_step(state, qu, su, qd, sd, A_log, qB, sB, qC, sC, D, qz, sz, u.dtype)
+            qu, su, u_dual, u_mask = self._step_dual_codes("u", u, -1)
+            (qd, sd), (qB, sB), (qC, sC), (qz, sz) = (self._step_codes(p, t, -1) for p, t in named[1:])
+            return self._int8_step(state, qu, su, qd, sd, A_log, qB, sB, qC, sC, D, qz, sz, u.dtype, u_dual, u_mask)
         u, delta, B, C, z = (self._step_act(p, t, -1) for p, t in named)
         return super().step(state, u, delta, A_log, B, C, D, z)
 
-    def _int8_step(self, state, qu, su, qdelta, sdelta, A_log, qB, sB, qC, sC, D, qz, sz, dtype):
-        """int8 step from codes and scales (scale None: that input is float). The torch backend dequantizes the
-        codes to ``dtype`` and runs the float step, as ``forward`` does."""
+    def _int8_step(self, state, qu, su, qdelta, sdelta, A_log, qB, sB, qC, sC, D, qz, sz, dtype, u_dual=None,
+                   u_mask=None):
+        """int8 step from codes and scales (scale None: that input is float; u_dual / u_mask: a dual-scale u). The
+        torch backend dequantizes the codes to ``dtype`` and runs the float step, as ``forward`` does."""
         if all(s is not None for s in (su, sdelta, sB, sC, sz)):
             return selective_scan_int8_update(state, qu, su, qdelta, sdelta, -torch.exp(A_log.float()), qB, sB, qC, sC,
                                               D.float(), qz, sz, delta_softplus=True, out_dtype=dtype,
-                                              backend=self.backend)
+                                              backend=self.backend, u_dual=u_dual, u_mask=u_mask)
         u, delta, B, C, z = (_deq(q, s, dtype) for q, s in ((qu, su), (qdelta, sdelta), (qB, sB), (qC, sC), (qz, sz)))
         return super().step(state, u, delta, A_log, B, C, D, z)
 
@@ -374,11 +391,9 @@ class QuantSSDScan(QuantTwin, SSDScan):
     DUAL_SCALE_POINTS = ("x",)
 
     def _integer(self) -> bool:
-        """int8 mode with every input quantized: the scan runs from codes (the Triton int8 kernel on a GPU). A
-        dual-scale x takes the torch path instead (each input quantized, dequantized to fp32, the float scan): the
-        int8 kernels read one scale per head and no outlier flags yet, and must never get dual-scale codes."""
-        return (self.qmode == "int8" and all(p in self.quant_points for p in self.POINTS)
-                and self.quant_points["x"].dual is None)
+        """int8 mode with every input quantized: the scan runs from codes (the Triton int8 kernel on a GPU), a
+        dual-scale x as its codes, outlier scale and flags."""
+        return self.qmode == "int8" and all(p in self.quant_points for p in self.POINTS)
 
     def forward(self, x, dt, A_log, B, C, D, dt_bias):
         if self._integer():
@@ -395,10 +410,12 @@ class QuantSSDScan(QuantTwin, SSDScan):
     def _int8_scan(self, ssm_state, x, dt, A_log, B, C, D, dt_bias):
         """The SSD scan from the codes of x, dt, B, C: ``ssd_chunk_scan_int8`` (Triton kernel on a GPU, else the
         reference). ssm_state <- the final state if given."""
-        codes = [c for p, t in (("x", x), ("dt", dt), ("B", B), ("C", C)) for c in self._codes(p, t)]
+        qx, sx, x_dual, x_mask = self._dual_codes("x", x)
+        codes = [c for p, t in (("dt", dt), ("B", B), ("C", C)) for c in self._codes(p, t)]
         A = -torch.exp(A_log.float())
-        out = ssd_chunk_scan_int8(*codes[:4], A, *codes[4:], self.chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True,
-                                  out_dtype=x.dtype, return_final_states=ssm_state is not None, backend=self.backend)
+        out = ssd_chunk_scan_int8(qx, sx, *codes[:2], A, *codes[2:], self.chunk_size, D=D, dt_bias=dt_bias,
+                                  dt_softplus=True, out_dtype=x.dtype, return_final_states=ssm_state is not None,
+                                  backend=self.backend, x_dual=x_dual, x_mask=x_mask)
         if ssm_state is None:
             return out
         ssm_state.copy_(out[1])
@@ -406,24 +423,20 @@ class QuantSSDScan(QuantTwin, SSDScan):
 
     def step(self, state, x, dt, A_log, B, C, D, dt_bias):  # one token: x (B, H, P), dt (B, H), B / C (B, G, N)
         named = (("x", x), ("dt", dt), ("B", B), ("C", C))
-        qpx = self.q("x")
-        if self.qmode == "int8" and qpx is not None and qpx.dual is not None:
-            # dual-scale x: dequantized here (torch ops), handed on as a float input (scale None): the torch step
-            (qdt, sdt), (qB, sB), (qC, sC) = (self._step_codes(p, t, 1) for p, t in named[1:])
-            return self._int8_step(state, self._step_dual(qpx, x, 1), None, qdt, sdt, A_log, qB, sB, qC, sC, D,
-                                   dt_bias, x.dtype)
         if self.qmode == "int8":
-            (qx, sx), (qdt, sdt), (qB, sB), (qC, sC) = (self._step_codes(p, t, 1) for p, t in named)
-            return self._int8_step(state, qx, sx, qdt, sdt, A_log, qB, sB, qC, sC, D, dt_bias, x.dtype)
+            qx, sx, x_dual, x_mask = self._step_dual_codes("x", x, 1)
+            (qdt, sdt), (qB, sB), (qC, sC) = (self._step_codes(p, t, 1) for p, t in named[1:])
+            return self._int8_step(state, qx, sx, qdt, sdt, A_log, qB, sB, qC, sC, D, dt_bias, x.dtype, x_dual,
+                                   x_mask)
         x, dt, B, C = (self._step_act(p, t, 1) for p, t in named)
         return super().step(state, x, dt, A_log, B, C, D, dt_bias)
 
-    def _int8_step(self, state, qx, sx, qdt, sdt, A_log, qB, sB, qC, sC, D, dt_bias, dtype):
-        """int8 step from codes and scales (scale None: that input is float); the torch backend dequantizes to
-        ``dtype`` and runs the float step."""
+    def _int8_step(self, state, qx, sx, qdt, sdt, A_log, qB, sB, qC, sC, D, dt_bias, dtype, x_dual=None, x_mask=None):
+        """int8 step from codes and scales (scale None: that input is float; x_dual / x_mask: a dual-scale x); the
+        torch backend dequantizes to ``dtype`` and runs the float step."""
         if all(s is not None for s in (sx, sdt, sB, sC)):
             return ssd_step_int8(state, qx, sx, qdt, sdt, -torch.exp(A_log.float()), qB, sB, qC, sC, D=D, dt_bias=dt_bias,
-                                 dt_softplus=True, out_dtype=dtype, backend=self.backend)
+                                 dt_softplus=True, out_dtype=dtype, backend=self.backend, x_dual=x_dual, x_mask=x_mask)
         x, dt, B, C = (_deq(q, s, dtype) for q, s in ((qx, sx), (qdt, sdt), (qB, sB), (qC, sC)))
         return super().step(state, x, dt, A_log, B, C, D, dt_bias)
 

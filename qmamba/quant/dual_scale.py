@@ -251,3 +251,26 @@ def dequantize_codes(codes: torch.Tensor, scale, dual: DualScale | None = None,
             raise ValueError("dequantize_codes: a mask without a DualScale")
         return dequantize(codes, scale)
     return dual_dequantize(codes, mask, scale, dual.outlier_scale, dual.encoding, dual.knee)
+
+
+def check_out_duals(op: str, out_duals, out_scales) -> list:
+    """An op emitting int8 codes for several consumers (``out_scales``), one of which may be dual-scale: ``out_duals``
+    empty, or one ``DualScale`` or None per out_scale with at most one DualScale, its outlier scale per-tensor.
+    Returns it as a list (empty: no dual-scale output)."""
+    duals = list(out_duals or ())
+    if not duals:
+        return []
+    if len(duals) != len(out_scales):
+        raise ValueError(f"{op}: out_duals must have one entry (a DualScale or None) per out_scale: {len(out_scales)} "
+                         f"out_scales, {len(duals)} out_duals")
+    given = [j for j, d in enumerate(duals) if d is not None]
+    if len(given) > 1:
+        raise ValueError(f"{op}: at most one dual-scale output per call (the SSM input), got {len(given)} at {given}")
+    for j in given:
+        if not isinstance(duals[j], DualScale):
+            raise TypeError(f"{op}: out_duals[{j}] must be a qmamba.quant.dual_scale.DualScale or None, got "
+                            f"{type(duals[j]).__name__}")
+        if duals[j].outlier_scale.numel() != 1:
+            raise ValueError(f"{op}: out_duals[{j}].outlier_scale must be per-tensor (one element), got shape "
+                             f"{tuple(duals[j].outlier_scale.shape)}")
+    return duals

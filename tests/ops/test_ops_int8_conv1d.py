@@ -268,3 +268,61 @@ def test_kernel_argument_normalization():
     assert channel_scale(torch.ones(1, 1, 1), 5, torch.device("cpu"), "w_scale").shape == (1,)
     with pytest.raises(ValueError, match="w_scale must have 1"):
         channel_scale(torch.ones(4), 5, torch.device("cpu"), "w_scale")
+
+
+# ---- a dual-scale output (issue 5: Mamba1's scan.u) ----------------------------------------------------------------
+@pytest.mark.parametrize("encoding", ["mask", "piecewise"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_dual_output_is_dual_quantize_of_the_float_output(encoding, out_dtype):
+    from qmamba.quant.dual_scale import DualScale, dual_quantize
+
+    qx, sx, qw, sw, bias = _random_case(L=21)
+    y = conv1d_int8_ref(qx, sx, qw, sw, bias, True, out_dtype)
+    s0 = y.float().abs().max() / 127
+    s_in, s_out = s0 * 0.3, s0 * 1.1
+    dual = DualScale(s_out, encoding)
+    (c0, cu), (m0, mu) = conv1d_int8_ref(qx, sx, qw, sw, bias, True, out_dtype, [s0, s_in], [None, dual])
+    want_q, want_m = dual_quantize(y, s_in, s_out, encoding)
+    assert m0 is None and torch.equal(c0, quantize(y, s0)) and torch.equal(cu, want_q)
+    assert (mu is None) == (encoding == "piecewise")
+    if mu is not None:
+        assert torch.equal(mu, want_m) and mu.shape == (2, 6, 3) and int(mu.ne(0).sum()) > 0
+    else:
+        assert int((cu.int().abs() > 112).sum()) > 0
+
+
+@pytest.mark.parametrize("encoding", ["mask", "piecewise"])
+def test_dual_update_continues_the_prefill(encoding):
+    """The update's codes and flag (one byte per (b, d), bit 0) are the prefill's at the new step."""
+    from qmamba.quant.dual_scale import DualScale, unpack_mask
+
+    qx, sx, qw, sw, bias = _random_case(L=13)
+    y = conv1d_int8_ref(qx, sx, qw, sw, bias, True, torch.float32)
+    s_in = y.abs().max() / 127 * 0.3
+    dual = DualScale(y.abs().max() / 127, encoding)
+    (pc,), (pm,) = conv1d_int8_ref(qx, sx, qw, sw, bias, True, torch.float32, [s_in], [dual])
+    state = conv1d_int8_initial_state(qx[..., :12], 4)
+    (uc,), (um,) = conv1d_int8_update(qx[..., 12], state, sx, qw, sw, bias, True, torch.float32, [s_in],
+                                      backend="torch", out_duals=[dual])
+    assert torch.equal(uc, pc[..., 12])
+    if encoding == "mask":
+        assert um.shape == (2, 6) and torch.equal(um.bool(), unpack_mask(pm, 13)[..., 12])
+    else:
+        assert um is None
+
+
+def test_dual_output_errors_name_the_fix():
+    from qmamba.kernels.conv1d import check_conv1d_args
+    from qmamba.quant.dual_scale import DualScale
+
+    qx, sx, qw, sw, bias = _random_case()
+    s = torch.tensor(0.1)
+    for fn in (conv1d_int8_ref, check_conv1d_args):
+        with pytest.raises(ValueError, match="one entry .* per out_scale"):
+            fn(qx, sx, qw, sw, bias, out_scales=[s, s], out_duals=[DualScale(s)])
+        with pytest.raises(ValueError, match="at most one dual-scale output"):
+            fn(qx, sx, qw, sw, bias, out_scales=[s, s], out_duals=[DualScale(s), DualScale(s)])
+        with pytest.raises(TypeError, match="DualScale or None"):
+            fn(qx, sx, qw, sw, bias, out_scales=[s], out_duals=[s])
+        with pytest.raises(ValueError, match="per-tensor"):
+            fn(qx, sx, qw, sw, bias, out_scales=[s], out_duals=[DualScale(torch.ones(6))])

@@ -313,3 +313,101 @@ def test_errors_name_the_fix():
         selective_scan_int8_update_ref(torch.zeros(2, 12, 4), **step)
     with pytest.raises(ValueError, match="one token"):
         selective_scan_int8_update_ref(torch.zeros(2, 12, 8), **inp)
+
+
+# ---- dual-scale u (issue 5) ----------------------------------------------------------------------------------------
+def _dual_u(inp, encoding, seed=1):
+    """Replace u by a heavy-tailed signal in the dual encoding: s_in from the 95th percentile of |u|, s_out from its
+    max, so a few % of the elements are outliers. Returns (inp, u_dual, u_mask)."""
+    from qmamba.quant.dual_scale import DualScale, dual_quantize
+
+    g = torch.Generator().manual_seed(seed)
+    b, d, L = inp["qu"].shape
+    u = (torch.randn(b, L, d, generator=g) * (1 + 6 * (torch.rand(b, L, d, generator=g) < 0.05))).transpose(1, 2)
+    T, A = torch.quantile(u.abs().flatten(), 0.95), u.abs().max()
+    s_in, s_out = (T / 127, A / 127) if encoding == "mask" else (T / 112, (A - T) / 15)
+    qu, mask = dual_quantize(u, s_in, s_out, encoding)
+    return dict(inp, qu=qu, u_scale=s_in), DualScale(s_out, encoding), mask
+
+
+@pytest.mark.parametrize("encoding", ["mask", "piecewise"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_dual_u_is_the_float_scan_on_the_decoded_values(encoding, out_dtype):
+    """The reference with a dual-scale u == itself on single-scale codes... of the decoded u: the scan sees exactly
+    dual_dequantize(qu, mask, s_in, s_out) rounded through out_dtype, nothing else changes."""
+    from qmamba.quant.dual_scale import dequantize_codes
+
+    inp, dual, mask = _dual_u(_inputs(L=24), encoding)
+    got, last = selective_scan_int8_ref(**inp, u_dual=dual, u_mask=mask, out_dtype=out_dtype, return_last_state=True)
+    u = dequantize_codes(inp["qu"], inp["u_scale"], dual, mask).to(out_dtype).float()
+    assert int((u.abs() > 127 * inp["u_scale"]).sum()) > 0  # outliers beyond the inlier range survive
+    from qmamba.ops.selective_scan import selective_scan_ref
+    deq = {k: (v.float() * inp[k.replace("q", "") + "_scale"]).to(out_dtype).float()
+           for k, v in inp.items() if k in ("qdelta", "qB", "qC", "qz")}
+    want, want_last = selective_scan_ref(u, deq["qdelta"], inp["A"], deq["qB"], deq["qC"], D=inp["D"], z=deq["qz"],
+                                         delta_softplus=True, return_last_state=True)
+    assert torch.equal(got, want.to(out_dtype)) and torch.equal(last, want_last)
+
+
+def test_dual_control_equals_single_scale():
+    """mask encoding with s_out == s_in: bit for bit the single-scale scan (prefill and update), clamped outliers
+    included."""
+    from qmamba.quant.dual_scale import DualScale, dual_quantize, unpack_mask
+
+    inp = _inputs(L=24)
+    u = inp["qu"].float() * inp["u_scale"] * 3  # a third of the range clamps at the scale below
+    s = inp["u_scale"]
+    qu, mask = dual_quantize(u, s, s, "mask")
+    assert torch.equal(qu, quantize(u, s)) and int(mask.ne(0).sum()) > 0
+    single = dict(inp, qu=qu)
+    y1, h1 = selective_scan_int8_ref(**single, return_last_state=True)
+    y2, h2 = selective_scan_int8_ref(**single, u_dual=DualScale(s.clone()), u_mask=mask, return_last_state=True)
+    assert torch.equal(y1, y2) and torch.equal(h1, h2)
+    st1, st2 = h1.clone(), h1.clone()
+    a = selective_scan_int8_update_ref(st1, **_step(single, 3))
+    b = selective_scan_int8_update_ref(st2, **_step(single, 3), u_dual=DualScale(s.clone()),
+                                       u_mask=unpack_mask(mask, 24)[..., 3].to(torch.uint8))
+    assert torch.equal(a, b) and torch.equal(st1, st2)
+
+
+@pytest.mark.parametrize("encoding", ["mask", "piecewise"])
+def test_dual_prefill_then_update_equals_longer_prefill(encoding):
+    """The update's mask layout: one flag byte per (batch, channel), bit 0 = bit t % 8 of the prefill's byte t // 8."""
+    from qmamba.quant.dual_scale import unpack_mask
+
+    L = 21
+    inp, dual, mask = _dual_u(_inputs(L=L), encoding)
+    full, full_last = selective_scan_int8_ref(**inp, u_dual=dual, u_mask=mask, return_last_state=True)
+    head_mask = None if mask is None else mask[..., : (L - 1 + 7) // 8].clone()
+    if head_mask is not None:  # the flags of steps 0..L-2 only (the last byte's bit for step L-1 cleared)
+        head_mask[..., -1] &= (1 << ((L - 1) % 8 or 8)) - 1
+    _, state = selective_scan_int8_ref(**_prefix(inp, 0, L - 1), u_dual=dual, u_mask=head_mask,
+                                       return_last_state=True)
+    step_mask = None if mask is None else unpack_mask(mask, L)[..., L - 1].to(torch.uint8)
+    y = selective_scan_int8_update_ref(state, **_step(inp, L - 1), u_dual=dual, u_mask=step_mask)
+    assert _max_rel_err(y, full[..., -1]) <= RTOL_FP32
+    assert _max_rel_err(state, full_last) <= RTOL_FP32
+    assert torch.equal(selective_scan_int8(**inp, u_dual=dual, u_mask=mask, backend="auto"), full)
+
+
+def test_dual_errors_name_the_fix():
+    from qmamba.kernels.selective_scan import check_selective_scan_args, check_selective_scan_update_args
+    from qmamba.quant.dual_scale import DualScale
+
+    inp, dual, mask = _dual_u(_inputs(L=16), "mask")
+    for fn in (selective_scan_int8_ref, check_selective_scan_args):
+        with pytest.raises(ValueError, match="needs its packed outlier flags"):
+            fn(**inp, u_dual=dual)
+        with pytest.raises(ValueError, match="without u_dual"):
+            fn(**inp, u_mask=mask)
+        with pytest.raises(ValueError, match=r"u_mask must be \(2, 12, 2\)"):
+            fn(**inp, u_dual=dual, u_mask=mask[..., :1])
+        with pytest.raises(ValueError, match="piecewise encoding carries no mask"):
+            fn(**inp, u_dual=DualScale(dual.outlier_scale, "piecewise"), u_mask=mask)
+        with pytest.raises(ValueError, match="one element"):
+            fn(**inp, u_dual=DualScale(torch.ones(12), "piecewise"))
+    step = _step(inp, 0)
+    state = torch.zeros(2, 12, 8)
+    for fn in (selective_scan_int8_update_ref, check_selective_scan_update_args):
+        with pytest.raises(ValueError, match=r"u_mask must be \(2, 12, 1\)"):
+            fn(state, **step, u_dual=dual, u_mask=mask)  # the prefill's packed mask is not the token's

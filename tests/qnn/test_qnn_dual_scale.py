@@ -115,7 +115,7 @@ def test_decode_steps(name, m, point):
         assert not torch.equal(out["treatment", mode], out["baseline", mode]), mode
 
 
-def test_single_scale_kernel_paths_refuse_dual_codes():
+def test_single_scale_quantizers_refuse_a_dual_point():
     model = _calibrated("tiny", _recipe("treatment", "mamba1"))
     p = _dual_points(model)[0]
     u = torch.randn(2, p.observer.channels, 5)
@@ -125,7 +125,7 @@ def test_single_scale_kernel_paths_refuse_dual_codes():
         p.codes(u, p.scale_for(u))
     scan = model.backbone.layers[0].mixer.scan
     set_mode(model, "int8")
-    assert not scan._integer()  # the int8 scan kernel is not used for a dual-scale u
+    assert scan._integer()  # the int8 scan takes the dual-scale codes with their outlier scale and flags
 
 
 @pytest.mark.parametrize("target", ["x_proj.input", "scan.delta", "in_proj.input", "norm.z", "scan.B"])

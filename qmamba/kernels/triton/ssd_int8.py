@@ -15,6 +15,19 @@ Prefill, chunk length T, nc = ceil(L / T) chunks (the last one padded: masked lo
 Decode: ``_step_kernel``, one program per (batch, head, block of headdim), its state tile (P_blk, n) in registers,
 updated in place.
 
+Dual-scale x (issue 5, ``qmamba.quant.dual_scale``): every read of qx (the chunk-state kernel, the chunk-scan
+kernel's intra-chunk term and its D x term, the step kernel) goes through one helper, ``_x_values``, picked by the
+constexpr ``X_ENC`` (0 single scale, 1 mask, 2 piecewise; ``DualScale.encoding_id``) with s_in the per-head
+``x_scale`` and s_out the per-head outlier scale (one element: head stride 0):
+    X_ENC 0    q * s_in                              (the code of the single-scale kernels, nothing else is read)
+    X_ENC 1    byte = mask[..., p // 8], flag = (byte >> (p % 8)) & 1;   q * (flag ? s_out : s_in)
+    X_ENC 2    a = |q| as int32 (-128 -> 128);   a <= KNEE: q * s_in
+               else outer = KNEE * s_in + (a - KNEE) * s_out,  q < 0 ? -outer : outer
+The ops are ``dual_scale``'s fp32 ops, but the compiler may contract the piecewise ``(a - KNEE) * s_out + KNEE * s_in``
+into one FMA (one rounding instead of two), so an outlier's value can differ from the reference by 1 ulp; the kernels
+match the references only to fp32 rounding anyway (summation order). The mask encoding is exact: one product.
+The mask (uint8, flags packed 8 a byte along headdim, bit j of byte i = element 8i + j) is read with its own strides.
+
 Strides are passed for every input, so views (x, B, C split out of the conv output) need no copy. Scales are tensors
 (never read on the host) and nothing depends on values at launch, so the decode step can be captured in a CUDA graph.
 Runs under ``TRITON_INTERPRET=1`` on CPU tensors (tests).
@@ -25,6 +38,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from qmamba.quant.dual_scale import DualScale, check_dual_mask
 
 # the largest d_state whose (rows x d_state) C tile the scan kernel keeps whole in registers
 MAX_D_STATE = 256
@@ -37,6 +52,34 @@ def _softplus(x):
     w = 1.0 + u
     log1p = tl.where(w == 1.0, u, tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0)))
     return tl.where(x > 20.0, x, log1p)
+
+
+@triton.jit
+def _x_values(q, s_in, s_out, m_rows, p, s_m_p, ld_mask, X_ENC: tl.constexpr, KNEE: tl.constexpr):
+    """fp32 values of loaded int8 codes ``q`` of x (module docstring, "Dual-scale x"). ``p``: each element's index in
+    the last (headdim) dim, broadcast like ``q``; ``m_rows``: pointers to the first mask byte of each element's row;
+    ``ld_mask``: the mask ``q`` was loaded with. X_ENC 0 uses neither ``s_out`` nor the mask: ``q * s_in``."""
+    if X_ENC == 1:  # mask: bit p % 8 of byte p // 8 of the row flags an outlier
+        byte = tl.load(m_rows + (p // 8) * s_m_p, mask=ld_mask, other=0).to(tl.int32)
+        flag = ((byte >> (p % 8)) & 1) != 0
+        x = q.to(tl.float32) * tl.where(flag, s_out, s_in)
+    elif X_ENC == 2:  # piecewise: codes above the knee step by s_out from KNEE * s_in
+        a = tl.abs(q.to(tl.int32))  # -128 -> 128
+        outer = KNEE * s_in + (a - KNEE).to(tl.float32) * s_out
+        x = tl.where(a > KNEE, tl.where(q < 0, -outer, outer), q.to(tl.float32) * s_in)
+    else:
+        x = q.to(tl.float32) * s_in
+    return x
+
+
+@triton.jit
+def _x_outlier_scale(s_out_ptr, h, s_xo_h, X_ENC: tl.constexpr):
+    """This head's outlier scale; single scale (X_ENC 0) reads nothing (a placeholder ``_x_values`` never uses)."""
+    if X_ENC != 0:
+        s_out = tl.load(s_out_ptr + h * s_xo_h)
+    else:
+        s_out = 1.0
+    return s_out
 
 
 @triton.jit
@@ -73,10 +116,12 @@ def _dt_cumsum_kernel(qdt_ptr, dt_scale_ptr, dt_bias_ptr, A_ptr, dt_out_ptr, acu
 
 
 @triton.jit
-def _chunk_state_kernel(qx_ptr, x_scale_ptr, qB_ptr, B_scale_ptr, dt_ptr, acum_ptr, states_ptr,
+def _chunk_state_kernel(qx_ptr, x_scale_ptr, x_out_ptr, x_mask_ptr, qB_ptr, B_scale_ptr, dt_ptr, acum_ptr, states_ptr,
                         L, H, P, N, nchunks, chunk_size, heads_per_group,
-                        s_x_b, s_x_l, s_x_h, s_x_p, s_xs_h,
+                        s_x_b, s_x_l, s_x_h, s_x_p, s_xs_h, s_xo_h,
+                        s_m_b, s_m_l, s_m_h, s_m_p,
                         s_B_b, s_B_l, s_B_g, s_B_n, s_Bs_g,
+                        X_ENC: tl.constexpr, KNEE: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)  # (b * nchunks + c) * H + h: heads of one chunk run side by side and share B
     pid_p = tl.program_id(1)
@@ -90,18 +135,21 @@ def _chunk_state_kernel(qx_ptr, x_scale_ptr, qB_ptr, B_scale_ptr, dt_ptr, acum_p
     pmask = p < P
     nmask = n < N
     x_scale = tl.load(x_scale_ptr + h * s_xs_h)
+    x_out = _x_outlier_scale(x_out_ptr, h, s_xo_h, X_ENC)
     B_scale = tl.load(B_scale_ptr + g * s_Bs_g)
     row = ((b * H + h).to(tl.int64) * nchunks + c) * chunk_size  # this (b, h, c) in the (b, h, nc, T) buffers
     a_end = tl.load(acum_ptr + row + chunk_size - 1)
     x_base = qx_ptr + b.to(tl.int64) * s_x_b + h * s_x_h
+    m_base = x_mask_ptr + b.to(tl.int64) * s_m_b + h * s_m_h
     B_base = qB_ptr + b.to(tl.int64) * s_B_b + g * s_B_g
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for k in range(0, chunk_size, BLOCK_K):
         t = k + tl.arange(0, BLOCK_K)
         l = c * chunk_size + t
         valid = (t < chunk_size) & (l < L)
-        xT = tl.load(x_base + p[:, None] * s_x_p + l[None, :] * s_x_l, mask=pmask[:, None] & valid[None, :],
-                     other=0).to(tl.float32) * x_scale  # (P_blk, K)
+        xmask = pmask[:, None] & valid[None, :]
+        xT = _x_values(tl.load(x_base + p[:, None] * s_x_p + l[None, :] * s_x_l, mask=xmask, other=0),
+                       x_scale, x_out, m_base + l[None, :] * s_m_l, p[:, None], s_m_p, xmask, X_ENC, KNEE)  # (P_blk, K)
         dt = tl.load(dt_ptr + row + t, mask=valid, other=0.0)
         ac = tl.load(acum_ptr + row + t, mask=valid, other=0.0)
         xT = (xT * dt[None, :]) * tl.exp(a_end - ac)[None, :]  # discretized input, decayed to the chunk's end
@@ -138,16 +186,17 @@ def _state_passing_kernel(states_ptr, acum_ptr, init_ptr, final_ptr,
 
 
 @triton.jit
-def _chunk_scan_kernel(qx_ptr, x_scale_ptr, qB_ptr, B_scale_ptr, qC_ptr, C_scale_ptr, D_ptr, dt_ptr, acum_ptr,
-                       states_ptr, y_ptr,
+def _chunk_scan_kernel(qx_ptr, x_scale_ptr, x_out_ptr, x_mask_ptr, qB_ptr, B_scale_ptr, qC_ptr, C_scale_ptr, D_ptr,
+                       dt_ptr, acum_ptr, states_ptr, y_ptr,
                        L, H, P, N, nchunks, chunk_size, heads_per_group,
-                       s_x_b, s_x_l, s_x_h, s_x_p, s_xs_h,
+                       s_x_b, s_x_l, s_x_h, s_x_p, s_xs_h, s_xo_h,
+                       s_m_b, s_m_l, s_m_h, s_m_p,
                        s_B_b, s_B_l, s_B_g, s_B_n, s_Bs_g,
                        s_C_b, s_C_l, s_C_g, s_C_n, s_Cs_g,
                        s_D_h, s_D_p,
                        s_y_b, s_y_l, s_y_h, s_y_p,
-                       HAS_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                       HAS_D: tl.constexpr, X_ENC: tl.constexpr, KNEE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)  # (b * nchunks + c) * H + h
     pid_m = tl.program_id(1)
     pid_p = tl.program_id(2)
@@ -163,10 +212,12 @@ def _chunk_scan_kernel(qx_ptr, x_scale_ptr, qB_ptr, B_scale_ptr, qC_ptr, C_scale
     n = tl.arange(0, BLOCK_N)  # all of d_state
     nmask = n < N
     x_scale = tl.load(x_scale_ptr + h * s_xs_h)
+    x_out = _x_outlier_scale(x_out_ptr, h, s_xo_h, X_ENC)
     B_scale = tl.load(B_scale_ptr + g * s_Bs_g)
     C_scale = tl.load(C_scale_ptr + g * s_Cs_g)
     row = ((b * H + h).to(tl.int64) * nchunks + c) * chunk_size
     x_base = qx_ptr + b.to(tl.int64) * s_x_b + h * s_x_h
+    m_base = x_mask_ptr + b.to(tl.int64) * s_m_b + h * s_m_h
     B_base = qB_ptr + b.to(tl.int64) * s_B_b + g * s_B_g
     acum_m = tl.load(acum_ptr + row + m, mask=m < chunk_size, other=0.0)
     Cv = tl.load(qC_ptr + b.to(tl.int64) * s_C_b + g * s_C_g + lm[:, None] * s_C_l + n[None, :] * s_C_n,
@@ -192,31 +243,34 @@ def _chunk_scan_kernel(qx_ptr, x_scale_ptr, qB_ptr, B_scale_ptr, qC_ptr, C_scale
         # above the diagonal the difference is positive and could overflow: those entries are dropped anyway
         decay = tl.exp(tl.where(causal, acum_m[:, None] - acum_k[None, :], 0.0))
         cb = tl.where(causal, cb * decay * dt_k[None, :], 0.0)
-        xk = tl.load(x_base + lt[:, None] * s_x_l + p[None, :] * s_x_p, mask=valid_k[:, None] & pmask[None, :],
-                     other=0).to(tl.float32) * x_scale  # (K, P_blk)
+        xmask = valid_k[:, None] & pmask[None, :]
+        xk = _x_values(tl.load(x_base + lt[:, None] * s_x_l + p[None, :] * s_x_p, mask=xmask, other=0),
+                       x_scale, x_out, m_base + lt[:, None] * s_m_l, p[None, :], s_m_p, xmask, X_ENC, KNEE)  # (K, P_blk)
         acc += tl.dot(cb, xk, input_precision="ieee")
 
     if HAS_D:
-        xm = tl.load(x_base + lm[:, None] * s_x_l + p[None, :] * s_x_p, mask=valid_m[:, None] & pmask[None, :],
-                     other=0).to(tl.float32) * x_scale
+        xmask = valid_m[:, None] & pmask[None, :]
+        xm = _x_values(tl.load(x_base + lm[:, None] * s_x_l + p[None, :] * s_x_p, mask=xmask, other=0),
+                       x_scale, x_out, m_base + lm[:, None] * s_m_l, p[None, :], s_m_p, xmask, X_ENC, KNEE)  # (M, P_blk)
         acc += xm * tl.load(D_ptr + h * s_D_h + p * s_D_p, mask=pmask, other=0.0)[None, :]
     y_off = b.to(tl.int64) * s_y_b + lm[:, None] * s_y_l + h * s_y_h + p[None, :] * s_y_p
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=valid_m[:, None] & pmask[None, :])
 
 
 @triton.jit
-def _step_kernel(state_ptr, qx_ptr, x_scale_ptr, qdt_ptr, dt_scale_ptr, dt_bias_ptr, A_ptr, qB_ptr, B_scale_ptr,
-                 qC_ptr, C_scale_ptr, D_ptr, y_ptr,
+def _step_kernel(state_ptr, qx_ptr, x_scale_ptr, x_out_ptr, x_mask_ptr, qdt_ptr, dt_scale_ptr, dt_bias_ptr, A_ptr,
+                 qB_ptr, B_scale_ptr, qC_ptr, C_scale_ptr, D_ptr, y_ptr,
                  P, N, heads_per_group,
                  s_S_b, s_S_h, s_S_p, s_S_n,
-                 s_x_b, s_x_h, s_x_p, s_xs_h,
+                 s_x_b, s_x_h, s_x_p, s_xs_h, s_xo_h,
+                 s_m_b, s_m_h, s_m_p,
                  s_dt_b, s_dt_h, s_dts_h,
                  s_B_b, s_B_g, s_B_n, s_Bs_g,
                  s_C_b, s_C_g, s_C_n, s_Cs_g,
                  s_D_h, s_D_p,
                  s_y_b, s_y_h, s_y_p,
                  HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-                 BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                 X_ENC: tl.constexpr, KNEE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     pid_p = tl.program_id(2)
@@ -231,8 +285,9 @@ def _step_kernel(state_ptr, qx_ptr, x_scale_ptr, qdt_ptr, dt_scale_ptr, dt_bias_
     if DT_SOFTPLUS:
         dt = _softplus(dt)
     dA = tl.exp(dt * tl.load(A_ptr + h))
-    x = tl.load(qx_ptr + b * s_x_b + h * s_x_h + p * s_x_p, mask=pmask, other=0).to(tl.float32) \
-        * tl.load(x_scale_ptr + h * s_xs_h)  # (P_blk,)
+    x = _x_values(tl.load(qx_ptr + b * s_x_b + h * s_x_h + p * s_x_p, mask=pmask, other=0),
+                  tl.load(x_scale_ptr + h * s_xs_h), _x_outlier_scale(x_out_ptr, h, s_xo_h, X_ENC),
+                  x_mask_ptr + b * s_m_b + h * s_m_h, p, s_m_p, pmask, X_ENC, KNEE)  # (P_blk,)
     Bv = tl.load(qB_ptr + b * s_B_b + g * s_B_g + n * s_B_n, mask=nmask, other=0).to(tl.float32) \
         * tl.load(B_scale_ptr + g * s_Bs_g)  # (N,)
     Cv = tl.load(qC_ptr + b * s_C_b + g * s_C_g + n * s_C_n, mask=nmask, other=0).to(tl.float32) \
@@ -270,6 +325,21 @@ def _scale_arg(name: str, scale: torch.Tensor, channels: int, what: str, device)
     return s, (1 if s.numel() > 1 else 0)
 
 
+def _x_dual_args(qx: torch.Tensor, x_dual: DualScale | None, x_mask: torch.Tensor | None, x_s: torch.Tensor,
+                 s_xs: int, H: int, device) -> tuple:
+    """(s_out, its head stride, mask, its strides, X_ENC, KNEE) for the kernels. Single scale (``x_dual`` None): the
+    inlier scale and qx stand in for the pointers X_ENC 0 never reads, with zero mask strides."""
+    check_dual_mask("x", qx, x_dual, x_mask)
+    if x_dual is None:
+        return x_s, s_xs, qx, (0,) * qx.dim(), 0, 0
+    s_out, s_xo = _scale_arg("x_dual.outlier_scale", x_dual.outlier_scale, H, "head", device)
+    if x_dual.encoding == "mask":
+        if x_mask.device != device:
+            raise ValueError(f"x_mask is on {x_mask.device} but qx is on {device}: move all inputs to one device")
+        return s_out, s_xo, x_mask, x_mask.stride(), x_dual.encoding_id, 0
+    return s_out, s_xo, qx, (0,) * qx.dim(), x_dual.encoding_id, x_dual.knee
+
+
 def _vec_arg(name: str, v: torch.Tensor | None, H: int, device) -> torch.Tensor | None:
     if v is None:
         return None
@@ -290,11 +360,14 @@ def _D_arg(D: torch.Tensor | None, H: int, P: int, device):
 
 def ssd_chunk_scan_int8_triton(qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale, chunk_size, D=None,
                                dt_bias=None, dt_softplus=True, out_dtype=torch.float32, initial_states=None,
-                               return_final_states=False):
+                               return_final_states=False, x_dual: DualScale | None = None,
+                               x_mask: torch.Tensor | None = None):
     """The Triton int8 SSD scan; arguments and results as ``qmamba.ops.int8_ssd.ssd_chunk_scan_int8_ref``:
     qx (b, L, h, p), qdt (b, L, h), qB / qC (b, L, g, n) int8 (any strides); x_scale (h,) or one element, dt_scale
     one element or (h,), B_scale / C_scale (g,) or one element; A, dt_bias (h,); D (h,) or (h, p);
-    initial_states (b, h, p, n). Returns y (b, L, h, p) contiguous in ``out_dtype`` [, final state fp32 (b, h, p, n)].
+    initial_states (b, h, p, n); dual-scale x: ``x_dual`` (outlier scale (h,) or one element) and, for the mask
+    encoding, ``x_mask`` (b, L, h, ceil(p / 8)) uint8 (any strides). Returns y (b, L, h, p) contiguous in
+    ``out_dtype`` [, final state fp32 (b, h, p, n)].
     """
     device = qx.device
     _codes("qx", qx, 4, "(batch, L, heads, headdim)", device)
@@ -313,6 +386,7 @@ def ssd_chunk_scan_int8_triton(qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     x_s, s_xs = _scale_arg("x_scale", x_scale, H, "head", device)
+    x_o, s_xo, x_m, s_m, X_ENC, KNEE = _x_dual_args(qx, x_dual, x_mask, x_s, s_xs, H, device)
     dt_s, s_dts = _scale_arg("dt_scale", dt_scale, H, "head", device)
     B_s, s_Bs = _scale_arg("B_scale", B_scale, G, "group", device)
     C_s, s_Cs = _scale_arg("C_scale", C_scale, G, "group", device)
@@ -350,11 +424,12 @@ def ssd_chunk_scan_int8_triton(qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C
 
     BP, BN, BK = min(64, _pow2(P)), min(64, _pow2(N)), min(64, _pow2(T))
     _chunk_state_kernel[(Bsz * nchunks * H, triton.cdiv(P, BP), triton.cdiv(N, BN))](
-        qx, x_s, qB, B_s, dt_c, acum, states,
+        qx, x_s, x_o, x_m, qB, B_s, dt_c, acum, states,
         L, H, P, N, nchunks, T, H // G,
-        *qx.stride(), s_xs,
+        *qx.stride(), s_xs, s_xo,
+        *s_m,
         *qB.stride(), s_Bs,
-        BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BK)
+        X_ENC=X_ENC, KNEE=KNEE, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BK)
 
     init = initial_states if initial_states is not None else final
     BLOCK = min(1024, _pow2(P * N))
@@ -366,22 +441,25 @@ def ssd_chunk_scan_int8_triton(qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C
 
     BM, BK, BP = min(64, _pow2(T)), min(32, _pow2(T)), min(64, _pow2(P))
     _chunk_scan_kernel[(Bsz * nchunks * H, triton.cdiv(T, BM), triton.cdiv(P, BP))](
-        qx, x_s, qB, B_s, qC, C_s, D_f, dt_c, acum, states, y,
+        qx, x_s, x_o, x_m, qB, B_s, qC, C_s, D_f, dt_c, acum, states, y,
         L, H, P, N, nchunks, T, H // G,
-        *qx.stride(), s_xs,
+        *qx.stride(), s_xs, s_xo,
+        *s_m,
         *qB.stride(), s_Bs,
         *qC.stride(), s_Cs,
         s_D_h, s_D_p,
         *y.stride(),
-        HAS_D=D is not None, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=_pow2(N))
+        HAS_D=D is not None, X_ENC=X_ENC, KNEE=KNEE, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=_pow2(N))
     return (y, final) if return_final_states else y
 
 
 def ssd_step_int8_triton(state, qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale, D=None, dt_bias=None,
-                         dt_softplus=True, out_dtype=torch.float32):
+                         dt_softplus=True, out_dtype=torch.float32, x_dual: DualScale | None = None,
+                         x_mask: torch.Tensor | None = None):
     """The Triton int8 SSD decode step; as ``qmamba.ops.int8_ssd.ssd_step_int8_ref``: updates ``state`` (fp32
-    (b, h, p, n), any strides) in place from qx (b, h, p), qdt (b, h), qB / qC (b, g, n) int8; returns y (b, h, p)
-    in ``out_dtype``. No host sync: capturable in a CUDA graph."""
+    (b, h, p, n), any strides) in place from qx (b, h, p), qdt (b, h), qB / qC (b, g, n) int8 (dual-scale x:
+    ``x_dual`` and, for the mask encoding, ``x_mask`` (b, h, ceil(p / 8)) uint8); returns y (b, h, p) in
+    ``out_dtype``. No host sync (nothing reads tensor values on the host): capturable in a CUDA graph."""
     device = qx.device
     _codes("qx", qx, 3, "(batch, heads, headdim)", device)
     Bsz, H, P = qx.shape
@@ -397,6 +475,7 @@ def ssd_step_int8_triton(state, qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, 
         raise ValueError(f"state must be fp32 (batch, heads, headdim, d_state) = {(Bsz, H, P, N)} on {device} (it "
                          f"is updated in place), got {state.dtype} {tuple(state.shape)} on {state.device}")
     x_s, s_xs = _scale_arg("x_scale", x_scale, H, "head", device)
+    x_o, s_xo, x_m, s_m, X_ENC, KNEE = _x_dual_args(qx, x_dual, x_mask, x_s, s_xs, H, device)
     dt_s, s_dts = _scale_arg("dt_scale", dt_scale, H, "head", device)
     B_s, s_Bs = _scale_arg("B_scale", B_scale, G, "group", device)
     C_s, s_Cs = _scale_arg("C_scale", C_scale, G, "group", device)
@@ -407,15 +486,16 @@ def ssd_step_int8_triton(state, qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, 
     # small P blocks: batch-1 decode still spreads over many programs
     BP = min(16, triton.next_power_of_2(P))
     _step_kernel[(Bsz, H, triton.cdiv(P, BP))](
-        state, qx, x_s, qdt, dt_s, bias if bias is not None else D_f, A_f, qB, B_s, qC, C_s, D_f, y,
+        state, qx, x_s, x_o, x_m, qdt, dt_s, bias if bias is not None else D_f, A_f, qB, B_s, qC, C_s, D_f, y,
         P, N, H // G,
         *state.stride(),
-        *qx.stride(), s_xs,
+        *qx.stride(), s_xs, s_xo,
+        *s_m,
         *qdt.stride(), s_dts,
         *qB.stride(), s_Bs,
         *qC.stride(), s_Cs,
         s_D_h, s_D_p,
         *y.stride(),
         HAS_D=D is not None, HAS_DT_BIAS=bias is not None, DT_SOFTPLUS=bool(dt_softplus),
-        BLOCK_P=BP, BLOCK_N=triton.next_power_of_2(N))
+        X_ENC=X_ENC, KNEE=KNEE, BLOCK_P=BP, BLOCK_N=triton.next_power_of_2(N))
     return y
