@@ -34,8 +34,10 @@ head). ``inv_in = 1 / s_in`` and ``inv_out = 1 / s_out`` are computed once in fp
   K * s_in. Calibration sets s_in = T / K (T the threshold), s_out = (A - T) / (127 - K) (A the outlier range).
 
 Fake-quant (``dual_fake_quantize``) is dequantize(quantize(x)) with these ops, so bit-identical to the int8 codes
-dequantized; its backward is the straight-through estimator: the gradient passes wherever the value is representable
-(inliers, and outliers whose pre-clamp code lies inside the outer code range) and is 0 where the outer ends clamp.
+dequantized; its backward is the straight-through estimator: the gradient passes where the pre-rint code lies inside
+the code range, as in ``numerics.fake_quantize`` (mask: x * inv_in in [-128, 127] for an inlier, x * inv_out in
+[-128, 127] for an outlier, so with s_in == s_out the gradient is the single-scale one bit for bit; piecewise: every
+inlier, and outliers whose code before the outer clamp is inside it) and is 0 where the outer ends clamp.
 Scales get no gradient (learnable dual scales are not supported).
 """
 
@@ -101,13 +103,17 @@ def unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
 def _encode(x32: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor, encoding: str, knee: int):
     """(codes as exact fp32 values, outlier flags bool, pre-clamp "inside" bool for the STE)."""
     inv_in, inv_out = 1.0 / s_in, 1.0 / s_out
-    r = torch.round(x32 * inv_in)
+    vi = x32 * inv_in  # pre-rint inlier code
+    r = torch.round(vi)
     if encoding == "mask":
         flag = r.abs() > QMAX
         vo = x32 * inv_out  # pre-clamp outlier code
         qo = torch.round(vo).clamp(QMIN, QMAX)
         q = torch.where(flag, qo, r)
-        inside = ~flag | ((vo >= QMIN) & (vo <= QMAX))
+        # inside the code range, as numerics.fake_quantize's STE has it (qmin <= v <= qmax before rint), so with
+        # s_in == s_out the gradient is the single-scale one too (an inlier at 127 < v <= 127.5 rounds to 127 but
+        # lies beyond the range: no gradient, as in single scale)
+        inside = torch.where(flag, (vo >= QMIN) & (vo <= QMAX), (vi >= QMIN) & (vi <= QMAX))
         return q, flag, inside
     flag = r.abs() > knee
     v = x32.abs()

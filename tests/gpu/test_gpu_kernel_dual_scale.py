@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 from qmamba.kernels import conv1d as kconv
 from qmamba.ops.int8_conv1d import conv1d_int8_ref, conv1d_int8_update_ref
-from qmamba.ops.int8_selective_scan import (selective_scan_int8, selective_scan_int8_ref, selective_scan_int8_update,
-                                            selective_scan_int8_update_ref)
+from qmamba.ops.int8_selective_scan import selective_scan_int8, selective_scan_int8_ref, selective_scan_int8_update_ref
 from qmamba.quant.dual_scale import DualScale, dequantize_codes, dual_quantize, unpack_mask
 from qmamba.quant.numerics import quantize
 

@@ -7,7 +7,7 @@ import torch
 
 from qmamba.quant.dual_scale import (dual_dequantize, dual_fake_quantize, dual_quantize, outlier_share, pack_mask,
                                      unpack_mask)
-from qmamba.quant.numerics import dequantize, quantize
+from qmamba.quant.numerics import dequantize, fake_quantize, quantize
 from qmamba.quant.observers import DualScaleObserver, PercentileObserver
 from qmamba.quant.recipe import DualScaleSpec, ObserverSpec, QuantSpec, Recipe, load_recipe
 
@@ -88,6 +88,20 @@ def test_mask_control_equals_single_scale_bit_for_bit():
         assert torch.equal(q, quantize(x, s))
         assert bool(unpack_mask(mask, x.shape[-1]).any())  # saturating elements took the outlier branch
         assert torch.equal(dual_dequantize(q, mask, s, s, "mask"), dequantize(quantize(x, s), s))
+
+
+def test_mask_control_gradient_equals_single_scale():
+    """With s_in == s_out the STE passes exactly where fake_quantize's does: codes in [-128, 127] before rint (an
+    inlier at 127 < x / s <= 127.5 rounds to 127 but gets no gradient, in both)."""
+    s = torch.tensor(0.01)
+    v = torch.tensor([0.0, 126.9, 127.0, 127.3, 127.5, 127.7, -127.7, -128.0, -128.3, -128.6, 300.0, -300.0])
+    grads = []
+    for fn in (lambda x: fake_quantize(x, s), lambda x: dual_fake_quantize(x, s, s, "mask")):
+        x = (v * s).requires_grad_(True)
+        fn(x).sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1]), (grads[0].tolist(), grads[1].tolist())
+    assert grads[1][3] == 0 and grads[1][1] == 1  # 127.3 * s: rounds to 127, beyond the range
 
 
 def test_per_head_scales_broadcast():
