@@ -12,6 +12,11 @@ Tolerances (max |kernel - reference| over max |reference|, outputs y and fp32 st
     BF16_RTOL = 1e-2  bf16 output: one bf16 rounding (<= 2**-8 of an element) on top.
 Decode steps are also checked under CUDA-graph capture (bit-identical to eager), and the dispatchers against the
 kernels (bit-identical: the kernels are deterministic, no atomics).
+
+Dual-scale x (issue 5), both encodings, on x with real outliers (~1.5 % of the elements beyond the inlier range):
+the same tolerances (the piecewise decode may add one FMA rounding to an outlier's value, far below them); the mask
+encoding with s_out == s_in (the control) is the single-scale kernel bit for bit (torch.equal: the decode multiplies
+each code by the same scale, and everything after it is the same code).
 """
 
 import pytest
@@ -19,6 +24,7 @@ import torch
 
 from qmamba.ops.int8_ssd import (ssd_chunk_scan_int8, ssd_chunk_scan_int8_ref, ssd_step_int8,
                                  ssd_step_int8_ref)
+from qmamba.quant.dual_scale import DualScale, dual_quantize, outlier_flags
 
 pytestmark = pytest.mark.gpu
 
@@ -71,7 +77,37 @@ def _inputs(model: str, b: int, L: int, per_head: bool = True, D: str | None = "
 
 
 def _at(inp: dict, t) -> dict:
-    return {k: (v[:, t] if k in ("qx", "qdt", "qB", "qC") else v) for k, v in inp.items()}
+    return {k: (v[:, t] if k in ("qx", "qdt", "qB", "qC") or (k == "x_mask" and v is not None) else v)
+            for k, v in inp.items()}
+
+
+def _dual_inputs(model: str, b: int, L: int, encoding: str, knee: int = 112, per_head: bool = True,
+                 D: str | None = "h", step: bool = False, s_out_equals_s_in: bool = False):
+    """``_inputs`` with dual-scale x codes: x normal with a std per head (one std for ``per_head=False``), 0.3 % of
+    the elements spiked x8; T = 2.5 std leaves ~1.5 % above it, A = max |x|. Mask: s_in = T / 127, s_out = A / 127;
+    piecewise: s_in = T / K, s_out = (A - T) / (127 - K). x_mask (.., h, headdim / 8) uint8, None for piecewise."""
+    inp = _inputs(model, b, L, per_head=per_head, D=D, step=step)
+    shape, h = inp["qx"].shape, inp["qx"].shape[-2]
+    std = (0.5 + torch.rand(h, device="cuda")) if per_head else torch.full((h,), 0.8, device="cuda")
+    x = torch.randn(shape, device="cuda") * std[:, None]
+    x = torch.where(torch.rand(shape, device="cuda") < 0.003, x * 8, x)
+    A = x.abs().movedim(-2, 0).reshape(h, -1).amax(1) if per_head else x.abs().amax().expand(h)
+    T = 2.5 * std
+    A = torch.maximum(A, 3 * std)
+    s_in, s_out = (T / 127, A / 127) if encoding == "mask" else (T / knee, (A - T) / (127 - knee))
+    if s_out_equals_s_in:
+        s_out = s_in
+    if not per_head:
+        s_in, s_out = s_in[0], s_out[0]
+    bc = (lambda s: s[:, None]) if per_head else (lambda s: s)
+    qx, mask = dual_quantize(x, bc(s_in), bc(s_out), encoding, knee)
+    assert outlier_flags(x, bc(s_in), encoding, knee).any()
+    return dict(inp, qx=qx, x_scale=s_in, x_dual=DualScale(s_out.clone(), encoding, knee), x_mask=mask)
+
+
+def _single(inp: dict) -> dict:
+    """The same codes read at the inlier scale alone."""
+    return dict(inp, x_dual=None, x_mask=None)
 
 
 # ---- chunked scan ---------------------------------------------------------------------------------------------
@@ -202,6 +238,143 @@ def test_dispatchers_pick_the_kernels_on_cuda():
     for backend in ("cuda", "auto"):
         assert torch.equal(ssd_chunk_scan_int8(**inp, chunk_size=CHUNK, backend=backend), want)
     assert _rel(ssd_chunk_scan_int8(**inp, chunk_size=CHUNK, backend="torch"), want) <= GPU_RTOL
+    h, p, g, n = MODELS["mamba2-130m"]
+    s0 = torch.randn(2, h, p, n, device="cuda")
+    s_kernel, s_dispatch = s0.clone(), s0.clone()
+    want = k.ssd_step_int8_triton(s_kernel, **_at(inp, 0))
+    assert torch.equal(ssd_step_int8(s_dispatch, **_at(inp, 0), backend="cuda"), want)
+    assert torch.equal(s_dispatch, s_kernel)
+
+
+# ---- dual-scale x ---------------------------------------------------------------------------------------------
+ENCODINGS = ["mask", "piecewise"]
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("L", [33, 1024])
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_chunk_scan_dual_x_matches_reference(encoding, L, batch):
+    k = _kernels()
+    model = "mamba2-2.7b"
+    inp = _dual_inputs(model, batch, L, encoding)
+    y, final = k.ssd_chunk_scan_int8_triton(**inp, chunk_size=CHUNK, return_final_states=True)
+    y_ref, final_ref = ssd_chunk_scan_int8_ref(**inp, chunk_size=CHUNK, return_final_states=True)
+    h, p, _, n = MODELS[model]
+    assert y.shape == (batch, L, h, p) and final.shape == (batch, h, p, n) and torch.isfinite(y).all()
+    err_y, err_s = _rel(y, y_ref), _rel(final, final_ref)
+    assert err_y <= GPU_RTOL, f"y: {err_y:.2e}"
+    assert err_s <= GPU_RTOL, f"final state: {err_s:.2e}"
+    # the outlier scale was read: the same codes at s_in alone are far off
+    assert _rel(ssd_chunk_scan_int8_ref(**_single(inp), chunk_size=CHUNK), y_ref) > 10 * GPU_RTOL
+
+
+@pytest.mark.parametrize("case", ["mask_per_tensor", "piecewise_per_tensor", "piecewise_knee_100", "mask_strided",
+                                  "mask_bf16_out", "piecewise_D_per_channel"])
+def test_chunk_scan_dual_x_options(case):
+    """2.7b shapes, batch 2, L = 300 (one full chunk and a partial one), initial states."""
+    k = _kernels()
+    model, b, L = "mamba2-2.7b", 2, 300
+    h, p, g, n = MODELS[model]
+    encoding = case.split("_")[0]
+    inp = _dual_inputs(model, b, L, encoding, knee=100 if case == "piecewise_knee_100" else 112,
+                       per_head="per_tensor" not in case, D="hp" if case == "piecewise_D_per_channel" else "h")
+    kw = dict(chunk_size=CHUNK, return_final_states=True, initial_states=torch.randn(b, h, p, n, device="cuda"))
+    if case == "mask_bf16_out":
+        kw["out_dtype"] = torch.bfloat16
+    y_ref, final_ref = ssd_chunk_scan_int8_ref(**inp, **kw)
+    if case == "mask_strided":  # the flags in a wider buffer, L and heads swapped in memory
+        m = inp["x_mask"]
+        buf = torch.zeros(b, h, L, m.shape[-1] + 3, dtype=torch.uint8, device="cuda")
+        view = buf[..., 1:1 + m.shape[-1]].transpose(1, 2)
+        view.copy_(m)
+        assert not view.is_contiguous()
+        inp = dict(inp, x_mask=view)
+    y, final = k.ssd_chunk_scan_int8_triton(**inp, **kw)
+    assert y.dtype == y_ref.dtype
+    tol = BF16_RTOL if case == "mask_bf16_out" else GPU_RTOL
+    assert _rel(y, y_ref) <= tol, f"y: {_rel(y, y_ref):.2e}"
+    assert _rel(final, final_ref) <= GPU_RTOL, f"final state: {_rel(final, final_ref):.2e}"
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+def test_dual_x_control_is_the_single_scale_kernel_bit_for_bit(per_head):
+    """The mask encoding with s_out == s_in (flags set) against x_dual=None on the same codes: scan and step."""
+    k = _kernels()
+    model, b, L = "mamba2-2.7b", 2, 300
+    h, p, g, n = MODELS[model]
+    inp = _dual_inputs(model, b, L, "mask", per_head=per_head, s_out_equals_s_in=True)
+    assert inp["x_mask"].any()
+    s0 = torch.randn(b, h, p, n, device="cuda")
+    kw = dict(chunk_size=CHUNK, return_final_states=True, initial_states=s0)
+    y, final = k.ssd_chunk_scan_int8_triton(**inp, **kw)
+    y1, final1 = k.ssd_chunk_scan_int8_triton(**_single(inp), **kw)
+    assert torch.equal(y, y1) and torch.equal(final, final1)
+    S, S1 = s0.clone(), s0.clone()
+    assert torch.equal(k.ssd_step_int8_triton(S, **_at(inp, 7)), k.ssd_step_int8_triton(S1, **_at(_single(inp), 7)))
+    assert torch.equal(S, S1)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_step_dual_x_matches_reference(encoding, batch):
+    """Four tokens from a random state (the mask of each token a strided slice of the prefill-shaped mask)."""
+    k = _kernels()
+    h, p, g, n = MODELS["mamba2-2.7b"]
+    inp = _dual_inputs("mamba2-2.7b", batch, 4, encoding, D="hp")
+    state = torch.randn(batch, h, p, n, device="cuda")
+    state_ref, state_single = state.clone(), state.clone()
+    for t in range(4):
+        y = k.ssd_step_int8_triton(state, **_at(inp, t))
+        y_ref = ssd_step_int8_ref(state_ref, **_at(inp, t))
+        y_single = ssd_step_int8_ref(state_single, **_at(_single(inp), t))
+        assert _rel(y, y_ref) <= GPU_RTOL, f"token {t} y: {_rel(y, y_ref):.2e}"
+        assert _rel(state, state_ref) <= GPU_RTOL, f"token {t} state: {_rel(state, state_ref):.2e}"
+    assert _rel(state_single, state_ref) > 10 * GPU_RTOL
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_step_dual_x_captures_in_a_cuda_graph(encoding):
+    """Dual-scale x reads nothing on the host either: capture, copy new codes (and flags) in, replay == eager."""
+    k = _kernels()
+    h, p, g, n = MODELS["mamba2-2.7b"]
+    inp = _dual_inputs("mamba2-2.7b", 2, 1, encoding, step=True)
+    state = torch.randn(2, h, p, n, device="cuda")
+    k.ssd_step_int8_triton(state.clone(), **inp)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = k.ssd_step_int8_triton(state, **inp)
+    fresh = _dual_inputs("mamba2-2.7b", 2, 1, encoding, step=True)
+    for key in ("qx", "qdt", "qB", "qC") + (("x_mask",) if encoding == "mask" else ()):
+        inp[key].copy_(fresh[key])
+    inp["x_dual"].outlier_scale.copy_(fresh["x_dual"].outlier_scale)
+    start = torch.randn(2, h, p, n, device="cuda")
+    state.copy_(start)
+    graph.replay()
+    eager_state = start.clone()
+    y_eager = k.ssd_step_int8_triton(eager_state, **inp)
+    torch.cuda.synchronize()
+    assert torch.equal(y_static, y_eager)
+    assert torch.equal(state, eager_state)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_dual_x_prefill_then_steps_equals_longer_prefill(encoding):
+    k = _kernels()
+    inp = _dual_inputs("mamba2-2.7b", 2, 1005, encoding)
+    y_all, final_all = k.ssd_chunk_scan_int8_triton(**inp, chunk_size=CHUNK, return_final_states=True)
+    y0, state = k.ssd_chunk_scan_int8_triton(**_at(inp, slice(0, 1000)), chunk_size=CHUNK, return_final_states=True)
+    ys = [y0] + [k.ssd_step_int8_triton(state, **_at(inp, t)).unsqueeze(1) for t in range(1000, 1005)]
+    assert _rel(torch.cat(ys, dim=1), y_all) <= GPU_RTOL
+    assert _rel(state, final_all) <= GPU_RTOL
+    assert _rel(torch.cat(ys, dim=1), ssd_chunk_scan_int8_ref(**inp, chunk_size=CHUNK)) <= GPU_RTOL
+
+
+def test_dual_x_dispatchers_pick_the_kernels_on_cuda():
+    k = _kernels()
+    inp = _dual_inputs("mamba2-130m", 2, 300, "mask")
+    want = k.ssd_chunk_scan_int8_triton(**inp, chunk_size=CHUNK)
+    assert torch.equal(ssd_chunk_scan_int8(**inp, chunk_size=CHUNK, backend="cuda"), want)
     h, p, g, n = MODELS["mamba2-130m"]
     s0 = torch.randn(2, h, p, n, device="cuda")
     s_kernel, s_dispatch = s0.clone(), s0.clone()
