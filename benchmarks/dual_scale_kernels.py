@@ -9,7 +9,8 @@ the bytes of u's codes and of its packed flags, and the peak memory of the conv 
 Variants, each timed on the same inputs: ``single`` (one scale, the existing kernels), ``mask`` (codes + 1-bit flags),
 ``piecewise`` (codes above the knee hold the outliers). Timing: CUDA events around each call, L2 flushed before every
 repetition, the variants interleaved within each repetition (drift hits all alike), median over ``--reps`` after
-warm-up. Inputs hold about 0.5 % outliers. Needs a CUDA GPU (the kernels build on first use).
+warm-up; the one-token ops (updates, SSD step) each captured in a CUDA graph and timed by replay, as a decode step
+runs them (no Python launch overhead in the figure). Inputs hold about 0.5 % outliers. Needs a CUDA GPU (the kernels build on first use).
 """
 
 from __future__ import annotations
@@ -51,6 +52,23 @@ def _time_all(fns: dict, reps: int, flush: torch.Tensor) -> dict:
             b.synchronize()
             times[k].append(a.elapsed_time(b) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _graphed(fns: dict) -> dict:
+    """Each one-token op captured in a CUDA graph (as a decode step runs it), timed by replay: launch overhead off."""
+    out = {}
+    for k, fn in fns.items():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        out[k] = graph.replay
+    return out
 
 
 def _scales(v: torch.Tensor, encoding: str):
@@ -152,7 +170,7 @@ def bench_mamba1_update(batch: int, reps: int, flush) -> list[dict]:
     for e, d in duals.items():
         conv[e] = lambda d=d: kconv.conv1d_int8_update(x, state, sx, qw, sw, bias, True, torch.float16, [s, s],
                                                        [None, d])
-    rows = [dict(op="conv1d update", shape=f"b{batch} D{D_INNER}", **_time_all(conv, reps, flush))]
+    rows = [dict(op="conv1d update (graph)", shape=f"b{batch} D{D_INNER}", **_time_all(_graphed(conv), reps, flush))]
 
     u = F.silu(2 * torch.randn(batch, D_INNER, 1, device="cuda", generator=g))
     qd, sd = _codes(torch.randn(batch, D_INNER, device="cuda", generator=g) - 3)
@@ -165,7 +183,8 @@ def bench_mamba1_update(batch: int, reps: int, flush) -> list[dict]:
     common = dict(qdelta=qd, delta_scale=sd, A=A, qB=qB, B_scale=sB, qC=qC, C_scale=sC, D=D, qz=qz, z_scale=sz,
                   out_dtype=torch.float16)
     su = (u.abs().max() / 127).reshape(())
-    scan = {"single": lambda: kscan.selective_scan_int8_update(st, quantize(u, su)[..., 0], su, **common)}
+    qu1 = quantize(u, su)[..., 0].contiguous()
+    scan = {"single": lambda: kscan.selective_scan_int8_update(st, qu1, su, **common)}
     for e in ("mask", "piecewise"):
         s_in, s_out = _scales(u, e)
         q, m = dual_quantize(u, s_in, s_out, e, KNEE)
@@ -173,8 +192,8 @@ def bench_mamba1_update(batch: int, reps: int, flush) -> list[dict]:
         d = DualScale(s_out, e, KNEE)
         scan[e] = lambda q=q, m=m, s_in=s_in, d=d: kscan.selective_scan_int8_update(st, q, s_in, **common, u_dual=d,
                                                                                     u_mask=m)
-    rows.append(dict(op="selective scan update", shape=f"b{batch} D{D_INNER} N{D_STATE}",
-                     **_time_all(scan, reps, flush)))
+    rows.append(dict(op="selective scan update (graph)", shape=f"b{batch} D{D_INNER} N{D_STATE}",
+                     **_time_all(_graphed(scan), reps, flush)))
     return rows
 
 
@@ -213,9 +232,9 @@ def bench_ssd(batch: int, L: int | None, reps: int, flush) -> list[dict]:
             fns[v] = (lambda q1=q1, s=s, d=d, m1=m1, st=st: ssd_step_int8(
                 st, q1, s, qdt[:, 0], sdt, A, qB[:, 0], sB, qC[:, 0], sC, D=Dp, dt_bias=dt_bias,
                 out_dtype=torch.float16, backend="cuda", x_dual=d, x_mask=m1))
-    name = "SSD chunk scan (Triton)" if L is not None else "SSD step (Triton)"
+    name = "SSD chunk scan (Triton)" if L is not None else "SSD step (Triton, graph)"
     shape = f"b{batch} L{L} H{HEADS} P{HEADDIM} N{SSD_STATE}" if L is not None else f"b{batch} H{HEADS} P{HEADDIM}"
-    return [dict(op=name, shape=shape, **_time_all(fns, reps, flush))]
+    return [dict(op=name, shape=shape, **_time_all(fns if L is not None else _graphed(fns), reps, flush))]
 
 
 def _fmt(rows: list[dict]) -> str:

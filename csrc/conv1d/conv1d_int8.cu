@@ -32,13 +32,17 @@ constexpr int kMinBlocks = 8;  // per SM: caps registers at 64 so 1024 threads p
 constexpr int kChunk = 8;      // time steps each thread loads ahead before computing (memory-level parallelism)
 
 // Where the results go: one float output (n_codes == 0), or n_codes int8 outputs with their per-tensor scales.
+// The dual-scale output has fields of its own (never indexed at run time: a runtime index into the kernel's parameter
+// struct would copy it to local memory).
 struct Outputs {
   void* out[kMaxOuts];
   const float* scale[kMaxOuts];
-  int n_codes;
-  int dual_j;          // the dual-scale output (-1: none)
-  DualScaleArgs dual;  // its encoding and outlier scale
-  uint8_t* mask;       // its packed flags (mask encoding), else nullptr: prefill (B, ceil(L / 8), D), update (B, D)
+  int n_codes;            // single-scale int8 outputs in out[] (0 and no dual output: one float output in out[0])
+  int8_t* dual_out;       // the dual-scale output's codes, or nullptr
+  const float* dual_s_in;
+  const float* dual_s_out;
+  int dual_enc, dual_knee;
+  uint8_t* mask;          // its packed flags (mask encoding), else nullptr: prefill (B, ceil(L / 8), D), update (B, D)
 };
 
 template <typename T, int N>
@@ -94,38 +98,39 @@ __device__ __forceinline__ void store(const Outputs& outs, const float (&inv)[kM
   }
 }
 
-// store for a call with a dual-scale output: output dual_j gets dual_encode'd codes, and bit `bit` of flags[v] is
-// set where channel v's value is an outlier (the caller packs 8 steps of flags into a mask byte).
-template <int VEC>
-__device__ __forceinline__ void store_dual(const Outputs& outs, const float (&inv)[kMaxOuts], float s_in_dual,
-                                           float inv_out_dual, int64_t off, const float (&val)[VEC], int bit,
+// store for a call with a dual-scale output (encoding ENC, a compile-time constant): the single-scale codes as
+// `store`, the dual output's codes by dual_encode, and bit `bit` of flags[v] set where channel v is an outlier (the
+// caller packs 8 steps of flags into a mask byte).
+template <int VEC, int ENC>
+__device__ __forceinline__ void store_dual(const Outputs& outs, const float (&inv)[kMaxOuts], int knee, float s_in,
+                                           float inv_in, float inv_out, int64_t off, const float (&val)[VEC], int bit,
                                            uint32_t (&flags)[VEC]) {
 #pragma unroll
   for (int j = 0; j < kMaxOuts; ++j) {
     if (j < outs.n_codes) {
       Pack<int8_t, VEC> p;
-      if (j == outs.dual_j) {
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          bool flag = false;
-          p.v[v] = dual_encode(val[v], outs.dual.enc, outs.dual.knee, s_in_dual, inv[j], inv_out_dual, flag);
-          flags[v] |= static_cast<uint32_t>(flag) << bit;
-        }
-      } else {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) p.v[v] = quantize_rn(val[v], inv[j]);
-      }
+      for (int v = 0; v < VEC; ++v) p.v[v] = quantize_rn(val[v], inv[j]);
       *reinterpret_cast<Pack<int8_t, VEC>*>(static_cast<int8_t*>(outs.out[j]) + off) = p;
     }
   }
+  Pack<int8_t, VEC> p;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    bool flag = false;
+    p.v[v] = dual_encode(val[v], ENC, knee, s_in, inv_in, inv_out, flag);
+    flags[v] |= static_cast<uint32_t>(flag) << bit;
+  }
+  *reinterpret_cast<Pack<int8_t, VEC>*>(outs.dual_out + off) = p;
 }
 
 // grid (ceil(D / (VEC * kThreads)), ceil(L / tile_l), B). Thread: VEC channels x tile_l time steps. The int8 taps
 // and the window of the last 4 inputs of a channel each pack into one 32-bit register, and __dp4a sums their 4
 // products exactly in int32 (the same integer as the twin's sum). K < 4 taps are right-aligned with zero taps before.
-// DUAL: the call has a dual-scale output (a separate instantiation, so single-scale calls run the code they always ran).
-// tile_l is a multiple of kChunk = 8, so each chunk of 8 steps is one byte of the mask.
-template <typename T, int VEC, bool DUAL>
+// ENC: the encoding of the call's dual-scale output, kEncSingle for none (a separate instantiation each, so
+// single-scale calls run the code they always ran). tile_l is a multiple of kChunk = 8: each chunk of 8 steps is one
+// byte of the mask.
+template <typename T, int VEC, int ENC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) conv1d_int8_kernel(
     const int8_t* __restrict__ x, int64_t sxb, int64_t sxd, int64_t sxl, const int8_t* __restrict__ w, int K,
     const float* __restrict__ x_scale, const float* __restrict__ w_scale, bool w_per_channel,
@@ -154,10 +159,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) conv1d_int8_kernel(
   float inv[kMaxOuts];
 #pragma unroll
   for (int j = 0; j < kMaxOuts; ++j) inv[j] = j < outs.n_codes ? 1.0f / *outs.scale[j] : 0.0f;
-  float s_in_dual = 0.0f, inv_out_dual = 0.0f;
+  constexpr bool DUAL = ENC != kEncSingle;
+  float s_in_dual = 0.0f, inv_in_dual = 0.0f, inv_out_dual = 0.0f;
   if constexpr (DUAL) {
-    s_in_dual = *outs.scale[outs.dual_j];
-    inv_out_dual = 1.0f / *outs.dual.s_out;
+    s_in_dual = *outs.dual_s_in;
+    inv_in_dual = 1.0f / s_in_dual;
+    inv_out_dual = 1.0f / *outs.dual_s_out;
   }
 
   const int8_t* xb = x + b * sxb + c0 * sxd;
@@ -190,14 +197,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) conv1d_int8_kernel(
           val[v] = epilogue<T>(acc, scale[v], bias_v[v], bias != nullptr, silu_on);
         }
         if constexpr (DUAL) {
-          store_dual<VEC>(outs, inv, s_in_dual, inv_out_dual, (row0 + t + s) * D + c0, val, s, flags);
+          store_dual<VEC, ENC>(outs, inv, outs.dual_knee, s_in_dual, inv_in_dual, inv_out_dual,
+                               (row0 + t + s) * D + c0, val, s, flags);
         } else {
           store<T, VEC>(outs, inv, (row0 + t + s) * D + c0, val);
         }
       }
     }
     if constexpr (DUAL) {
-      if (outs.mask != nullptr) {  // steps past L leave their bits 0, as pack_mask's zero padding does
+      if (ENC == kEncMask) {  // steps past L leave their bits 0, as pack_mask's zero padding does
         Pack<uint8_t, VEC> m;
 #pragma unroll
         for (int v = 0; v < VEC; ++v) m.v[v] = static_cast<uint8_t>(flags[v]);
@@ -239,22 +247,19 @@ __global__ void conv1d_int8_update_kernel(const int8_t* __restrict__ x, int64_t 
   }
   const float scale = __fmul_rn(*x_scale, w_scale[w_per_channel ? c : 0]);
   const float v = epilogue<T>(acc, scale, bias != nullptr ? bias[c] : 0.0f, bias != nullptr, silu_on);
-  if (outs.n_codes == 0) {
+  if (outs.n_codes == 0 && outs.dual_out == nullptr) {
     static_cast<T*>(outs.out[0])[idx] = static_cast<T>(v);
     return;
   }
 #pragma unroll
-  for (int j = 0; j < kMaxOuts; ++j) {
-    if (j >= outs.n_codes) continue;
-    if (j == outs.dual_j) {
-      bool flag = false;
-      const float s_in = *outs.scale[j];
-      static_cast<int8_t*>(outs.out[j])[idx] =
-          dual_encode(v, outs.dual.enc, outs.dual.knee, s_in, 1.0f / s_in, 1.0f / *outs.dual.s_out, flag);
-      if (outs.mask != nullptr) outs.mask[idx] = static_cast<uint8_t>(flag);
-    } else {
-      static_cast<int8_t*>(outs.out[j])[idx] = quantize_rn(v, 1.0f / *outs.scale[j]);
-    }
+  for (int j = 0; j < kMaxOuts; ++j)
+    if (j < outs.n_codes) static_cast<int8_t*>(outs.out[j])[idx] = quantize_rn(v, 1.0f / *outs.scale[j]);
+  if (outs.dual_out != nullptr) {
+    bool flag = false;
+    const float s_in = *outs.dual_s_in;
+    outs.dual_out[idx] = dual_encode(v, outs.dual_enc, outs.dual_knee, s_in, 1.0f / s_in, 1.0f / *outs.dual_s_out,
+                                     flag);
+    if (outs.mask != nullptr) outs.mask[idx] = static_cast<uint8_t>(flag);
   }
 }
 
@@ -327,59 +332,56 @@ ConvArgs check_args(const char* op, const at::Tensor& x, int64_t D, const at::Te
 }
 
 // Allocate the outputs, each an empty tensor of `alloc_shape` (transposed 1 <-> 2 for the channel-last prefill
-// layout), and point the kernel's Outputs at them.
-Outputs make_outputs(const at::Tensor& x, at::ScalarType out_dtype, at::TensorList out_scales,
-                     at::IntArrayRef alloc_shape, bool transpose12, std::vector<at::Tensor>& results) {
-  Outputs outs{};
-  const auto opts = x.options();
-  auto alloc = [&](at::ScalarType dt) {
-    at::Tensor t = at::empty(alloc_shape, opts.dtype(dt));
-    return transpose12 ? t.transpose(1, 2) : t;
-  };
-  if (out_scales.empty()) {
-    results.push_back(alloc(out_dtype));
-    outs.out[0] = results.back().data_ptr();
-    outs.n_codes = 0;
-  } else {
-    for (size_t j = 0; j < out_scales.size(); ++j) {
-      results.push_back(alloc(at::kChar));
-      outs.out[j] = results.back().data_ptr();
-      outs.scale[j] = out_scales[j].data_ptr<float>();
-    }
-    outs.n_codes = static_cast<int>(out_scales.size());
-  }
-  outs.dual_j = -1;
-  outs.dual = DualScaleArgs{kEncSingle, 0, nullptr};
-  outs.mask = nullptr;
-  return outs;
-}
-
-// The dual-scale output (issue 5), if any: output `dual_index` of the codes gets `dual_encoding` (1 mask, 2 piecewise)
-// with outlier scale `dual_outlier_scale`; the mask encoding appends its packed flags to `results`, allocated as
-// `mask_shape` (transposed 1 <-> 2 for the prefill's channel-last layout).
-void set_dual(const char* op, Outputs& outs, const at::Tensor& x, int64_t n_scales, int64_t dual_index,
-              int64_t dual_encoding, int64_t dual_knee, const std::optional<at::Tensor>& dual_outlier_scale,
-              at::IntArrayRef mask_shape, bool transpose12, std::vector<at::Tensor>& results) {
+// layout), in the order of out_scales, and point the kernel's Outputs at them. Output `dual_index` (>= 0), if any, is
+// dual-scale (issue 5): `dual_encoding` (1 mask, 2 piecewise) with outlier scale `dual_outlier_scale`; the mask
+// encoding appends its packed flags to `results`, allocated as `mask_shape` (transposed likewise), zero-filled.
+Outputs make_outputs(const char* op, const at::Tensor& x, at::ScalarType out_dtype, at::TensorList out_scales,
+                     int64_t dual_index, int64_t dual_encoding, int64_t dual_knee,
+                     const std::optional<at::Tensor>& dual_outlier_scale, at::IntArrayRef alloc_shape,
+                     at::IntArrayRef mask_shape, bool transpose12, std::vector<at::Tensor>& results) {
+  const int64_t n = static_cast<int64_t>(out_scales.size());
   if (dual_index < 0) {
     TORCH_CHECK(!dual_outlier_scale.has_value(), op, ": dual_outlier_scale given without a dual_index");
-    return;
+  } else {
+    TORCH_CHECK(dual_index < n, op, ": dual_index ", dual_index, " names no output (", n, " out_scales)");
+    TORCH_CHECK(dual_encoding == kEncMask || dual_encoding == kEncPiecewise, op,
+                ": dual_encoding must be 1 (mask) or 2 (piecewise), got ", dual_encoding);
+    TORCH_CHECK(dual_encoding != kEncPiecewise || (dual_knee >= 1 && dual_knee <= 126), op,
+                ": the piecewise knee must be in 1..126, got ", dual_knee);
+    TORCH_CHECK(dual_outlier_scale.has_value(), op, ": a dual-scale output needs dual_outlier_scale");
+    QMAMBA_CHECK_SCALAR_SCALE(*dual_outlier_scale);
+    TORCH_CHECK(dual_outlier_scale->device() == x.device(), op, ": dual_outlier_scale must be on x's device");
   }
-  TORCH_CHECK(dual_index < n_scales, op, ": dual_index ", dual_index, " names no output (", n_scales, " out_scales)");
-  TORCH_CHECK(dual_encoding == kEncMask || dual_encoding == kEncPiecewise, op,
-              ": dual_encoding must be 1 (mask) or 2 (piecewise), got ", dual_encoding);
-  TORCH_CHECK(dual_encoding != kEncPiecewise || (dual_knee >= 1 && dual_knee <= 126), op,
-              ": the piecewise knee must be in 1..126, got ", dual_knee);
-  TORCH_CHECK(dual_outlier_scale.has_value(), op, ": a dual-scale output needs dual_outlier_scale");
-  QMAMBA_CHECK_SCALAR_SCALE(*dual_outlier_scale);
-  TORCH_CHECK(dual_outlier_scale->device() == x.device(), op, ": dual_outlier_scale must be on x's device");
-  outs.dual_j = static_cast<int>(dual_index);
-  outs.dual = DualScaleArgs{static_cast<int>(dual_encoding), static_cast<int>(dual_knee),
-                            dual_outlier_scale->data_ptr<float>()};
-  if (dual_encoding == kEncMask) {
-    at::Tensor m = at::zeros(mask_shape, x.options().dtype(at::kByte));
-    results.push_back(transpose12 ? m.transpose(1, 2) : m);
-    outs.mask = m.data_ptr<uint8_t>();
+  Outputs outs{};
+  const auto opts = x.options();
+  auto alloc = [&](at::ScalarType dt, at::IntArrayRef shape, bool zero) {
+    at::Tensor t = zero ? at::zeros(shape, opts.dtype(dt)) : at::empty(shape, opts.dtype(dt));
+    results.push_back(transpose12 ? t.transpose(1, 2) : t);
+    return t.data_ptr();
+  };
+  outs.n_codes = 0;
+  if (n == 0) {
+    outs.out[0] = alloc(out_dtype, alloc_shape, false);
+    return outs;
   }
+  for (int64_t j = 0; j < n; ++j) {
+    void* ptr = alloc(at::kChar, alloc_shape, false);
+    if (j == dual_index) {
+      outs.dual_out = static_cast<int8_t*>(ptr);
+      outs.dual_s_in = out_scales[j].data_ptr<float>();
+    } else {
+      outs.out[outs.n_codes] = ptr;
+      outs.scale[outs.n_codes] = out_scales[j].data_ptr<float>();
+      ++outs.n_codes;
+    }
+  }
+  if (dual_index >= 0) {
+    outs.dual_s_out = dual_outlier_scale->data_ptr<float>();
+    outs.dual_enc = static_cast<int>(dual_encoding);
+    outs.dual_knee = static_cast<int>(dual_knee);
+    if (dual_encoding == kEncMask) outs.mask = static_cast<uint8_t*>(alloc(at::kByte, mask_shape, true));
+  }
+  return outs;
 }
 
 std::vector<at::Tensor> conv1d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w,
@@ -395,9 +397,9 @@ std::vector<at::Tensor> conv1d_int8(const at::Tensor& x, const at::Tensor& x_sca
               " is too large for the kernel's indexing; split the sequence");
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   std::vector<at::Tensor> results;
-  Outputs outs = make_outputs(x, out_dtype, out_scales, {B, L, D}, /*transpose12=*/true, results);
-  set_dual("conv1d_int8", outs, x, static_cast<int64_t>(out_scales.size()), dual_index, dual_encoding, dual_knee,
-           dual_outlier_scale, {B, (L + kChunk - 1) / kChunk, D}, /*transpose12=*/true, results);
+  Outputs outs = make_outputs("conv1d_int8", x, out_dtype, out_scales, dual_index, dual_encoding, dual_knee,
+                              dual_outlier_scale, {B, L, D}, {B, (L + kChunk - 1) / kChunk, D},
+                              /*transpose12=*/true, results);
   if (B * D * L == 0) return results;
 
   const int64_t sxb = x.stride(0), sxd = x.stride(1), sxl = x.stride(2);
@@ -419,8 +421,13 @@ std::vector<at::Tensor> conv1d_int8(const at::Tensor& x, const at::Tensor& x_sca
   const float* bias_p = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   dispatch_out_dtype(out_dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto kernel = outs.dual_j >= 0 ? (vec4 ? conv1d_int8_kernel<T, 4, true> : conv1d_int8_kernel<T, 1, true>)
-                                   : (vec4 ? conv1d_int8_kernel<T, 4, false> : conv1d_int8_kernel<T, 1, false>);
+    auto kernel = vec4 ? conv1d_int8_kernel<T, 4, kEncSingle> : conv1d_int8_kernel<T, 1, kEncSingle>;
+    if (outs.dual_enc == kEncMask) {
+      kernel = vec4 ? conv1d_int8_kernel<T, 4, kEncMask> : conv1d_int8_kernel<T, 1, kEncMask>;
+    }
+    if (outs.dual_enc == kEncPiecewise) {
+      kernel = vec4 ? conv1d_int8_kernel<T, 4, kEncPiecewise> : conv1d_int8_kernel<T, 1, kEncPiecewise>;
+    }
     kernel<<<grid, kThreads, 0, stream>>>(x.data_ptr<int8_t>(), sxb, sxd, sxl, a.w.data_ptr<int8_t>(), a.K,
                                           x_scale.data_ptr<float>(), w_scale.data_ptr<float>(), a.w_per_channel,
                                           bias_p, silu, static_cast<int>(D), static_cast<int>(L),
@@ -448,9 +455,8 @@ std::vector<at::Tensor> conv1d_int8_update(const at::Tensor& x, const at::Tensor
   TORCH_CHECK(B * D < (int64_t(1) << 31), "conv1d_int8_update: B * D = ", B * D, " is too large");
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   std::vector<at::Tensor> results;
-  Outputs outs = make_outputs(x, out_dtype, out_scales, {B, D}, /*transpose12=*/false, results);
-  set_dual("conv1d_int8_update", outs, x, static_cast<int64_t>(out_scales.size()), dual_index, dual_encoding,
-           dual_knee, dual_outlier_scale, {B, D}, /*transpose12=*/false, results);
+  Outputs outs = make_outputs("conv1d_int8_update", x, out_dtype, out_scales, dual_index, dual_encoding, dual_knee,
+                              dual_outlier_scale, {B, D}, {B, D}, /*transpose12=*/false, results);
   if (B * D == 0) return results;
 
   constexpr int threads = 256;

@@ -54,13 +54,14 @@ __device__ __forceinline__ float deq(int8_t q, float scale) {
   return round_through<T>(static_cast<float>(q) * scale);
 }
 
-// u's value: deq, or the dual-scale decode (flag: the element's mask bit; ignored unless the mask encoding).
+// u's value in a dual-scale encoding enc (flag: the element's mask bit; ignored unless the mask encoding).
 template <typename T>
-__device__ __forceinline__ float deq_u(int8_t q, bool flag, float su, float su_out, const DualScaleArgs& dual) {
-  return round_through<T>(dual_decode(q, flag, dual.enc, dual.knee, su, su_out));
+__device__ __forceinline__ float deq_u(int8_t q, bool flag, float su, float su_out, int enc, int knee) {
+  return round_through<T>(dual_decode(q, flag, enc, knee, su, su_out));
 }
 
-template <typename T, int NPL, bool DUAL>
+// ENC: u's encoding, a compile-time constant (kEncSingle: the single-scale code, as it always ran).
+template <typename T, int NPL, int ENC>
 __global__ void __launch_bounds__(kScanThreads) selective_scan_int8_kernel(const ScanParams p) {
   extern __shared__ float smem[];
   const int KP = p.lanes, CH = p.chans, TT = p.tile, N = p.nstate, L = p.len;
@@ -82,7 +83,6 @@ __global__ void __launch_bounds__(kScanThreads) selective_scan_int8_kernel(const
 
   const float su = *p.u_scale, sd = *p.delta_scale, sBs = *p.B_scale, sCs = *p.C_scale;
   const float sz = p.z != nullptr ? *p.z_scale : 0.0f;
-  const float su_out = p.u_dual.enc != kEncSingle ? *p.u_dual.s_out : 0.0f;
 
   float A[NPL], h[NPL];
 #pragma unroll
@@ -96,7 +96,6 @@ __global__ void __launch_bounds__(kScanThreads) selective_scan_int8_kernel(const
   const int8_t* Bb = p.B + b * p.B_sb;
   const int8_t* Cb = p.C + b * p.C_sb;
   const int8_t* ub = p.u + b * p.u_sb;
-  const uint8_t* umb = p.u_mask != nullptr ? p.u_mask + b * p.um_sb : nullptr;
   const int8_t* dlb = p.delta + b * p.dl_sb;
   const int8_t* zb = p.z != nullptr ? p.z + b * p.z_sb : nullptr;
   T* yb = static_cast<T*>(p.y) + b * p.y_sb;
@@ -121,9 +120,12 @@ __global__ void __launch_bounds__(kScanThreads) selective_scan_int8_kernel(const
       float dl = 0.0f, du = 0.0f, uu = 0.0f, g = 1.0f;
       if (tg < L && dd < p.dim) {
         const int8_t qu = ub[dd * p.u_sd + tg * p.u_sl];
-        if constexpr (DUAL) {
-          const bool flag = umb != nullptr && ((umb[dd * p.um_sd + (tg >> 3) * p.um_sl] >> (tg & 7)) & 1);
-          uu = deq_u<T>(qu, flag, su, su_out, p.u_dual);
+        if constexpr (ENC != kEncSingle) {  // s_out and the mask byte are loaded here (cached), not held across
+          bool flag = false;                 // the recurrence in registers
+          if constexpr (ENC == kEncMask) {
+            flag = (p.u_mask[b * p.um_sb + dd * p.um_sd + (tg >> 3) * p.um_sl] >> (tg & 7)) & 1;
+          }
+          uu = deq_u<T>(qu, flag, su, *p.u_dual.s_out, ENC, p.u_dual.knee);
         } else {
           uu = deq<T>(qu, su);
         }
@@ -211,7 +213,7 @@ __global__ void __launch_bounds__(kUpdateThreads) selective_scan_int8_update_ker
   float uu;
   if (p.u_dual.enc != kEncSingle) {
     const bool flag = p.u_mask != nullptr && (p.u_mask[b * p.um_sb + d * p.um_sd] & 1);
-    uu = deq_u<T>(qu, flag, *p.u_scale, *p.u_dual.s_out, p.u_dual);
+    uu = deq_u<T>(qu, flag, *p.u_scale, *p.u_dual.s_out, p.u_dual.enc, p.u_dual.knee);
   } else {
     uu = deq<T>(qu, *p.u_scale);
   }
@@ -287,15 +289,15 @@ void check_out_dtype(at::ScalarType out_dtype) {
               "selective_scan_int8: out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
 }
 
-template <typename T, bool DUAL>
+template <typename T, int ENC>
 void launch_scan_npl(const ScanParams& p, int npl, cudaStream_t stream) {
   const dim3 grid((p.dim + p.chans - 1) / p.chans, p.batch);
   const size_t smem = static_cast<size_t>(p.tile) * (2 * p.lanes * npl + 5 * p.chans) * sizeof(float);
   switch (npl) {
-    case 1: selective_scan_int8_kernel<T, 1, DUAL><<<grid, kScanThreads, smem, stream>>>(p); break;
-    case 2: selective_scan_int8_kernel<T, 2, DUAL><<<grid, kScanThreads, smem, stream>>>(p); break;
-    case 4: selective_scan_int8_kernel<T, 4, DUAL><<<grid, kScanThreads, smem, stream>>>(p); break;
-    default: selective_scan_int8_kernel<T, 8, DUAL><<<grid, kScanThreads, smem, stream>>>(p); break;
+    case 1: selective_scan_int8_kernel<T, 1, ENC><<<grid, kScanThreads, smem, stream>>>(p); break;
+    case 2: selective_scan_int8_kernel<T, 2, ENC><<<grid, kScanThreads, smem, stream>>>(p); break;
+    case 4: selective_scan_int8_kernel<T, 4, ENC><<<grid, kScanThreads, smem, stream>>>(p); break;
+    default: selective_scan_int8_kernel<T, 8, ENC><<<grid, kScanThreads, smem, stream>>>(p); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -303,10 +305,10 @@ void launch_scan_npl(const ScanParams& p, int npl, cudaStream_t stream) {
 // A single-scale u compiles without the dual-scale branch (its speed is the baseline the dual path is measured by).
 template <typename T>
 void launch_scan(const ScanParams& p, int npl, cudaStream_t stream) {
-  if (p.u_dual.enc != kEncSingle) {
-    launch_scan_npl<T, true>(p, npl, stream);
-  } else {
-    launch_scan_npl<T, false>(p, npl, stream);
+  switch (p.u_dual.enc) {
+    case kEncMask: launch_scan_npl<T, kEncMask>(p, npl, stream); break;
+    case kEncPiecewise: launch_scan_npl<T, kEncPiecewise>(p, npl, stream); break;
+    default: launch_scan_npl<T, kEncSingle>(p, npl, stream); break;
   }
 }
 
