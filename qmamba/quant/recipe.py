@@ -57,15 +57,17 @@ class DualScaleSpec:
     """Dual-scale int8 (``qmamba.quant.dual_scale``) for the SSM input only (``scan.u`` / ``scan.x``): an inlier
     scale from the ``threshold_alpha`` percentile T of |x| and an outlier scale for the values beyond it.
 
-    encoding: "mask" (codes + packed 1-bit outlier flags; s_in = T / 127, s_out = A / 127) or "piecewise" (codes
-      above ``knee`` hold the outliers; s_in = T / knee, s_out = (A - T) / (127 - knee)).
+    encoding: "piecewise" (the default: codes above ``knee`` hold the outliers; s_in = T / knee, s_out = (A - T) /
+      (127 - knee); no extra memory) or "mask" (codes + packed 1-bit outlier flags, 1/8 more memory; s_in = T / 127,
+      s_out = A / 127). Measured equal in accuracy on the house models; piecewise is the default for its zero memory
+      overhead and cheaper decode step (benchmarks/RESULTS.md, issue 5); mask is the control group's encoding.
     outlier: A = "absmax" (running max |x|) or "percentile" (the ``outlier_alpha`` percentile of |x|).
     equal_scales: the control group: s_in = s_out = the scale the spec's own ``observer`` gives (what the point
       would get without dual_scale), so the dual-scale code path reproduces the single-scale baseline bit for bit
       (mask encoding only: piecewise decodes outliers as knee * s + (|q| - knee) * s, which rounds differently).
     """
 
-    encoding: str = "mask"
+    encoding: str = "piecewise"
     threshold_alpha: float = 0.999
     outlier: str = "absmax"
     outlier_alpha: float = 0.99999

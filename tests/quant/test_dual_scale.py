@@ -227,7 +227,7 @@ def test_dual_scale_observer_scales():
     o(x)
     s_in, s_out = o.dual_scales()
     assert torch.equal(s_in, thr.absmax() / 100) and torch.equal(s_out, (x.abs().max() - thr.absmax()) / 27)
-    o = mk(DualScaleSpec(equal_scales=True))
+    o = mk(DualScaleSpec("mask", equal_scales=True))
     o(x)
     s_in, s_out = o.dual_scales()
     assert torch.equal(s_in, base.scale()) and torch.equal(s_out, base.scale())
