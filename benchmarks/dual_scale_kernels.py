@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qmamba.quant.dual_scale import DualScale, dual_quantize  # noqa: E402
 from qmamba.quant.numerics import quantize  # noqa: E402
+from latency import capture  # noqa: E402  (benchmarks/latency.py: the decode-step graph capture)
 
 VARIANTS = ("single", "mask", "piecewise")
 KNEE = 112
@@ -56,19 +57,7 @@ def _time_all(fns: dict, reps: int, flush: torch.Tensor) -> dict:
 
 def _graphed(fns: dict) -> dict:
     """Each one-token op captured in a CUDA graph (as a decode step runs it), timed by replay: launch overhead off."""
-    out = {}
-    for k, fn in fns.items():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        out[k] = graph.replay
-    return out
+    return {k: capture(fn).replay for k, fn in fns.items()}
 
 
 def _scales(v: torch.Tensor, encoding: str):

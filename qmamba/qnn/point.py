@@ -98,7 +98,7 @@ class QuantPoint(nn.Module):
 
     def dual_codes(self, x: torch.Tensor, check_ready: bool = True):
         """int8: (codes, packed mask or None, s_in, s_out) of x in the point's dual encoding (torch ops; the kernels
-        do not read the encoding yet). Records codes (and flags) when recording."""
+        read these codes, s_in and the flags through a ``DualScale``). Records codes (and flags) when recording."""
         s_in, s_out = (s.detach() for s in self.dual_scales_for(x, check_ready))
         q, mask = dual_quantize(x.detach(), s_in, s_out, self.dual.encoding, self.dual.knee)
         if self.recording:

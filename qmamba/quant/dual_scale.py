@@ -1,6 +1,6 @@
 """Dual-scale int8 quantization of the SSM input (issue 5): an inlier scale ``s_in`` for the bulk of the values and an
 outlier scale ``s_out`` for the rare large ones, with the tensor kept as int8 codes in memory. Stateless ops, pure
-torch; every path (fakequant, the ``torch`` int8 backend, later the kernels) computes exactly these fp32 ops.
+torch; every path (fakequant, the ``torch`` int8 backend, the CUDA / Triton kernels) computes exactly these fp32 ops.
 
 Scales are fp32, > 0, and broadcast against x without growing it (per-tensor, or per-channel such as Mamba2's x per
 head). ``inv_in = 1 / s_in`` and ``inv_out = 1 / s_out`` are computed once in fp32; ``rint`` is round half to even
