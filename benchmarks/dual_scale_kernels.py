@@ -10,7 +10,9 @@ Variants, each timed on the same inputs: ``single`` (one scale, the existing ker
 ``piecewise`` (codes above the knee hold the outliers). Timing: CUDA events around each call, L2 flushed before every
 repetition, the variants interleaved within each repetition (drift hits all alike), median over ``--reps`` after
 warm-up; the one-token ops (updates, SSD step) each captured in a CUDA graph and timed by replay, as a decode step
-runs them (no Python launch overhead in the figure). Inputs hold about 0.5 % outliers. Needs a CUDA GPU (the kernels build on first use).
+runs them (no Python launch overhead in the figure). The Mamba1 prefill ops are timed both ways: as called from
+Python ("conv1d prefill": wrapper, checks and launch included, which is what a model sees) and as graph replays
+("(graph)": the GPU work alone, the kernels' own cost). Inputs hold about 0.5 % outliers. Needs a CUDA GPU (the kernels build on first use).
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ def bench_mamba1(batch: int, L: int, reps: int, flush) -> list[dict]:
         conv[e] = (lambda s_in=s_in, dual=dual: kconv.conv1d_int8(qx, sx, qw, sw, bias, True, torch.float16,
                                                                   [s_xproj, s_in], [None, dual]))
     rows.append(dict(op="conv1d prefill", shape=f"b{batch} L{L} D{D_INNER}", **_time_all(conv, reps, flush)))
+    rows.append(dict(op="conv1d prefill (graph)", shape=f"b{batch} L{L} D{D_INNER}",
+                     **_time_all(_graphed(conv), reps, flush)))
 
     # scan inputs: u from the conv (channel-last), the rest as the mixer passes them
     u_single = conv["single"]()[1]
@@ -119,6 +123,8 @@ def bench_mamba1(batch: int, L: int, reps: int, flush) -> list[dict]:
                                                                        u_mask=mu))
     rows.append(dict(op="selective scan prefill", shape=f"b{batch} L{L} D{D_INNER} N{D_STATE}",
                      **_time_all(scan, reps, flush)))
+    rows.append(dict(op="selective scan prefill (graph)", shape=f"b{batch} L{L} D{D_INNER} N{D_STATE}",
+                     **_time_all(_graphed(scan), reps, flush)))
 
     # memory: u's codes, its flags, and the peak of conv + scan
     nbytes = {"single": u_single.numel(), **{e: u_dual[e][0][1].numel() for e in enc}}  # int8: one byte each

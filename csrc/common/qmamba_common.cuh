@@ -58,24 +58,32 @@ __device__ __forceinline__ float dual_decode(int8_t q, bool flag, int enc, int k
   return static_cast<float>(q) * s_in;
 }
 
-// The code of v (and its outlier flag) in encoding enc (kEncMask or kEncPiecewise); inv_in = 1 / s_in and
-// inv_out = 1 / s_out computed once by the caller (IEEE division, as torch's 1.0 / s).
-__device__ __forceinline__ int8_t dual_encode(float v, int enc, int knee, float s_in, float inv_in, float inv_out,
-                                              bool& flag) {
-  const float r = rintf(__fmul_rn(v, inv_in));
-  if (enc == kEncMask) {
-    flag = fabsf(r) > 127.0f;
-    if (!flag) return static_cast<int8_t>(static_cast<int>(r));
-    return quantize_rn(v, inv_out);
-  }
-  flag = fabsf(r) > static_cast<float>(knee);
-  if (!flag) return static_cast<int8_t>(static_cast<int>(r));
+// The code of an outlier v (one whose inlier code would exceed the encoding's range: |rint(v / s_in)| > 127 for the
+// mask encoding, > knee for piecewise) in encoding enc.
+__device__ __forceinline__ int8_t dual_outlier_code(float v, int enc, int knee, float s_in, float inv_out) {
+  if (enc == kEncMask) return quantize_rn(v, inv_out);
   const float kn = __fmul_rn(static_cast<float>(knee), s_in);
   const float u = __fmul_rn(__fsub_rn(fabsf(v), kn), inv_out);
   const float top = v >= 0.0f ? 127.0f : 128.0f;
   const float o = fminf(fmaxf(__fadd_rn(rintf(u), static_cast<float>(knee)), static_cast<float>(knee)), top);
   const int oi = static_cast<int>(o);
   return static_cast<int8_t>(v >= 0.0f ? oi : -oi);
+}
+
+// The inlier code of v, and whether v is an outlier instead (then the code is meaningless: take dual_outlier_code).
+// Kernels that encode many values call this for all and dual_outlier_code in a branch only the rare outliers take.
+__device__ __forceinline__ int8_t dual_inlier_code(float v, int enc, int knee, float inv_in, bool& flag) {
+  const float r = rintf(__fmul_rn(v, inv_in));
+  flag = fabsf(r) > (enc == kEncMask ? 127.0f : static_cast<float>(knee));
+  return static_cast<int8_t>(__float2int_rz(r));  // r is integral; an outlier's saturates (defined, then discarded)
+}
+
+// The code of v (and its outlier flag) in encoding enc (kEncMask or kEncPiecewise); inv_in = 1 / s_in and
+// inv_out = 1 / s_out computed once by the caller (IEEE division, as torch's 1.0 / s).
+__device__ __forceinline__ int8_t dual_encode(float v, int enc, int knee, float s_in, float inv_in, float inv_out,
+                                              bool& flag) {
+  const int8_t q = dual_inlier_code(v, enc, knee, inv_in, flag);
+  return flag ? dual_outlier_code(v, enc, knee, s_in, inv_out) : q;
 }
 
 }  // namespace qmamba

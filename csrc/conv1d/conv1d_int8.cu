@@ -100,7 +100,8 @@ __device__ __forceinline__ void store(const Outputs& outs, const float (&inv)[kM
 
 // store for a call with a dual-scale output (encoding ENC, a compile-time constant): the single-scale codes as
 // `store`, the dual output's codes by dual_encode, and bit `bit` of flags[v] set where channel v is an outlier (the
-// caller packs 8 steps of flags into a mask byte).
+// caller packs 8 steps of flags into a mask byte). Every value takes the inlier code; the outlier code is computed in
+// a branch that only rows holding an outlier (about 0.1 % of values) enter, so inliers pay for one compare.
 template <int VEC, int ENC>
 __device__ __forceinline__ void store_dual(const Outputs& outs, const float (&inv)[kMaxOuts], int knee, float s_in,
                                            float inv_in, float inv_out, int64_t off, const float (&val)[VEC], int bit,
@@ -115,11 +116,21 @@ __device__ __forceinline__ void store_dual(const Outputs& outs, const float (&in
     }
   }
   Pack<int8_t, VEC> p;
+  bool flag[VEC];
+  bool any = false;
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
-    bool flag = false;
-    p.v[v] = dual_encode(val[v], ENC, knee, s_in, inv_in, inv_out, flag);
-    flags[v] |= static_cast<uint32_t>(flag) << bit;
+    p.v[v] = dual_inlier_code(val[v], ENC, knee, inv_in, flag[v]);
+    any |= flag[v];
+  }
+  if (__builtin_expect(any, 0)) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      if (flag[v]) {
+        p.v[v] = dual_outlier_code(val[v], ENC, knee, s_in, inv_out);
+        if constexpr (ENC == kEncMask) flags[v] |= 1u << bit;
+      }
+    }
   }
   *reinterpret_cast<Pack<int8_t, VEC>*>(outs.dual_out + off) = p;
 }
@@ -334,7 +345,8 @@ ConvArgs check_args(const char* op, const at::Tensor& x, int64_t D, const at::Te
 // Allocate the outputs, each an empty tensor of `alloc_shape` (transposed 1 <-> 2 for the channel-last prefill
 // layout), in the order of out_scales, and point the kernel's Outputs at them. Output `dual_index` (>= 0), if any, is
 // dual-scale (issue 5): `dual_encoding` (1 mask, 2 piecewise) with outlier scale `dual_outlier_scale`; the mask
-// encoding appends its packed flags to `results`, allocated as `mask_shape` (transposed likewise), zero-filled.
+// encoding appends its packed flags to `results`, allocated as `mask_shape` (transposed likewise), left unfilled: the
+// kernels write every byte.
 Outputs make_outputs(const char* op, const at::Tensor& x, at::ScalarType out_dtype, at::TensorList out_scales,
                      int64_t dual_index, int64_t dual_encoding, int64_t dual_knee,
                      const std::optional<at::Tensor>& dual_outlier_scale, at::IntArrayRef alloc_shape,
@@ -379,7 +391,8 @@ Outputs make_outputs(const char* op, const at::Tensor& x, at::ScalarType out_dty
     outs.dual_s_out = dual_outlier_scale->data_ptr<float>();
     outs.dual_enc = static_cast<int>(dual_encoding);
     outs.dual_knee = static_cast<int>(dual_knee);
-    if (dual_encoding == kEncMask) outs.mask = static_cast<uint8_t*>(alloc(at::kByte, mask_shape, true));
+    // every byte is written by the kernel (steps past L as 0 bits), so no fill is needed
+    if (dual_encoding == kEncMask) outs.mask = static_cast<uint8_t*>(alloc(at::kByte, mask_shape, false));
   }
   return outs;
 }

@@ -44,13 +44,19 @@ class Mamba1Mixer(nn.Module):
     def forward(self, hidden: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         """With ``cache`` (prefill), also fill it: the conv's last d_conv inputs and the scan's final state."""
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, L, di) each
-        x = x.transpose(1, 2)
-        x = self.conv1d(x) if cache is None else self.conv1d.prefill(x, cache.conv_state)  # (B, di, L)
+        # the conv's output (B, di, L) feeds x_proj and the scan (as u); in int8 mode each may get its own codes
+        x, consumers = x.transpose(1, 2), self.conv_consumers()
+        x, u = (self.conv1d(x, consumers=consumers) if cache is None
+                else self.conv1d.prefill(x, cache.conv_state, consumers=consumers))
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = self.dt_proj(dt).transpose(1, 2)  # (B, di, L)
-        args = (x, delta, self.A_log, B.transpose(1, 2), C.transpose(1, 2), self.D, z.transpose(1, 2))
+        args = (u, delta, self.A_log, B.transpose(1, 2), C.transpose(1, 2), self.D, z.transpose(1, 2))
         y = self.scan(*args) if cache is None else self.scan.prefill(cache.ssm_state, *args)
         return self.out_proj(y.transpose(1, 2))  # (B, L, d_model)
+
+    def conv_consumers(self) -> tuple:
+        """The (part, input point) pairs that read the conv's output, in the order the conv returns it."""
+        return (self.x_proj, "input"), (self.scan, "u")
 
     def allocate_cache(self, batch: int, device=None, dtype: torch.dtype = torch.float32) -> LayerCache:
         return LayerCache(self.conv1d.allocate_state(batch, device, dtype),
@@ -59,8 +65,8 @@ class Mamba1Mixer(nn.Module):
     def step(self, hidden: torch.Tensor, cache: LayerCache) -> torch.Tensor:  # (B, d_model) -> (B, d_model)
         """``forward`` on one token, advancing ``cache`` in place."""
         x, z = linear_step(self.in_proj, hidden).chunk(2, dim=-1)  # (B, di) each
-        x = self.conv1d.step(x, cache.conv_state)
+        x, u = self.conv1d.step(x, cache.conv_state, consumers=self.conv_consumers())
         dt, B, C = linear_step(self.x_proj, x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = linear_step(self.dt_proj, dt)  # (B, di)
-        y = self.scan.step(cache.ssm_state, x, delta, self.A_log, B, C, self.D, z)
+        y = self.scan.step(cache.ssm_state, u, delta, self.A_log, B, C, self.D, z)
         return linear_step(self.out_proj, y)

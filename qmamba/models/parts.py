@@ -30,8 +30,12 @@ class CausalConv1d(nn.Conv1d):
         self.activation = activation
         self.backend = "auto"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D, L) -> (B, D, L)
-        return ops.causal_conv1d(x, self.weight.squeeze(1), self.bias, self.activation, backend=self.backend)
+    def forward(self, x: torch.Tensor, consumers=None):  # (B, D, L) -> (B, D, L)
+        """With ``consumers`` (the (part, input point) pairs that read the output, named by the mixer), a list: the
+        output as each consumer takes it. The float conv gives each the same tensor; the int8 twin may give each its
+        int8 codes (``qmamba.qnn.codes``)."""
+        y = ops.causal_conv1d(x, self.weight.squeeze(1), self.bias, self.activation, backend=self.backend)
+        return y if consumers is None else [y] * len(consumers)
 
     # ---- decoding: the state holds the last K conv inputs (oldest first), as the conv consumes them --------------
     def state_dtype(self, dtype: torch.dtype) -> torch.dtype:
@@ -52,13 +56,13 @@ class CausalConv1d(nn.Conv1d):
                              f"{getattr(self, 'qmode', 'fp')!r} keeps {want} inputs: allocate the cache after "
                              "set_mode (model.allocate_cache)")
 
-    def prefill(self, x: torch.Tensor, conv_state: torch.Tensor) -> torch.Tensor:  # (B, D, L) -> (B, D, L)
+    def prefill(self, x: torch.Tensor, conv_state: torch.Tensor, consumers=None):  # (B, D, L) -> (B, D, L)
         """``forward``, and conv_state (B, D, K) <- its last K inputs (``state_input``), zeros before t = 0."""
         self._check_state(conv_state, x.dtype)
         k = conv_state.shape[-1]
         tail = self.state_input(x[..., -k:])
         conv_state.copy_(F.pad(tail, (k - tail.shape[-1], 0)))
-        return self(x)
+        return self(x, consumers=consumers)
 
     @staticmethod
     def _shift_in(conv_state: torch.Tensor, x: torch.Tensor) -> None:
@@ -72,11 +76,13 @@ class CausalConv1d(nn.Conv1d):
             out = out + self.bias.to(window.dtype)
         return F.silu(out) if self.activation else out
 
-    def step(self, x: torch.Tensor, conv_state: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, D)
-        """One token: x shifts into conv_state (in place); returns forward's output at that token."""
+    def step(self, x: torch.Tensor, conv_state: torch.Tensor, consumers=None):  # (B, D) -> (B, D)
+        """One token: x shifts into conv_state (in place); returns forward's output at that token (a list per
+        consumer with ``consumers``, as ``forward``)."""
         self._check_state(conv_state, x.dtype)
         self._shift_in(conv_state, x)
-        return self._window_conv(conv_state, self.weight.squeeze(1))
+        y = self._window_conv(conv_state, self.weight.squeeze(1))
+        return y if consumers is None else [y] * len(consumers)
 
 
 class SelectiveScan(nn.Module):

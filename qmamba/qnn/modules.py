@@ -8,6 +8,10 @@ quantization points; ``qmode`` picks the path:
 
 A point the recipe leaves out stays floating point in every mode.
 
+Codes between parts: in int8 mode the conv1d twin hands its consumers (Mamba1's x_proj and scan) their int8 codes
+straight from the conv kernel (``qmamba.qnn.codes``) when each ``takes_codes`` at that input; they skip their own
+quantize, which would have made the same codes from the float output.
+
 Decoding: ``prefill`` / ``step`` (see ``qmamba.models.parts``) compute per token what ``forward`` computes per
 sequence, in every mode. An int8 ``step`` goes through the twin's ``_int8_step`` (codes and scales in), the one place a
 decode kernel plugs in.
@@ -21,6 +25,7 @@ from torch import nn
 
 from qmamba import ops
 from qmamba.models.parts import CausalConv1d, RMSNormGated, SelectiveScan, SSDScan
+from qmamba.qnn.codes import Codes
 from qmamba.qnn.point import QuantPoint
 from qmamba.quant.granularity import PerTensor
 from qmamba.ops.int8_conv1d import conv1d_int8, conv1d_int8_update
@@ -94,9 +99,24 @@ class QuantTwin:
             return dequantize(self.weight, qw.scale_for(self.weight))
         return qw.fake(self.weight_to_quantize())
 
+    def takes_codes(self, point: str) -> bool:
+        """Whether this part, in its current mode, reads input ``point`` only as int8 codes in the point's own
+        per-tensor scale (no observer, probe or float use of it): then a producer may hand it ``Codes``."""
+        return False
+
+    def _takes_codes_at(self, point: str) -> bool:
+        """The checks every ``takes_codes`` shares: int8 mode, a per-tensor point that nobody watches."""
+        qp = self.q(point)
+        return (self.qmode == "int8" and qp is not None and not qp.watching
+                and isinstance(qp.spec.granularity, PerTensor))
+
     def _codes(self, point: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """int8 mode: activation x observed at ``point``, then its codes and scale (the twin's backend)."""
+        """int8 mode: activation x observed at ``point``, then its codes and scale (the twin's backend); ``Codes``
+        handed on by the producer are taken as they are."""
         qp = self.quant_points[point]
+        if isinstance(x, Codes):
+            qp.record(x.q)
+            return x.q, x.scale
         qp.observe(x)
         return qp.quantize(x, self.backend)
 
@@ -106,6 +126,9 @@ class QuantTwin:
         qp = self.quant_points[point]
         if qp.dual is None:
             return (*self._codes(point, x), None, None)
+        if isinstance(x, Codes):
+            qp.record(x.q, x.mask)
+            return x.q, x.scale, x.dual, x.mask
         qp.observe(x)
         q, mask, s_in, s_out = qp.dual_codes(x)
         return q, s_in, DualScale(s_out, qp.dual.encoding, qp.dual.knee), mask
@@ -136,6 +159,8 @@ class QuantTwin:
         qp = self.q(point)
         if qp is None or x is None:
             return x, None
+        if isinstance(x, Codes):  # the producer's codes, already without the time dim
+            return x.q, x.scale
         xt = x if time_dim is None else x.unsqueeze(time_dim)
         s = self._step_scale(qp, xt)
         q = qp.codes(xt, s, self.backend)  # the fused kernel on a GPU: one launch, no host sync
@@ -147,6 +172,8 @@ class QuantTwin:
         qp = self.q(point)
         if qp is None or qp.dual is None:
             return (*self._step_codes(point, x, time_dim), None, None)
+        if isinstance(x, Codes):
+            return x.q, x.scale, x.dual, x.mask
         xt = x.unsqueeze(time_dim)
         q, mask, s_in, s_out = qp.dual_codes(xt, check_ready=not xt.is_cuda)
         dual = DualScale(s_out.squeeze(time_dim), qp.dual.encoding, qp.dual.knee)
@@ -212,6 +239,12 @@ class QuantLinear(QuantTwin, nn.Linear):
         if point == "weight":
             super()._check_spec(point, spec)
 
+    def takes_codes(self, point: str) -> bool:
+        """The int8 GEMM reads the input as codes when both points are quantized and the input is not rotated (a
+        rotated input is quantized after its Hadamard transform, so it needs the float tensor)."""
+        return (point == "input" and self._takes_codes_at(point) and self.q("weight") is not None
+                and not self.rotated)
+
     @property
     def rotated(self) -> bool:
         qi = self.q("input")
@@ -223,6 +256,8 @@ class QuantLinear(QuantTwin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qi, qw = self.q("input"), self.q("weight")
         dtype = x.dtype
+        if isinstance(x, Codes):  # a producer quantized the input for us (only when takes_codes("input"))
+            return self._int8_linear(*self._codes("input", x), *self._int8_weight(qw), dtype)
         if self.qmode == "fp":  # observers (calibration) see the input in the frame it is quantized in
             if qi is not None and qi.watching:
                 qi.observe(ops.hadamard_transform(x) if self.rotated else x)
@@ -252,6 +287,8 @@ class QuantLinear(QuantTwin, nn.Linear):
         """``forward`` on one token, free of host syncs (see ``QuantTwin._step_scale``)."""
         qi, qw = self.q("input"), self.q("weight")
         dtype = x.dtype
+        if isinstance(x, Codes):
+            return self._int8_linear(x.q, x.scale, *self._step_int8_weight(qw), dtype)
         if self.qmode == "fp":
             return F.linear(x, self._step_weight(qw).to(dtype), self.bias)
         if self.qmode == "int8" and qi is not None and qw is not None and self.rotated:
@@ -274,7 +311,16 @@ class QuantCausalConv1d(QuantTwin, CausalConv1d):
             raise ValueError(f"conv1d input scales must be per-tensor, got {spec.granularity} — fix the recipe")
         super()._check_spec(point, spec)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D, L) -> (B, D, L)
+    def forward(self, x: torch.Tensor, consumers=None):  # (B, D, L) -> (B, D, L)
+        """With ``consumers``, a list: each consumer's int8 ``Codes`` when the conv runs integer and all take codes
+        (one ``conv1d_int8`` call emits them all), else the float output for each (``CausalConv1d.forward``)."""
+        points = self._code_points(consumers)
+        if points is not None:
+            return self._int8_codes(x, points)
+        y = self._forward(x)
+        return y if consumers is None else [y] * len(consumers)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         qi, qw = self.q("input"), self.q("weight")
         if self.qmode == "int8" and qi is not None and qw is not None:
             return self._int8_forward(x, qw)
@@ -306,8 +352,16 @@ class QuantCausalConv1d(QuantTwin, CausalConv1d):
     def state_input(self, x: torch.Tensor) -> torch.Tensor:
         return self._step_codes("input", x)[0] if self._integer() else self._step_act("input", x)
 
-    def step(self, x: torch.Tensor, conv_state: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, D)
+    def step(self, x: torch.Tensor, conv_state: torch.Tensor, consumers=None):  # (B, D) -> (B, D)
+        """One token (``forward``'s output at it, ``consumers`` as there); no host sync on a GPU."""
         self._check_state(conv_state, x.dtype)
+        points = self._code_points(consumers)
+        if points is not None:
+            return self._int8_step_codes(x, conv_state, points)
+        y = self._step(x, conv_state)
+        return y if consumers is None else [y] * len(consumers)
+
+    def _step(self, x: torch.Tensor, conv_state: torch.Tensor) -> torch.Tensor:
         qw = self.q("weight")
         if self._integer():
             qx, sx = self._step_codes("input", x)
@@ -315,6 +369,53 @@ class QuantCausalConv1d(QuantTwin, CausalConv1d):
             return self._int8_step(qx, conv_state, sx, wq, sw).to(x.dtype)
         self._shift_in(conv_state, self.state_input(x))
         return self._window_conv(conv_state, self._step_weight(qw).squeeze(1))
+
+    # ---- codes for the consumers (``forward`` / ``step`` with ``consumers``): one op emits each consumer's codes
+    emit_codes = True  # hand consumers their codes when they all take them; False: always the float output
+
+    def _code_points(self, consumers) -> list[QuantPoint] | None:
+        """The consumers' quantization points when this conv runs integer and every consumer takes codes, else None."""
+        if not (self.emit_codes and self._integer() and consumers):
+            return None
+        if not all(isinstance(part, QuantTwin) and part.takes_codes(point) for part, point in consumers):
+            return None
+        return [part.q(point) for part, point in consumers]
+
+    @staticmethod
+    def _out_args(points: list[QuantPoint], scales: list[torch.Tensor]):
+        """(out_scales, out_duals) of the conv op for these consumer points (their scales shaped for the output)."""
+        duals = [None if p.dual is None else
+                 DualScale(p.spec.granularity.broadcast(p.outlier_scale, s.dim()).detach(), p.dual.encoding,
+                           p.dual.knee) for p, s in zip(points, scales)]
+        return [s.reshape(()) for s in scales], (duals if any(d is not None for d in duals) else [])
+
+    @staticmethod
+    def _as_codes(result, scales, duals, dtype) -> list[Codes]:
+        codes, masks = result if duals else (result, [None] * len(scales))
+        return [Codes(q, s, dtype, d, m) for q, s, d, m in zip(codes, scales, duals or [None] * len(scales), masks)]
+
+    def _int8_codes(self, x: torch.Tensor, points: list[QuantPoint]) -> list[Codes]:
+        """The integer conv of ``_int8_forward`` emitting each consumer point's codes (``conv1d_int8`` with
+        out_scales / out_duals: the CUDA kernel on a GPU, the reference elsewhere) instead of its float output."""
+        qx, sx = self._codes("input", x)
+        wq, sw = self._int8_weight(self.q("weight"))
+        scales = [p.scale_for(x).detach() for p in points]
+        out_scales, duals = self._out_args(points, scales)
+        result = conv1d_int8(qx, sx.reshape(()), wq.reshape(wq.shape[0], -1), sw.reshape(-1), self.bias,
+                             silu=self.activation is not None, out_dtype=x.dtype, out_scales=out_scales,
+                             backend=self.backend, out_duals=duals)
+        return self._as_codes(result, scales, duals, x.dtype)
+
+    def _int8_step_codes(self, x: torch.Tensor, conv_state: torch.Tensor, points: list[QuantPoint]) -> list[Codes]:
+        """``_int8_codes`` for one token (``conv1d_int8_update``, conv_state advanced in place)."""
+        qx, sx = self._step_codes("input", x)
+        wq, sw = self._step_int8_weight(self.q("weight"))
+        scales = [self._step_scale(p, x).detach() for p in points]
+        out_scales, duals = self._out_args(points, scales)
+        result = conv1d_int8_update(qx, conv_state, sx.reshape(()), wq.reshape(wq.shape[0], -1), sw.reshape(-1),
+                                    self.bias, silu=self.activation is not None, out_dtype=x.dtype,
+                                    out_scales=out_scales, backend=self.backend, out_duals=duals)
+        return self._as_codes(result, scales, duals, x.dtype)
 
     def _int8_step(self, qx, conv_state, sx, wq, sw):
         """qx (B, D) int8 shifts into conv_state (B, D, K) int8 (in place); int32 sum over the K codes, then
@@ -335,6 +436,10 @@ class QuantSelectiveScan(QuantTwin, SelectiveScan):
         """int8 mode with every input quantized: the scan runs from codes (the int8 kernel on a GPU), a dual-scale u
         as its codes, outlier scale and flags."""
         return self.qmode == "int8" and all(p in self.quant_points for p in self.POINTS)
+
+    def takes_codes(self, point: str) -> bool:
+        """u as codes (dual-scale ones included) when the scan runs from codes."""
+        return point == "u" and self._integer() and self._takes_codes_at(point)
 
     def forward(self, u, delta, A_log, B, C, D, z):
         if self._integer():

@@ -101,10 +101,14 @@ class QuantPoint(nn.Module):
         read these codes, s_in and the flags through a ``DualScale``). Records codes (and flags) when recording."""
         s_in, s_out = (s.detach() for s in self.dual_scales_for(x, check_ready))
         q, mask = dual_quantize(x.detach(), s_in, s_out, self.dual.encoding, self.dual.knee)
+        self.record(q, mask)
+        return q, mask, s_in, s_out
+
+    def record(self, q: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Keep codes (and a dual-scale point's packed flags, unpacked) when recording; else nothing."""
         if self.recording:
             self.recorded = q
             self.recorded_mask = None if mask is None else unpack_mask(mask, q.shape[-1])
-        return q, mask, s_in, s_out
 
     def dual_roundtrip(self, x: torch.Tensor, check_ready: bool = True) -> torch.Tensor:
         """The dual-scale codes of x dequantized back to fp32, then x's dtype."""
@@ -161,8 +165,7 @@ class QuantPoint(nn.Module):
         self._no_dual("quantize")
         scale = self.scale_for(x).detach()
         q = self.codes(x, scale, backend)
-        if self.recording:
-            self.recorded = q
+        self.record(q)
         return q, scale
 
     def codes(self, x: torch.Tensor, scale: torch.Tensor, backend: str = "torch") -> torch.Tensor:

@@ -35,8 +35,8 @@ def _capture(module):
     """Forward hook storing the module's input and output."""
     seen = {}
 
-    def hook(mod, args, out):
-        seen["x"], seen["out"] = args[0].detach(), out.detach()
+    def hook(mod, args, out):  # out: the float output, or (Mamba1's mixer) a list of Codes, one per consumer
+        seen["x"], seen["out"] = args[0].detach(), out
 
     module.register_forward_hook(hook)
     return seen
@@ -53,7 +53,8 @@ def _module_args(conv, x):
                                           ("tiny-mamba2", "quamba2_w8a8")])
 def test_ref_matches_module_in_a_model(name, recipe):
     """Inside a calibrated int8 model: the float output equals QuantCausalConv1d's, and (Mamba1) the codes for the
-    two consumers' scales equal the codes x_proj.input and scan.u record."""
+    two consumers' scales equal the codes the conv hands x_proj.input and scan.u (qmamba.qnn.codes), which they
+    record."""
     model = _int8_model(name, recipe)
     mixer = model.backbone.layers[1].mixer
     seen = _capture(mixer.conv1d)
@@ -65,14 +66,18 @@ def test_ref_matches_module_in_a_model(name, recipe):
             consumers[1].scale.mul_(1.3)
     with torch.no_grad():
         model(_ids(3))
-    qx, sx, qw, sw = _module_args(mixer.conv1d, seen["x"])
+    x, model_out = seen["x"], seen["out"]
+    qx, sx, qw, sw = _module_args(mixer.conv1d, x)
     assert sw.numel() == (qw.shape[0] if recipe == "qat_w8a8" else 1)  # per-channel and per-tensor both covered
-    out = conv1d_int8_ref(qx, sx, qw, sw, mixer.conv1d.bias, silu=True, out_dtype=seen["x"].dtype)
-    assert torch.equal(out, seen["out"])
-    if consumers:
-        codes = conv1d_int8_ref(qx, sx, qw, sw, mixer.conv1d.bias, True, seen["x"].dtype,
-                                [p.scale for p in consumers])
+    out = conv1d_int8_ref(qx, sx, qw, sw, mixer.conv1d.bias, silu=True, out_dtype=x.dtype)
+    with torch.no_grad():
+        assert torch.equal(out, mixer.conv1d(x))  # no consumers named: the float output
+    if not consumers:
+        assert torch.equal(out, model_out)
+    else:
+        codes = conv1d_int8_ref(qx, sx, qw, sw, mixer.conv1d.bias, True, x.dtype, [p.scale for p in consumers])
         assert len(codes) == 2
+        assert [c.q.data_ptr() for c in model_out] == [p.recorded.data_ptr() for p in consumers]
         x_proj_in, scan_u = (p.recorded for p in consumers)
         assert all(c.dtype == torch.int8 for c in codes)
         assert torch.equal(codes[0], x_proj_in.transpose(1, 2))  # x_proj sees (B, L, D), ours are (B, D, L)

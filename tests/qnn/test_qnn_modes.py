@@ -20,6 +20,7 @@ from torch import nn
 import qmamba
 from qmamba.models import MambaLM
 from qmamba.models.parts import RMSNormGated, SelectiveScan, SSDScan
+from qmamba.qnn.codes import Codes
 from qmamba.qnn import (QuantCausalConv1d, QuantLinear, agreement_report, calibrate, convert, current_mode,
                         format_agreement, is_converted, prepare, quant_points, set_mode, twins)
 
@@ -115,12 +116,17 @@ def test_int8_linear_is_integer_matmul_times_scales(name, recipe):
     for (lname, lin), cap in zip(linears, caps):
         cap.handle.remove()
         (x,), out = cap.calls[0]
-        x, w = rot(lin, x), rot(lin, lin.weight)
+        w = rot(lin, lin.weight)
         sx = lin.quant_points["input"].scale.detach().float().reshape(())
         sw = weight_scale(w, lin.quant_points["weight"].spec).reshape(-1)
         if sw.numel() == 1:
             sw = sw.reshape(())
-        qx, qw = hq(x, sx).long(), hq(w, weight_scale(w, lin.quant_points["weight"].spec)).long()
+        if isinstance(x, Codes):  # x_proj: the conv handed it the codes of its input (qmamba.qnn.codes)
+            assert torch.equal(x.scale.reshape(()), sx)
+            qx = x.q.long()
+        else:
+            qx = hq(rot(lin, x), sx).long()
+        qw = hq(w, weight_scale(w, lin.quant_points["weight"].spec)).long()
         acc = (qx.unsqueeze(-2) * qw).sum(-1)  # (..., N) int64, exact
         assert acc.abs().max() < 2 ** 24  # so acc.float() is exact too
         expected = acc.float() * (sx * sw)
@@ -144,6 +150,9 @@ def test_int8_conv1d_is_an_integer_loop(name, recipe):
     for conv, cap in zip(convs, caps):
         cap.handle.remove()
         (x,), out = cap.calls[0]  # (B, C, L)
+        if isinstance(out, list):  # Mamba1: the codes the conv hands x_proj and the scan; here, the float output
+            with torch.no_grad():
+                out = conv(x)
         sx = conv.quant_points["input"].scale.detach().float().reshape(())
         sw4 = weight_scale(conv.weight, conv.quant_points["weight"].spec)
         qx = hq(x, sx).long()

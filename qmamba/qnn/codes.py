@@ -1,0 +1,45 @@
+"""An activation handed from one int8 part to the next as codes, never as a float tensor.
+
+In int8 mode a producer that can requantize its output for its consumers (the conv1d kernel, which emits one int8
+tensor per consumer scale) hands each consumer a ``Codes``: the int8 codes in that consumer's own quantization point
+scale, the activation dtype they stand for, and, for a dual-scale point (issue 5: the SSM input), its ``DualScale``
+and packed outlier flags. The consumer then skips its own quantize: the same codes it would have made from the float
+output (same fp32 ops, DESIGN §3), with one kernel and no float tensor in between.
+
+A part says whether it can take codes at an input with ``QuantTwin.takes_codes(point)``; a producer hands codes only
+when every consumer can (else each gets the float output, as before).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from qmamba.quant.dual_scale import DualScale
+
+
+@dataclass(frozen=True)
+class Codes:
+    q: torch.Tensor                  # int8 codes, the layout the consumer reads (e.g. (B, D, L) for the scan's u)
+    scale: torch.Tensor              # the consumer point's (inlier) scale, broadcastable against q
+    dtype: torch.dtype               # the activation dtype the codes stand for (the consumer's output dtype)
+    dual: DualScale | None = None    # dual-scale point: outlier scale and encoding
+    mask: torch.Tensor | None = None  # mask encoding: the packed outlier flags
+
+    def __post_init__(self):
+        if self.q.dtype != torch.int8:
+            raise TypeError(f"Codes.q must hold int8 codes, got {self.q.dtype}")
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def transpose(self, dim0: int, dim1: int) -> Codes:
+        """The same codes with two dims swapped (a view), as ``Tensor.transpose``. A mask is packed along the last
+        dim, so codes with one cannot be transposed."""
+        if self.mask is not None:
+            raise ValueError("Codes.transpose: these codes carry packed outlier flags (mask encoding), packed along "
+                             "their last dim; they cannot be transposed — hand them to their consumer as they are")
+        scale = self.scale.transpose(dim0, dim1) if self.scale.dim() == self.q.dim() else self.scale
+        return replace(self, q=self.q.transpose(dim0, dim1), scale=scale)

@@ -1,0 +1,80 @@
+"""On a CUDA GPU, the int8 Mamba1 mixer with its conv1d kernel handing x_proj and the scan their codes
+(``qmamba.qnn.codes``; single-scale u, dual-scale u in the mask and piecewise encodings) against the same model with
+each consumer quantizing the conv's float output itself (``emit_codes = False``): forward, prefill and decode steps,
+eager and captured in a CUDA graph. The conv kernel's codes are the quantize kernel's codes of its float output
+(tests/gpu/test_gpu_kernel_conv1d.py, test_gpu_kernel_dual_scale.py), so the logits must be identical (torch.equal),
+and greedy tokens too.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qmamba import MambaLM, preset
+from qmamba.generation import DecodeGraph, generate
+from qmamba.qnn import calibrate, prepare, set_mode
+from qmamba.qnn.codes import Codes
+from qmamba.qnn.modules import QuantCausalConv1d
+from qmamba.quant.recipe import load_recipe
+
+pytestmark = pytest.mark.gpu
+
+RECIPES = Path(__file__).resolve().parents[2] / "configs" / "recipes"
+GROUPS = ["baseline", "treatment", "treatment_piecewise"]
+
+
+def _ids(batch, L, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randint(0, 256, (batch, L), device="cuda", generator=g)
+
+
+def _model(group: str, dtype: torch.dtype) -> MambaLM:
+    torch.manual_seed(0)
+    model = MambaLM(preset("tiny", d_model=128, n_layer=2)).cuda().eval()
+    prepare(model, load_recipe(str(RECIPES / f"dual_scale_{group}_mamba1.yaml")))
+    with torch.no_grad():  # outliers in u, so the dual-scale groups use their outlier scale
+        for layer in model.backbone.layers:
+            layer.mixer.conv1d.weight[::7] *= 8
+        calibrate(model, [_ids(4, 128, 1), _ids(4, 128, 2)], progress=False)
+    return set_mode(model.to(dtype), "int8")
+
+
+def _emit(model, on: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, QuantCausalConv1d):
+            m.emit_codes = on
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group", GROUPS)
+def test_codes_handoff_equals_float_handoff(group, dtype):
+    model = _model(group, dtype)
+    x = _ids(3, 77, 5)
+    mixer = model.backbone.layers[0].mixer
+    with torch.no_grad():
+        handed = mixer.conv1d(torch.randn(2, mixer.d_inner, 9, device="cuda", dtype=dtype),
+                              consumers=mixer.conv_consumers())
+        assert all(isinstance(c, Codes) for c in handed)
+        assert handed[0].q.stride(1) == 1  # the kernel's channel-last codes: x_proj reads (B, L, D) rows
+        _emit(model, False)
+        plain = model(x)
+        plain_tokens = generate(model, x[:, :12], 16, cuda_graph=False)
+        _emit(model, True)
+        fused = model(x)
+        assert torch.equal(fused, plain)
+        assert torch.equal(generate(model, x[:, :12], 16, cuda_graph=False), plain_tokens)
+        assert torch.equal(generate(model, x[:, :12], 16, cuda_graph=True), plain_tokens)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_graph_steps_equal_eager_steps_with_codes(group):
+    model = _model(group, torch.float16)
+    prompt = _ids(2, 10, 7)
+    graphed, eager = DecodeGraph(model, 2).capture(), DecodeGraph(model, 2)
+    assert torch.equal(graphed.prefill(prompt), eager.prefill(prompt))
+    tok = prompt[:, -1]
+    for _ in range(5):
+        a, b = graphed.step(tok), eager.step(tok)
+        assert torch.equal(a, b)
+        tok = a.argmax(-1)

@@ -1,0 +1,134 @@
+"""Codes between parts (``qmamba.qnn.codes``): in int8 mode Mamba1's conv1d hands x_proj and the scan their int8
+codes straight from one conv op (single-scale u, and dual-scale u in both encodings), and the model's output is the
+same, bit for bit, as when each consumer quantizes the conv's float output itself (``emit_codes = False``): forward,
+prefill and decode steps. Codes go only where every consumer takes them; elsewhere the float output flows as before.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import qmamba
+from qmamba.models import MambaLM
+from qmamba.qnn import calibrate, prepare, set_mode
+from qmamba.qnn.codes import Codes
+from qmamba.qnn.modules import QuantCausalConv1d
+from qmamba.quant.recipe import load_recipe
+
+RECIPES = Path(__file__).resolve().parents[2] / "configs" / "recipes"
+GROUPS = ["baseline", "treatment", "treatment_piecewise"]
+
+
+def _ids(batch=2, L=21, seed=1):
+    return torch.randint(0, 256, (batch, L), generator=torch.Generator().manual_seed(seed))
+
+
+def _model(recipe):
+    torch.manual_seed(0)
+    model = prepare(MambaLM(qmamba.preset("tiny")).eval(), load_recipe(str(recipe)))
+    with torch.no_grad():  # outliers in u, so the dual-scale groups use their outlier scale
+        for layer in model.backbone.layers:
+            layer.mixer.conv1d.weight[::7] *= 8
+    calibrate(model, [_ids(seed=s) for s in (10, 11)], progress=False)
+    set_mode(model, "int8")
+    return model
+
+
+def _convs(model):
+    return [m for m in model.modules() if isinstance(m, QuantCausalConv1d)]
+
+
+def _emit(model, on: bool):
+    for conv in _convs(model):
+        conv.emit_codes = on
+
+
+def _forbid_own_quantize(model, monkeypatch):
+    """x_proj.input and scan.u may no longer quantize anything themselves: their codes must come from the conv."""
+    def refuse(*args, **kw):
+        raise AssertionError("a consumer quantized the conv's float output although the conv handed it codes")
+
+    for layer in model.backbone.layers:
+        for point in (layer.mixer.x_proj.q("input"), layer.mixer.scan.q("u")):
+            for name in ("quantize", "codes", "dual_codes"):
+                monkeypatch.setattr(point, name, refuse)
+
+
+def _decode(model, ids, steps=4):
+    cache = model.allocate_cache(ids.shape[0])
+    out = [model.prefill(ids, cache)]
+    g = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        out.append(model.step(torch.randint(0, 256, (ids.shape[0],), generator=g), cache))
+    return out
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_codes_equal_float_handoff_bit_for_bit(group, monkeypatch):
+    model = _model(RECIPES / f"dual_scale_{group}_mamba1.yaml")
+    x = _ids(seed=5)
+    with torch.no_grad():
+        _emit(model, False)
+        plain, plain_dec = model(x), _decode(model, x)
+        _emit(model, True)
+        _forbid_own_quantize(model, monkeypatch)
+        fused, fused_dec = model(x), _decode(model, x)
+    assert torch.equal(fused, plain)
+    assert all(torch.equal(a, b) for a, b in zip(fused_dec, plain_dec))
+
+
+def test_conv_hands_codes_only_when_every_consumer_takes_them():
+    model = _model(RECIPES / "dual_scale_treatment_mamba1.yaml")
+    mixer = model.backbone.layers[0].mixer
+    x = torch.randn(2, mixer.d_inner, 9)
+    with torch.no_grad():
+        to_xproj, u = mixer.conv1d(x, mixer.conv_consumers())
+        assert isinstance(to_xproj, Codes) and isinstance(u, Codes)
+        assert to_xproj.dual is None and u.dual is not None and u.dual.encoding == "mask" and u.mask is not None
+        assert to_xproj.dtype == u.dtype == x.dtype
+        # the same codes each consumer makes from the float output itself
+        xp, sc = mixer.x_proj.q("input"), mixer.scan.q("u")
+        mixer.conv1d.emit_codes = False
+        y, y2 = mixer.conv1d(x, mixer.conv_consumers())
+        assert y is y2 and isinstance(y, torch.Tensor)
+        assert torch.equal(to_xproj.q, xp.quantize(y)[0])
+        q, mask, s_in, s_out = sc.dual_codes(y)
+        assert torch.equal(u.q, q) and torch.equal(u.mask, mask) and torch.equal(u.scale, s_in)
+        mixer.conv1d.emit_codes = True
+
+        # a watched consumer (an observer calibrating, a probe) needs the float tensor: no codes for anyone
+        sc.probe = lambda point, t: None
+        outs = mixer.conv1d(x, mixer.conv_consumers())
+        assert all(isinstance(o, torch.Tensor) for o in outs)
+        sc.probe = None
+        # fakequant / fp: the float output
+        for mode in ("fakequant", "fp"):
+            set_mode(model, mode)
+            assert all(isinstance(o, torch.Tensor) for o in mixer.conv1d(x, mixer.conv_consumers()))
+        set_mode(model, "int8")
+
+
+def test_rotated_or_float_consumer_gets_the_float_output():
+    model = _model(RECIPES / "dual_scale_baseline_mamba1.yaml")
+    mixer = model.backbone.layers[0].mixer
+    x = torch.randn(1, mixer.d_inner, 5)
+    with torch.no_grad():
+        assert isinstance(mixer.conv1d(x, mixer.conv_consumers())[0], Codes)
+        # out_proj's input is Hadamard-rotated in this recipe: it needs the float tensor to rotate
+        assert not mixer.out_proj.takes_codes("input") and mixer.x_proj.takes_codes("input")
+        assert not mixer.x_proj.takes_codes("weight") and not mixer.scan.takes_codes("delta")
+        outs = mixer.conv1d(x, ((mixer.x_proj, "input"), (mixer.out_proj, "input")))
+        assert all(isinstance(o, torch.Tensor) for o in outs)
+
+
+def test_codes_transpose_and_errors():
+    q = torch.randint(-128, 128, (2, 3, 4), dtype=torch.int8)
+    c = Codes(q, torch.ones(1, 1, 1), torch.float32)
+    t = c.transpose(1, 2)
+    assert t.shape == (2, 4, 3) and torch.equal(t.q, q.transpose(1, 2)) and t.dtype == torch.float32
+    with pytest.raises(TypeError, match="int8"):
+        Codes(q.float(), torch.ones(()), torch.float32)
+    masked = Codes(q, torch.ones(()), torch.float32, mask=torch.zeros(2, 3, 1, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="cannot be transposed"):
+        masked.transpose(1, 2)
