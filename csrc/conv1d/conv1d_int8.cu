@@ -60,6 +60,29 @@ __device__ __forceinline__ float epilogue(int acc, float scale, float bias, bool
   return round_through<T>(v);
 }
 
+// epilogue for VEC values of one time step, with silu_fast: the exact IEEE SiLU without a branch per value; the rare
+// values outside silu_fast's range take `silu` in one branch per step. The bias is always added (+0.0f without one:
+// exact, since acc * scale is never -0: acc == 0 gives +0 and scale > 0).
+template <typename T, int VEC>
+__device__ __forceinline__ void epilogue_step(const int (&acc)[VEC], const float (&scale)[VEC],
+                                              const float (&bias)[VEC], bool silu_on, float (&val)[VEC]) {
+  float pre[VEC];
+  bool ok_all = true;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    pre[v] = __fadd_rn(__fmul_rn(static_cast<float>(acc[v]), scale[v]), bias[v]);
+    bool ok = true;
+    val[v] = silu_on ? silu_fast(pre[v], ok) : pre[v];
+    ok_all &= ok;
+  }
+  if (__builtin_expect(!ok_all, 0)) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) val[v] = silu(pre[v]);
+  }
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) val[v] = round_through<T>(val[v]);
+}
+
 template <int VEC>
 __device__ __forceinline__ uint32_t load_raw(const int8_t* p) {
   if constexpr (VEC == 4) {
@@ -76,24 +99,34 @@ __device__ __forceinline__ uint32_t push(uint32_t win, uint32_t raw, int v) {
   return __byte_perm(win, raw, 0x0321u | ((4u + static_cast<uint32_t>(v)) << 12));
 }
 
+// Where one thread writes: its outputs' base pointers at its batch (hoisted out of the time loop) and the offset of its
+// (t, c0) in that batch's (L, D) plane, advanced by D per step. D * L < 2^31 is checked on the host, so 32 bits hold
+// it and each store costs one add; recomputing (b * L + t) * D + c0 in 64 bits per output and step made address
+// arithmetic the largest part of the loop.
+struct RowPtrs {
+  int8_t* code[kMaxOuts];  // single-scale outputs (n_codes of them)
+  void* flt;               // the float output (n_codes == 0 and no dual output)
+  int8_t* dual;            // the dual-scale output's codes, or nullptr
+};
+
 // Write VEC consecutive channels of one (b, t) row of every output.
 template <typename T, int VEC>
-__device__ __forceinline__ void store(const Outputs& outs, const float (&inv)[kMaxOuts], int64_t off,
+__device__ __forceinline__ void store(const RowPtrs& p, int n_codes, const float (&inv)[kMaxOuts], uint32_t off,
                                       const float (&val)[VEC]) {
-  if (outs.n_codes == 0) {
-    Pack<T, VEC> p;
+  if (n_codes == 0) {
+    Pack<T, VEC> o;
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) p.v[v] = static_cast<T>(val[v]);  // exact: val is already rounded through T
-    *reinterpret_cast<Pack<T, VEC>*>(static_cast<T*>(outs.out[0]) + off) = p;
+    for (int v = 0; v < VEC; ++v) o.v[v] = static_cast<T>(val[v]);  // exact: val is already rounded through T
+    *reinterpret_cast<Pack<T, VEC>*>(static_cast<T*>(p.flt) + off) = o;
     return;
   }
 #pragma unroll
   for (int j = 0; j < kMaxOuts; ++j) {
-    if (j < outs.n_codes) {
-      Pack<int8_t, VEC> p;
+    if (j < n_codes) {
+      Pack<int8_t, VEC> o;
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) p.v[v] = quantize_rn(val[v], inv[j]);
-      *reinterpret_cast<Pack<int8_t, VEC>*>(static_cast<int8_t*>(outs.out[j]) + off) = p;
+      for (int v = 0; v < VEC; ++v) o.v[v] = quantize_rn(val[v], inv[j]);
+      *reinterpret_cast<Pack<int8_t, VEC>*>(p.code[j] + off) = o;
     }
   }
 }
@@ -103,36 +136,36 @@ __device__ __forceinline__ void store(const Outputs& outs, const float (&inv)[kM
 // caller packs 8 steps of flags into a mask byte). Every value takes the inlier code; the outlier code is computed in
 // a branch that only rows holding an outlier (about 0.1 % of values) enter, so inliers pay for one compare.
 template <int VEC, int ENC>
-__device__ __forceinline__ void store_dual(const Outputs& outs, const float (&inv)[kMaxOuts], int knee, float s_in,
-                                           float inv_in, float inv_out, int64_t off, const float (&val)[VEC], int bit,
-                                           uint32_t (&flags)[VEC]) {
+__device__ __forceinline__ void store_dual(const RowPtrs& p, int n_codes, const float (&inv)[kMaxOuts], int knee,
+                                           float s_in, float inv_in, float inv_out, uint32_t off,
+                                           const float (&val)[VEC], int bit, uint32_t (&flags)[VEC]) {
 #pragma unroll
   for (int j = 0; j < kMaxOuts; ++j) {
-    if (j < outs.n_codes) {
-      Pack<int8_t, VEC> p;
+    if (j < n_codes) {
+      Pack<int8_t, VEC> o;
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) p.v[v] = quantize_rn(val[v], inv[j]);
-      *reinterpret_cast<Pack<int8_t, VEC>*>(static_cast<int8_t*>(outs.out[j]) + off) = p;
+      for (int v = 0; v < VEC; ++v) o.v[v] = quantize_rn(val[v], inv[j]);
+      *reinterpret_cast<Pack<int8_t, VEC>*>(p.code[j] + off) = o;
     }
   }
-  Pack<int8_t, VEC> p;
+  Pack<int8_t, VEC> o;
   bool flag[VEC];
   bool any = false;
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
-    p.v[v] = dual_inlier_code(val[v], ENC, knee, inv_in, flag[v]);
+    o.v[v] = dual_inlier_code(val[v], ENC, knee, inv_in, flag[v]);
     any |= flag[v];
   }
   if (__builtin_expect(any, 0)) {
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
       if (flag[v]) {
-        p.v[v] = dual_outlier_code(val[v], ENC, knee, s_in, inv_out);
+        o.v[v] = dual_outlier_code(val[v], ENC, knee, s_in, inv_out);
         if constexpr (ENC == kEncMask) flags[v] |= 1u << bit;
       }
     }
   }
-  *reinterpret_cast<Pack<int8_t, VEC>*>(outs.dual_out + off) = p;
+  *reinterpret_cast<Pack<int8_t, VEC>*>(p.dual + off) = o;
 }
 
 // grid (ceil(D / (VEC * kThreads)), ceil(L / tile_l), B). Thread: VEC channels x tile_l time steps. The int8 taps
@@ -140,7 +173,7 @@ __device__ __forceinline__ void store_dual(const Outputs& outs, const float (&in
 // products exactly in int32 (the same integer as the twin's sum). K < 4 taps are right-aligned with zero taps before.
 // ENC: the encoding of the call's dual-scale output, kEncSingle for none (a separate instantiation each, so
 // single-scale calls run the code they always ran). tile_l is a multiple of kChunk = 8: each chunk of 8 steps is one
-// byte of the mask.
+// byte of the mask. Chunks that end inside the tile (all but a sequence's last) run without per-step bounds checks.
 template <typename T, int VEC, int ENC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) conv1d_int8_kernel(
     const int8_t* __restrict__ x, int64_t sxb, int64_t sxd, int64_t sxl, const int8_t* __restrict__ w, int K,
@@ -165,6 +198,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) conv1d_int8_kernel(
     wt[v] = static_cast<int>(packed);
     win[v] = 0;
     scale[v] = __fmul_rn(sx, w_scale[w_per_channel ? c : 0]);
+    // no bias adds +0.0f: exact, since acc * scale is never -0 (acc == 0 gives +0, scale > 0)
     bias_v[v] = bias != nullptr ? bias[c] : 0.0f;
   }
   float inv[kMaxOuts];
@@ -188,43 +222,55 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) conv1d_int8_kernel(
     for (int v = 0; v < VEC; ++v) win[v] = push(win[v], raw, v);
   }
 
-  const int64_t row0 = static_cast<int64_t>(b) * L;
-  for (int t = t0; t < t_end; t += kChunk) {
-    uint32_t buf[kChunk];  // loaded ahead: kChunk independent loads in flight per thread
+  const int64_t bo = static_cast<int64_t>(b) * L * D;  // the batch's offset in every (B, L, D) output
+  RowPtrs p;
 #pragma unroll
-    for (int s = 0; s < kChunk; ++s)
-      buf[s] = t + s < t_end ? load_raw<VEC>(xb + static_cast<int64_t>(t + s) * sxl) : 0u;
+  for (int j = 0; j < kMaxOuts; ++j) p.code[j] = j < outs.n_codes ? static_cast<int8_t*>(outs.out[j]) + bo : nullptr;
+  p.flt = outs.n_codes == 0 && !DUAL ? static_cast<void*>(static_cast<T*>(outs.out[0]) + bo) : nullptr;
+  p.dual = DUAL ? outs.dual_out + bo : nullptr;
+  uint32_t off = static_cast<uint32_t>(t0) * static_cast<uint32_t>(D) + static_cast<uint32_t>(c0);
+
+  // one chunk of kChunk steps from t; FULL: all kChunk steps lie before t_end (no per-step checks)
+  auto chunk = [&](int t, auto full_tag) {
+    constexpr bool FULL = decltype(full_tag)::value;
+    uint32_t buf[kChunk];  // loaded ahead: kChunk independent loads in flight per thread
+    const int8_t* xt = xb + static_cast<int64_t>(t) * sxl;
+#pragma unroll
+    for (int s = 0; s < kChunk; ++s) buf[s] = (FULL || t + s < t_end) ? load_raw<VEC>(xt + s * sxl) : 0u;
     uint32_t flags[VEC];
 #pragma unroll
     for (int v = 0; v < VEC; ++v) flags[v] = 0u;
 #pragma unroll
     for (int s = 0; s < kChunk; ++s) {
-      if (t + s < t_end) {
-        float val[VEC];
+      if (FULL || t + s < t_end) {
+        int acc[VEC];
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
           win[v] = push(win[v], buf[s], v);
-          const int acc = __dp4a(static_cast<int>(win[v]), wt[v], 0);
-          val[v] = epilogue<T>(acc, scale[v], bias_v[v], bias != nullptr, silu_on);
+          acc[v] = __dp4a(static_cast<int>(win[v]), wt[v], 0);
         }
+        float val[VEC];
+        epilogue_step<T, VEC>(acc, scale, bias_v, silu_on, val);
         if constexpr (DUAL) {
-          store_dual<VEC, ENC>(outs, inv, outs.dual_knee, s_in_dual, inv_in_dual, inv_out_dual,
-                               (row0 + t + s) * D + c0, val, s, flags);
+          store_dual<VEC, ENC>(p, outs.n_codes, inv, outs.dual_knee, s_in_dual, inv_in_dual, inv_out_dual, off, val,
+                               s, flags);
         } else {
-          store<T, VEC>(outs, inv, (row0 + t + s) * D + c0, val);
+          store<T, VEC>(p, outs.n_codes, inv, off, val);
         }
+        off += static_cast<uint32_t>(D);
       }
     }
-    if constexpr (DUAL) {
-      if (ENC == kEncMask) {  // steps past L leave their bits 0, as pack_mask's zero padding does
-        Pack<uint8_t, VEC> m;
+    if constexpr (ENC == kEncMask) {  // steps past L leave their bits 0, as pack_mask's zero padding does
+      Pack<uint8_t, VEC> m;
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) m.v[v] = static_cast<uint8_t>(flags[v]);
-        const int64_t l8 = (L + kChunk - 1) / kChunk;
-        *reinterpret_cast<Pack<uint8_t, VEC>*>(outs.mask + (static_cast<int64_t>(b) * l8 + t / kChunk) * D + c0) = m;
-      }
+      for (int v = 0; v < VEC; ++v) m.v[v] = static_cast<uint8_t>(flags[v]);
+      const int64_t l8 = (L + kChunk - 1) / kChunk;
+      *reinterpret_cast<Pack<uint8_t, VEC>*>(outs.mask + (static_cast<int64_t>(b) * l8 + t / kChunk) * D + c0) = m;
     }
-  }
+  };
+  int t = t0;
+  for (; t + kChunk <= t_end; t += kChunk) chunk(t, std::true_type{});
+  if (t < t_end) chunk(t, std::false_type{});
 }
 
 // One thread per (b, c): shift the state left by one, append x, convolve the K codes the state now holds.
@@ -272,6 +318,30 @@ __global__ void conv1d_int8_update_kernel(const int8_t* __restrict__ x, int64_t 
                                      flag);
     if (outs.mask != nullptr) outs.mask[idx] = static_cast<uint8_t>(flag);
   }
+}
+
+// The prefill epilogue's SiLU (silu_fast, `silu` where it is out of range) on an fp32 tensor, elementwise: what its
+// exhaustive test compares with torch's fp32 SiLU.
+__global__ void conv1d_silu_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  bool ok = true;
+  const float v = silu_fast(x[i], ok);
+  y[i] = ok ? v : silu(x[i]);
+}
+
+at::Tensor conv1d_silu(const at::Tensor& x) {
+  QMAMBA_CHECK_CUDA(x);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "conv1d_silu: x must be a contiguous float32 tensor");
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  at::Tensor y = at::empty_like(x);
+  const int64_t n = x.numel();
+  if (n == 0) return y;
+  constexpr int threads = 256;
+  conv1d_silu_kernel<<<static_cast<unsigned>((n + threads - 1) / threads), threads, 0,
+                       c10::cuda::getCurrentCUDAStream()>>>(x.data_ptr<float>(), y.data_ptr<float>(), n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
 }
 
 // Multiprocessors of a device, queried once (no CUDA API call in later launches, e.g. under graph capture).
@@ -497,9 +567,11 @@ TORCH_LIBRARY_FRAGMENT(qmamba, m) {
   m.def("conv1d_int8_update(Tensor x, Tensor(a!) conv_state, Tensor x_scale, Tensor w, Tensor w_scale, "
         "Tensor? bias, bool silu, ScalarType out_dtype, Tensor[] out_scales, int dual_index, int dual_encoding, "
         "int dual_knee, Tensor? dual_outlier_scale) -> Tensor[]");
+  m.def("conv1d_silu(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qmamba, CUDA, m) {
   m.impl("conv1d_int8", &qmamba::conv1d_int8);
   m.impl("conv1d_int8_update", &qmamba::conv1d_int8_update);
+  m.impl("conv1d_silu", &qmamba::conv1d_silu);
 }

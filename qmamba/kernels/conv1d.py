@@ -169,3 +169,13 @@ def conv1d_int8_update(qx: torch.Tensor, conv_state: torch.Tensor, x_scale, qw: 
                                                channel_scale(w_scale, D, dev, "w_scale"), bias, bool(silu),
                                                out_dtype, _scales(out_scales, dev), *_dual_op_args(duals, dev))
     return _split(outs, len(out_scales), duals) if out_scales else outs[0]
+
+
+def conv1d_silu(x: torch.Tensor) -> torch.Tensor:
+    """The prefill epilogue's SiLU (csrc ``silu_fast``, the IEEE ``silu`` where it is out of range) applied to an fp32
+    CUDA tensor elementwise: what ``test_conv_silu_is_exact`` compares with torch's fp32 SiLU over every fp32 value."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+        raise TypeError(f"conv1d_silu: x must be a float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    load()
+    require_cuda("conv1d_silu", "x", x)
+    return torch.ops.qmamba.conv1d_silu(x.contiguous())

@@ -161,6 +161,25 @@ def test_outputs_are_bit_exact():
             assert torch.equal(c, r), f"{model} codes"
 
 
+def test_conv_silu_is_exact():
+    """The prefill epilogue's SiLU skips the IEEE division's per-element slow-path branch (csrc ``silu_fast``: the
+    division's fast path where it rounds correctly, the IEEE ``silu`` elsewhere). Claim: it equals torch's fp32 SiLU
+    bit for bit on every fp32 bit pattern (NaN gives NaN)."""
+    chunk = 1 << 28
+    bad, examples = 0, []
+    for start in range(-(1 << 31), 1 << 31, chunk):
+        x = torch.arange(start, start + chunk, dtype=torch.int32, device="cuda").view(torch.float32)
+        got, want = kconv.conv1d_silu(x), torch.nn.functional.silu(x)
+        same = (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+        n = int((~same).sum())
+        if n:
+            bad += n
+            idx = (~same).nonzero()[:3, 0]
+            examples += [(float(x[i]), float(got[i]), float(want[i])) for i in idx]
+        del x, got, want, same
+    assert bad == 0, f"{bad} fp32 values differ from torch's SiLU, e.g. (x, kernel, torch): {examples[:6]}"
+
+
 def _update_inputs(model, B, K=4, seed=3):
     D, width, off = MODELS[model]
     qx, sx, qw, sw, bias = _inputs(model, B, 1, K=K, seed=seed)
