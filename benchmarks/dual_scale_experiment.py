@@ -32,27 +32,44 @@ checkpoint's own datamodule, ``qmamba.evaluation.scoring_batches``; ``--limit-ba
      run is written beside its checkpoint (``DIR/qat/<group>_seed<s>/qat_config.yaml``). QAT calibrates on the QAT
      config's calibration set (configs/qat_gpu*.yaml: 64 x 512 bytes), PTQ on the checkpoint's (the house
      pretraining configs leave train.py's default, 128 x 512).
+     ``--qat-repeats N`` (default 1) does each (group, seed) run N times with identical settings, repeat 0 of every
+     run first, in ``DIR/qat/<group>_seed<s>_r<k>`` (k = 0 .. N-1; the folder keeps its plain name when N is 1): the
+     spread of the reruns is the run-to-run noise of QAT itself (non-deterministic GPU kernels, atomics), against
+     which |control - baseline| is judged. ``--qat-deterministic`` adds ``trainer.deterministic: true`` (Lightning:
+     ``torch.use_deterministic_algorithms``, cudnn.benchmark off) and ``model.init_args.backend: torch`` (the
+     pure-torch reference ops, the teacher's too) to every QAT run; it also sets CUBLAS_WORKSPACE_CONFIG=:4096:8
+     before any GPU work (unless already set), which deterministic cuBLAS needs. With it, the reruns and the control
+     vs the baseline should be bit for bit on a GPU too, at the speed of the reference ops; the QAT config's
+     precision is kept. Scoring still uses ``--backend``.
 
 ``--backend`` is the op backend of every scored model: ``torch`` (default) is the reference int8 backend, as the
 issue-3 house results in benchmarks/RESULTS.md; ``auto`` runs the GPU kernels (the int8 scans read the dual-scale
 encoding: the CUDA Mamba1 scan, the Triton Mamba2 SSD). Either way every group runs the same scan on its codes, and
 the PTQ control reproduces the baseline bit for bit (checked on CPU by tests/test_dual_scale_experiment.py). QAT
 training runs on the QAT config's backend (LMModule's, default auto), in its precision (bf16-mixed on the GPU); its
-control tracks the baseline too: the dual-scale STE passes the gradient where the single-scale one does.
+control tracks the baseline too: the dual-scale STE passes the gradient where the single-scale one does (on the
+GPU up to the run-to-run noise of the kernels; ``--qat-repeats`` measures it, ``--qat-deterministic`` removes it).
 
 Cost: 1 + 2 x groups x seeds passes over the test split (fp, then int8 and fakequant per PTQ model), groups x seeds
-calibrations, and qat-groups x qat-seeds QAT runs of --qat-steps steps each (plus, per run, two model loads, one
-calibration, finalize and one int8 pass). ``--limit-batches`` and ``--qat-groups`` are the knobs for a time budget;
-``--skip-qat`` / ``--skip-ptq`` split the phases (give each its own ``--out``: the files of a folder are rewritten).
+calibrations, and qat-groups x qat-seeds x qat-repeats QAT runs of --qat-steps steps each (plus, per run, two model
+loads, one calibration, finalize and one int8 pass). ``--limit-batches``, ``--qat-groups`` and ``--qat-repeats`` are
+the knobs for a time budget; ``--skip-qat`` / ``--skip-ptq`` split the phases (give each its own ``--out``: the files
+of a folder are rewritten). ``--qat-deterministic`` trains on the torch reference ops: slower QAT steps on a GPU.
 
 Outputs in ``--out`` (rewritten after every row, so a run stopped early keeps what it measured):
-  rows.csv            family, phase (fp / ptq / qat), group, encoding, seed, mode, ppl, bpb, seconds (scoring),
-                      setup_seconds (prepare + calibrate for PTQ; fit + finalize + load for QAT), recipe
+  rows.csv            family, phase (fp / ptq / qat), group, encoding, seed, repeat (QAT: 0 .. --qat-repeats - 1;
+                      fp / PTQ: 0), mode, ppl, bpb, seconds (scoring), setup_seconds (prepare + calibrate for PTQ;
+                      fit + finalize + load for QAT), recipe
   outlier_shares.csv  family, group, encoding, seed, layer, point, share (fraction in [0, 1])
   summary.md          per phase / mode / group: mean ± std over seeds of ppl and bpb (std: sample std, n - 1), the
                       change against the baseline in % (paired by seed: mean ± std of group_s / baseline_s - 1) and
                       against fp; the noise (the baseline's seed-to-seed spread, |control - baseline| per seed); the
-                      outlier share per layer. Also printed to stdout.
+                      outlier share per layer. The header says the QAT repeats and whether QAT was deterministic.
+                      The tables and paired deltas read repeat 0 only (so they are those of --qat-repeats 1); with
+                      more repeats, a "same-seed rerun noise" paragraph after the QAT table: per group the max
+                      |ppl(repeat k) - ppl(repeat 0)| over seeds and k, absolute and in %, and whether
+                      |control - baseline| (repeat 0) of each seed is within the baseline's rerun spread of that
+                      seed. Also printed to stdout.
 """
 
 from __future__ import annotations
@@ -119,6 +136,7 @@ class Row:
     group: str
     encoding: str  # single | mask | piecewise ("" for fp)
     seed: int | None
+    repeat: int  # QAT: which of the --qat-repeats identical runs of (group, seed), 0 first; fp / PTQ: 0
     mode: str
     ppl: float
     bpb: float
@@ -247,8 +265,11 @@ def check_qat_data(qat_cfg: dict, qat_path: str, checkpoint: str) -> None:
 
 
 def qat_run_config(base: dict, qat_path: str, checkpoint: str, recipe: Path, seed: int, steps: int,
-                   run_dir: Path) -> dict:
-    """The QAT config with the experiment's overrides (see the module docstring)."""
+                   run_dir: Path, deterministic: bool = False) -> dict:
+    """The QAT config with the experiment's overrides (see the module docstring). ``deterministic``
+    (``--qat-deterministic``): also ``trainer.deterministic: true`` and ``model.init_args.backend: torch`` (the
+    pure-torch reference ops, which have deterministic implementations on a GPU where the fused kernels need not);
+    without it, the QAT config's trainer and backend are left as they are."""
     cfg = copy.deepcopy(base)
     trainer = cfg.setdefault("trainer", {})
     kept, names = [], []
@@ -279,6 +300,10 @@ def qat_run_config(base: dict, qat_path: str, checkpoint: str, recipe: Path, see
         raise ValueError(f"--qat-config {qat_path} has no model.init_args: give a QAT config such as "
                          "configs/qat_gpu.yaml")
     model["init_args"]["init_from"] = str(checkpoint)
+    if deterministic:
+        trainer["deterministic"] = True
+        trainer.pop("benchmark", None)  # cudnn.benchmark would pick kernels by timing: Lightning turns it off
+        model["init_args"]["backend"] = "torch"  # the QAT callback's teacher follows the module's backend
     data = cfg.setdefault("data", {"class_path": "qmamba.data.TextDataModule"})
     data.setdefault("init_args", {})["calibration_seed"] = seed
     cfg["test"] = False
@@ -287,7 +312,10 @@ def qat_run_config(base: dict, qat_path: str, checkpoint: str, recipe: Path, see
 
 
 def run_qat(cfg: dict, run_dir: Path) -> Path:
-    """``python train.py --config <cfg>`` in this process; returns the int8 checkpoint Finalize wrote."""
+    """``python train.py --config <cfg>`` in this process; returns the int8 checkpoint Finalize wrote. The process
+    state a run changes (the seed environment, and with ``trainer.deterministic`` torch's deterministic-algorithms
+    flag, cudnn.benchmark and CUBLAS_WORKSPACE_CONFIG) is restored afterwards, so the scoring after it and the next
+    run start as before it."""
     from qmamba.lightning.cli import TrainCLI
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -298,7 +326,10 @@ def run_qat(cfg: dict, run_dir: Path) -> Path:
         out.unlink()
     quiet = logging.getLogger("lightning.pytorch")
     level, argv = quiet.level, sys.argv
-    env = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}  # seed_everything sets them
+    # seed_everything sets the first two; trainer.deterministic sets the third and the torch flags
+    env = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG")}
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark)
     quiet.setLevel(logging.WARNING)  # "GPU available ..." banners, once per run
     sys.argv = argv[:1]  # LightningCLI warns when given args while sys.argv holds this script's own flags
     try:
@@ -308,6 +339,8 @@ def run_qat(cfg: dict, run_dir: Path) -> Path:
     finally:
         quiet.setLevel(level)
         sys.argv = argv
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+        torch.backends.cudnn.benchmark = flags[2]
         for k, v in env.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -336,16 +369,39 @@ def _pct(values: list[float]) -> str:
     return f"{mean:+.3f} %" + ("" if math.isnan(std) else f" ± {std:.3f}")
 
 
+def _rerun_spread(rows: list[Row], first: dict[int, Row]) -> dict[int, tuple[float, float, bool]]:
+    """Per seed of ``first`` (repeat-0 rows of one group): (max |ppl(repeat k) - ppl(repeat 0)|, the same relative
+    to ppl(repeat 0), whether every rerun matched ppl and bpb bit for bit), over the reruns in ``rows`` of that group
+    and seed. Seeds without a rerun are left out."""
+    spread = {}
+    for seed, r0 in first.items():
+        again = [r for r in rows if r.group == r0.group and r.seed == seed and r.repeat > 0]
+        if again:
+            d = [abs(r.ppl - r0.ppl) for r in again]
+            spread[seed] = (max(d), max(d) / r0.ppl, all(r.ppl == r0.ppl and r.bpb == r0.bpb for r in again))
+    return spread
+
+
 def summarize(rows: list[Row], shares: list[Share], meta: dict) -> str:
+    """summary.md (see the module docstring) from the rows and shares of one run. ``meta``: family, checkpoint,
+    batches, tokens, backend, device, seeds, qat_seeds, qat_steps, qat_config, qat_repeats (0 when QAT did not run)
+    and qat_deterministic. The tables and paired deltas read repeat 0 only; the later repeats of a QAT (group, seed)
+    enter the same-seed rerun noise lines alone."""
     fp = next((r for r in rows if r.phase == "fp"), None)
+    qat = "; no QAT"
+    if meta["qat_repeats"]:
+        qat = (f"; QAT seeds {meta['qat_seeds']}, {meta['qat_steps']} steps ({meta['qat_config']}), "
+               f"{meta['qat_repeats']} run(s) per group and seed, "
+               + ("deterministic (trainer.deterministic, torch op backend)" if meta["qat_deterministic"] else
+                  "not deterministic (the QAT config's trainer and backend)"))
     out = [f"# Dual-scale SSM input: {meta['family']} ({meta['checkpoint']})", "",
            f"Test split: {meta['batches']} batches ({meta['tokens']:,} targets), backend {meta['backend']}, "
-           f"device {meta['device']}; PTQ calibration seeds {meta['seeds']}; QAT seeds {meta['qat_seeds']}, "
-           f"{meta['qat_steps']} steps ({meta['qat_config']}).", ""]
+           f"device {meta['device']}; PTQ calibration seeds {meta['seeds']}{qat}.", ""]
     if fp is not None:
         out += [f"fp: ppl {fp.ppl:.4f}, bpb {fp.bpb:.4f}", ""]
     for phase, mode in [("ptq", m) for m in PTQ_MODES] + [("qat", "int8")]:
-        sel = [r for r in rows if r.phase == phase and r.mode == mode]
+        every = [r for r in rows if r.phase == phase and r.mode == mode]
+        sel = [r for r in every if r.repeat == 0]
         if not sel:
             continue
         groups = [g for g in GROUPS if any(r.group == g for r in sel)]
@@ -390,6 +446,27 @@ def summarize(rows: list[Row], shares: list[Share], meta: dict) -> str:
                                                       else " (LARGER than the baseline's seed-to-seed std)")
                     out.append(f"- control vs baseline: max |Δ ppl| {max(d):.2e}{within}")
             out.append("")
+        spreads = {g: _rerun_spread(every, by[g]) for g in groups}
+        if any(spreads.values()):
+            out.append("Same-seed rerun noise (the same QAT run again, identical settings):")
+            for g in groups:
+                sp = spreads[g]
+                if not sp:
+                    continue
+                n = sum(1 for r in every if r.group == g and r.repeat > 0 and r.seed in sp)
+                worst, rel = max(v[0] for v in sp.values()), max(v[1] for v in sp.values())
+                exact = " (every rerun bit for bit)" if all(v[2] for v in sp.values()) else ""
+                out.append(f"- {g}: max |ppl(repeat k) − ppl(repeat 0)| {worst:.2e} ({100 * rel:.3f} %) over "
+                           f"{len(sp)} seed(s), {n} rerun(s){exact}")
+            sp = spreads.get("baseline", {})
+            ctrl = {s: abs(by["control"][s].ppl - base[s].ppl) for s in by.get("control", {}) if s in sp}
+            if ctrl:
+                outside = [s for s, d in ctrl.items() if d > sp[s][0]]
+                also = f" (OUTSIDE on {', '.join(f's{s}' for s in outside)})" if outside else ""
+                out.append(f"- control vs baseline (repeat 0): |Δ ppl| within the baseline's same-seed rerun spread "
+                           f"on {len(ctrl) - len(outside)}/{len(ctrl)} seed(s){also}: "
+                           + ", ".join(f"s{s} {d:.2e} vs {sp[s][0]:.2e}" for s, d in ctrl.items()))
+            out.append("")
     if shares:
         groups = [g for g in GROUPS if any(s.group == g for s in shares)]
         seed = shares[0].seed
@@ -430,6 +507,12 @@ def main(argv=None) -> int:
     ap.add_argument("--qat-seeds", default="0,1", help="QAT seeds: seed_everything and calibration_seed (default 0,1)")
     ap.add_argument("--qat-steps", type=int, default=20, help="QAT optimizer steps per run (default 20)")
     ap.add_argument("--qat-groups", default=None, help="groups that get QAT (default: --groups)")
+    ap.add_argument("--qat-repeats", type=int, default=1,
+                    help="run each (group, QAT seed) QAT N times with identical settings, to measure the same-seed "
+                         "rerun noise (default 1)")
+    ap.add_argument("--qat-deterministic", action="store_true",
+                    help="QAT with trainer.deterministic: true and the torch op backend (reruns and control vs "
+                         "baseline bit for bit on a GPU)")
     ap.add_argument("--qat-config", default=None,
                     help="QAT config to run (default configs/qat_gpu.yaml for mamba1, qat_gpu_mamba2.yaml for mamba2)")
     ap.add_argument("--skip-qat", action="store_true", help="PTQ only")
@@ -450,6 +533,8 @@ def main(argv=None) -> int:
         raise ValueError(f"--limit-batches must be a positive number of batches, got {args.limit_batches}")
     if not args.skip_qat and args.qat_steps <= 0:
         raise ValueError(f"--qat-steps must be >= 1 (got {args.qat_steps}); use --skip-qat for PTQ only")
+    if args.qat_repeats < 1:
+        raise ValueError(f"--qat-repeats must be >= 1 (1 = each QAT run once), got {args.qat_repeats}")
     if args.skip_ptq and args.skip_qat:
         raise ValueError("--skip-ptq with --skip-qat leaves nothing to run: drop one of them")
     check_checkpoint(args.checkpoint, family)
@@ -464,7 +549,12 @@ def main(argv=None) -> int:
         qat_base = yaml.safe_load(Path(qat_path).read_text()) or {}
         check_qat_data(qat_base, qat_path, args.checkpoint)
         qat_run_config(qat_base, qat_path, args.checkpoint, recipes[qat_groups[0]], 0, args.qat_steps,
-                       Path(args.out))  # its errors now, not after the PTQ phase
+                       Path(args.out), args.qat_deterministic)  # its errors now, not after the PTQ phase
+        if args.qat_deterministic:
+            # CUDA's requirement for deterministic cuBLAS (torch.use_deterministic_algorithms raises on a CUDA
+            # matmul without it). Lightning's trainer.deterministic sets it too, but only when the QAT trainer is
+            # built; cuBLAS sets up its workspace at its first use, the fp scoring below, so it is set before that.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -499,12 +589,14 @@ def main(argv=None) -> int:
                 seeds=",".join(map(str, seeds)) if not args.skip_ptq else "—",
                 qat_seeds=",".join(map(str, qat_seeds)) if not args.skip_qat else "—",
                 qat_steps=args.qat_steps if not args.skip_qat else 0,
+                qat_repeats=args.qat_repeats if not args.skip_qat else 0,
+                qat_deterministic=bool(args.qat_deterministic and not args.skip_qat),
                 qat_config=Path(qat_path).name if qat_path else "no QAT")
     log(f"{family}: {args.checkpoint}, {len(batches)} test batches ({tokens:,} targets) on {meta['device']}, "
         f"backend {args.backend}")
 
     r, secs = score(base, batches, device)
-    rows.append(Row(family, "fp", "fp", "", None, "fp", r["ppl"], r["bpb"], secs, 0.0, ""))
+    rows.append(Row(family, "fp", "fp", "", None, 0, "fp", r["ppl"], r["bpb"], secs, 0.0, ""))
     log(f"fp: ppl {r['ppl']:.4f} bpb {r['bpb']:.4f} ({secs:.2f} s)")
     save()
 
@@ -524,7 +616,7 @@ def main(argv=None) -> int:
                 for mode in PTQ_MODES:
                     set_mode(model, mode)
                     r, secs = score(model, batches, device)
-                    rows.append(Row(family, "ptq", g, encodings[g], seed, mode, r["ppl"], r["bpb"], secs, setup,
+                    rows.append(Row(family, "ptq", g, encodings[g], seed, 0, mode, r["ppl"], r["bpb"], secs, setup,
                                     recipes[g].name))
                     line.append(f"{mode} ppl {r['ppl']:.4f} bpb {r['bpb']:.4f} ({secs:.2f} s)")
                 if i == 0:
@@ -543,26 +635,29 @@ def main(argv=None) -> int:
     if not args.skip_qat:
         del base  # the QAT runs load their own copies; keep the GPU for them
         _free()
-        for seed in qat_seeds:
-            for g in qat_groups:
-                run_dir = out / "qat" / f"{g}_seed{seed}"
-                cfg = qat_run_config(qat_base, qat_path, args.checkpoint, recipes[g], seed, args.qat_steps, run_dir)
-                start = time.perf_counter()
-                ckpt = run_qat(cfg, run_dir)
-                fit = time.perf_counter() - start
-                model = set_backend(load_checkpoint_model(ckpt), args.backend).to(device).eval()
-                set_mode(model, "int8")
-                setup = time.perf_counter() - start
-                r, secs = score(model, batches, device)
-                rows.append(Row(family, "qat", g, encodings[g], seed, "int8", r["ppl"], r["bpb"], secs, setup,
-                                recipes[g].name))
-                log(f"qat {g:19s} seed {seed}: {args.qat_steps} steps + finalize {fit:.1f} s, int8 ppl "
-                    f"{r['ppl']:.4f} bpb {r['bpb']:.4f} ({secs:.2f} s)")
-                save()
-                del model
-                _free()
-                if not args.keep_checkpoints:
-                    ckpt.unlink()
+        # repeat 0 of every (seed, group) first: a run stopped early still has the paired tables complete
+        runs = [(seed, g, k) for k in range(args.qat_repeats) for seed in qat_seeds for g in qat_groups]
+        for seed, g, k in runs:
+            name = f"{g}_seed{seed}" + (f"_r{k}" if args.qat_repeats > 1 else "")
+            run_dir = out / "qat" / name
+            cfg = qat_run_config(qat_base, qat_path, args.checkpoint, recipes[g], seed, args.qat_steps, run_dir,
+                                 args.qat_deterministic)
+            start = time.perf_counter()
+            ckpt = run_qat(cfg, run_dir)
+            fit = time.perf_counter() - start
+            model = set_backend(load_checkpoint_model(ckpt), args.backend).to(device).eval()
+            set_mode(model, "int8")
+            setup = time.perf_counter() - start
+            r, secs = score(model, batches, device)
+            rows.append(Row(family, "qat", g, encodings[g], seed, k, "int8", r["ppl"], r["bpb"], secs, setup,
+                            recipes[g].name))
+            log(f"qat {name:27s}: {args.qat_steps} steps + finalize {fit:.1f} s, int8 ppl {r['ppl']:.4f} "
+                f"bpb {r['bpb']:.4f} ({secs:.2f} s)")
+            save()
+            del model
+            _free()
+            if not args.keep_checkpoints:
+                ckpt.unlink()
 
     text = summarize(rows, shares, meta)
     (out / "summary.md").write_text(text + "\n")

@@ -9,6 +9,10 @@ steps through train.py's CLI for one seed, and what the files say:
   reproduces the baseline (the same forward and, by the dual-scale STE's range rule, the same gradients);
 - outlier_shares.csv: one row per group and layer, shares in [0, 1], the control's equal to the baseline's;
 - summary.md exists and holds the tables, the noise line and the outlier shares;
+- ``--qat-repeats 2``: rows and run folders per repeat, the repeats bit for bit on CPU, the tables from repeat 0 only,
+  the same-seed rerun noise lines (and their within / OUTSIDE verdict on made-up rows with a nonzero spread);
+- ``--qat-deterministic``: the run's config has trainer.deterministic and the torch backend, the control still
+  reproduces the baseline, and torch's deterministic flag is restored after the runs;
 - bad input is one clear error naming the fix.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,10 +86,23 @@ def runs(tiny):
     return outs
 
 
+@pytest.fixture(scope="module")
+def repeated(tiny):
+    """Mamba1, QAT only: baseline and control, seed 0, each run twice (--qat-repeats 2), not deterministic."""
+    tmp, _, made = tiny
+    ckpt, qat = made["mamba1"]
+    out = tmp / "out_repeats"
+    assert dse.main(["--checkpoint", str(ckpt), "--family", "mamba1", "--skip-ptq", "--qat-seeds", "0",
+                     "--qat-steps", "2", "--qat-groups", "baseline,control", "--qat-repeats", "2",
+                     "--qat-config", str(qat), "--limit-batches", str(LIMIT), "--out", str(out)]) == 0
+    return out
+
+
 def _rows(out: Path) -> dict[tuple, dict]:
+    """rows.csv of repeat 0 by (phase, group, seed, mode)."""
     rows = list(csv.DictReader(open(out / "rows.csv")))
-    table = {(r["phase"], r["group"], r["seed"], r["mode"]): r for r in rows}
-    assert len(table) == len(rows)  # no duplicate rows
+    table = {(r["phase"], r["group"], r["seed"], r["mode"]): r for r in rows if r["repeat"] == "0"}
+    assert len(table) == sum(r["repeat"] == "0" for r in rows)  # no duplicate rows
     return table
 
 
@@ -95,6 +113,7 @@ def test_rows(runs, family):
     expected |= {("ptq", g, str(s), m) for g in dse.GROUPS for s in SEEDS for m in ("int8", "fakequant")}
     expected |= {("qat", g, "0", "int8") for g in QAT_GROUPS[family]}
     assert set(table) == expected
+    assert [r["repeat"] for r in csv.DictReader(open(runs[family] / "rows.csv"))] == ["0"] * len(expected)
     encodings = {"baseline": "single", "control": "mask", "treatment": "mask", "treatment_piecewise": "piecewise"}
     for (phase, group, _, _), r in table.items():
         assert r["family"] == family
@@ -143,6 +162,7 @@ def test_qat_runs(runs, family):
                                                              "callbacks.Finalize"]
         assert t["callbacks"][0]["init_args"]["recipe"] == str(dse.recipe_path(family, g))
         assert cfg["model"]["init_args"]["init_from"].endswith(f"{family}.ckpt")
+        assert "deterministic" not in t and "backend" not in cfg["model"]["init_args"]  # the QAT config's own
         assert not (run_dir / "int8.ckpt").exists()  # scored, then deleted (--keep-checkpoints keeps it)
     # QAT trained: its int8 model is not the PTQ one of the same calibration seed
     assert table["qat", "baseline", "0", "int8"]["ppl"] != table["ptq", "baseline", "0", "int8"]["ppl"]
@@ -174,6 +194,73 @@ def test_outlier_shares_and_summary(runs, family):
         assert part in text, part
 
 
+def test_qat_repeats(repeated):
+    rows = list(csv.DictReader(open(repeated / "rows.csv")))
+    assert [(r["phase"], r["group"], r["seed"], r["repeat"]) for r in rows] == [
+        ("fp", "fp", "", "0"), ("qat", "baseline", "0", "0"), ("qat", "control", "0", "0"),
+        ("qat", "baseline", "0", "1"), ("qat", "control", "0", "1")]  # repeat 0 of every run first
+    qat = {(r["group"], r["repeat"]): r for r in rows if r["phase"] == "qat"}
+    for g in ("baseline", "control"):
+        assert (qat[g, "1"]["ppl"], qat[g, "1"]["bpb"]) == (qat[g, "0"]["ppl"], qat[g, "0"]["bpb"]), g  # CPU: exact
+    assert qat["control", "0"]["ppl"] == qat["baseline", "0"]["ppl"]
+    assert sorted(p.name for p in (repeated / "qat").iterdir()) == [
+        "baseline_seed0_r0", "baseline_seed0_r1", "control_seed0_r0", "control_seed0_r1"]
+    cfgs = [yaml.safe_load((repeated / "qat" / f"baseline_seed0_r{k}" / "qat_config.yaml").read_text())
+            for k in (0, 1)]
+    for k, cfg in enumerate(cfgs):  # identical settings but for the run's own folder
+        assert cfg["trainer"].pop("default_root_dir").endswith(f"baseline_seed0_r{k}")
+        assert cfg["trainer"]["callbacks"][-1].pop("init_args")["path"].endswith(f"baseline_seed0_r{k}/int8.ckpt")
+    assert cfgs[0] == cfgs[1]
+    text = (repeated / "summary.md").read_text()
+    for part in ("2 run(s) per group and seed, not deterministic",
+                 "| baseline | single | 1 |",  # the table reads repeat 0 only: one row per seed
+                 "Same-seed rerun noise",
+                 "- baseline: max |ppl(repeat k) − ppl(repeat 0)| 0.00e+00 (0.000 %) over 1 seed(s), 1 rerun(s) "
+                 "(every rerun bit for bit)",
+                 "- control: max |ppl(repeat k) − ppl(repeat 0)| 0.00e+00",
+                 "- control vs baseline (repeat 0): |Δ ppl| within the baseline's same-seed rerun spread on 1/1 "
+                 "seed(s): s0 0.00e+00 vs 0.00e+00"):
+        assert part in text, part
+
+
+def test_summary_rerun_noise_verdict():
+    """Made-up QAT rows with a nonzero rerun spread: the numbers and the within / OUTSIDE verdict per seed."""
+    def row(group, seed, repeat, ppl):
+        return dse.Row("mamba1", "qat", group, "single", seed, repeat, "int8", ppl, math.log2(ppl), 1.0, 1.0, "r")
+
+    rows = [row("baseline", 0, 0, 10.0), row("baseline", 0, 1, 10.01), row("baseline", 0, 2, 9.995),
+            row("baseline", 1, 0, 11.0), row("baseline", 1, 1, 11.0),
+            row("control", 0, 0, 10.005), row("control", 1, 0, 11.001)]
+    meta = dict(family="mamba1", checkpoint="x.ckpt", batches=1, tokens=1, backend="torch", device="cpu",
+                seeds="—", qat_seeds="0,1", qat_steps=2, qat_config="q.yaml", qat_repeats=3, qat_deterministic=True)
+    text = dse.summarize(rows, [], meta)
+    assert "3 run(s) per group and seed, deterministic (trainer.deterministic, torch op backend)" in text
+    assert "| baseline | single | 2 | 10.5000 ± 0.7071 |" in text  # repeat 0 of seeds 0 and 1
+    assert "- baseline: max |ppl(repeat k) − ppl(repeat 0)| 1.00e-02 (0.100 %) over 2 seed(s), 3 rerun(s)\n" in text
+    assert ("- control vs baseline (repeat 0): |Δ ppl| within the baseline's same-seed rerun spread on 1/2 seed(s) "
+            "(OUTSIDE on s1): s0 5.00e-03 vs 1.00e-02, s1 1.00e-03 vs 0.00e+00") in text
+    assert "- control: max" not in text  # the control has no reruns here
+
+
+def test_qat_deterministic(tiny, tmp_path, monkeypatch):
+    _, _, made = tiny
+    ckpt, qat = made["mamba1"]
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # restored after the test, whatever main sets
+    assert dse.main(["--checkpoint", str(ckpt), "--family", "mamba1", "--skip-ptq", "--qat-seeds", "0",
+                     "--qat-steps", "2", "--qat-groups", "baseline,control", "--qat-deterministic",
+                     "--qat-config", str(qat), "--limit-batches", "1", "--out", str(tmp_path)]) == 0
+    for g in ("baseline", "control"):
+        cfg = yaml.safe_load((tmp_path / "qat" / f"{g}_seed0" / "qat_config.yaml").read_text())
+        assert cfg["trainer"]["deterministic"] is True and cfg["model"]["init_args"]["backend"] == "torch", g
+    table = _rows(tmp_path)
+    assert table["qat", "control", "0", "int8"]["ppl"] == table["qat", "baseline", "0", "int8"]["ppl"]
+    assert "1 run(s) per group and seed, deterministic (trainer.deterministic, torch op backend)" in \
+        (tmp_path / "summary.md").read_text()
+    assert "Same-seed rerun noise" not in (tmp_path / "summary.md").read_text()  # one run each: no reruns
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.are_deterministic_algorithms_enabled()  # Lightning's global flag, restored after each run
+
+
 def test_clear_errors(tiny, tmp_path):
     _, data, made = tiny
     ckpt1, qat1 = made["mamba1"]
@@ -186,6 +273,8 @@ def test_clear_errors(tiny, tmp_path):
         dse.main(["--checkpoint", str(ckpt1), "--family", "mamba1", "--groups", "baseline,treatmnt", *common])
     with pytest.raises(ValueError, match="--seeds must be a comma list of integers"):
         dse.main(["--checkpoint", str(ckpt1), "--family", "mamba1", "--seeds", "0,a", *common])
+    with pytest.raises(ValueError, match=r"--qat-repeats must be >= 1 \(1 = each QAT run once\), got 0"):
+        dse.main(["--checkpoint", str(ckpt1), "--family", "mamba1", "--qat-repeats", "0", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="--qat-steps must be >= 1.*--skip-qat"):
         dse.main(["--checkpoint", str(ckpt1), "--family", "mamba1", "--qat-steps", "0", "--out", str(tmp_path)])
     other = yaml.safe_load(qat1.read_text())
