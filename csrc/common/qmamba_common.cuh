@@ -36,7 +36,8 @@ __device__ __forceinline__ float silu_fast(float x, bool& ok) {
   r = __fmaf_rn(r, __fmaf_rn(-y, r, 1.0f), r);
   const float q0 = __fmul_rn(x, r);
   ok = (x >= -80.0f && x <= 3.4028234663852886e38f && fabsf(x) >= 0x1p-124f) || x == 0.0f;
-  return __fmaf_rn(r, __fmaf_rn(-y, q0, x), q0);
+  const float q = __fmaf_rn(r, __fmaf_rn(-y, q0, x), q0);
+  return x == 0.0f ? x : q;  // the residual step turns -0 into +0; the quotient of +-0 is +-0
 }
 
 // softplus as torch.nn.functional.softplus (beta 1, threshold 20): x above 20 passes through.
