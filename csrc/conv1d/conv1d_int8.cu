@@ -131,47 +131,38 @@ __device__ __forceinline__ void store(const RowPtrs& p, int n_codes, const float
   }
 }
 
-// One time step of a call with a dual-scale output (encoding ENC, a compile-time constant), from the step's pre-SiLU
-// values: the SiLU by silu_fast, the dual output's inlier codes, then ONE branch that only steps holding a rare value
-// enter (an input outside silu_fast's range, or an outlier: about 0.1 % of values) and that redoes those values
-// exactly (`silu`, then dual_encode; the mask's flag bit `bit` of flags[v]); then the single-scale codes from the final
-// values and every store. One rare branch per step, like the single-scale path: a second one (the outlier test after
-// the SiLU test) split each step into more blocks and cost more than its instructions.
-template <typename T, int VEC, int ENC>
-__device__ __forceinline__ void step_dual(const RowPtrs& p, int n_codes, const float (&inv)[kMaxOuts], int knee,
-                                          float s_in, float inv_in, float inv_out, uint32_t off,
-                                          const float (&pre)[VEC], bool silu_on, int bit, uint32_t (&flags)[VEC]) {
-  float val[VEC];
-  bool rare = false;
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) {
-    bool ok = true;
-    val[v] = round_through<T>(silu_on ? silu_fast(pre[v], ok) : pre[v]);
-    rare |= !ok;
-  }
-  Pack<int8_t, VEC> o;
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) {
-    bool flag;
-    o.v[v] = dual_inlier_code(val[v], ENC, knee, inv_in, flag);
-    rare |= flag;
-  }
-  if (__builtin_expect(rare, 0)) {
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      if (silu_on) val[v] = round_through<T>(silu(pre[v]));
-      bool flag;
-      o.v[v] = dual_encode(val[v], ENC, knee, s_in, inv_in, inv_out, flag);
-      if constexpr (ENC == kEncMask) flags[v] |= static_cast<uint32_t>(flag) << bit;
-    }
-  }
+// store for a call with a dual-scale output (encoding ENC, a compile-time constant): the single-scale codes as
+// `store`, the dual output's codes by dual_encode, and bit `bit` of flags[v] set where channel v is an outlier (the
+// caller packs 8 steps of flags into a mask byte). Every value takes the inlier code; the outlier code is computed in
+// a branch that only rows holding an outlier (about 0.1 % of values) enter, so inliers pay for one compare.
+template <int VEC, int ENC>
+__device__ __forceinline__ void store_dual(const RowPtrs& p, int n_codes, const float (&inv)[kMaxOuts], int knee,
+                                           float s_in, float inv_in, float inv_out, uint32_t off,
+                                           const float (&val)[VEC], int bit, uint32_t (&flags)[VEC]) {
 #pragma unroll
   for (int j = 0; j < kMaxOuts; ++j) {
     if (j < n_codes) {
-      Pack<int8_t, VEC> q;
+      Pack<int8_t, VEC> o;
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) q.v[v] = quantize_rn(val[v], inv[j]);
-      *reinterpret_cast<Pack<int8_t, VEC>*>(p.code[j] + off) = q;
+      for (int v = 0; v < VEC; ++v) o.v[v] = quantize_rn(val[v], inv[j]);
+      *reinterpret_cast<Pack<int8_t, VEC>*>(p.code[j] + off) = o;
+    }
+  }
+  Pack<int8_t, VEC> o;
+  bool flag[VEC];
+  bool any = false;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    o.v[v] = dual_inlier_code(val[v], ENC, knee, inv_in, flag[v]);
+    any |= flag[v];
+  }
+  if (__builtin_expect(any, 0)) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      if (flag[v]) {
+        o.v[v] = dual_outlier_code(val[v], ENC, knee, s_in, inv_out);
+        if constexpr (ENC == kEncMask) flags[v] |= 1u << bit;
+      }
     }
   }
   *reinterpret_cast<Pack<int8_t, VEC>*>(p.dual + off) = o;
@@ -258,15 +249,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) conv1d_int8_kernel(
           win[v] = push(win[v], buf[s], v);
           acc[v] = __dp4a(static_cast<int>(win[v]), wt[v], 0);
         }
+        float val[VEC];
+        epilogue_step<T, VEC>(acc, scale, bias_v, silu_on, val);
         if constexpr (DUAL) {
-          float pre[VEC];
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) pre[v] = __fadd_rn(__fmul_rn(static_cast<float>(acc[v]), scale[v]), bias_v[v]);
-          step_dual<T, VEC, ENC>(p, outs.n_codes, inv, outs.dual_knee, s_in_dual, inv_in_dual, inv_out_dual, off, pre,
-                                 silu_on, s, flags);
+          store_dual<VEC, ENC>(p, outs.n_codes, inv, outs.dual_knee, s_in_dual, inv_in_dual, inv_out_dual, off, val,
+                               s, flags);
         } else {
-          float val[VEC];
-          epilogue_step<T, VEC>(acc, scale, bias_v, silu_on, val);
           store<T, VEC>(p, outs.n_codes, inv, off, val);
         }
         off += static_cast<uint32_t>(D);
