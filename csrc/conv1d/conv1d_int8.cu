@@ -109,17 +109,10 @@ struct RowPtrs {
   int8_t* dual;            // the dual-scale output's codes, or nullptr
 };
 
-// Write VEC consecutive channels of one (b, t) row of every output.
-template <typename T, int VEC>
-__device__ __forceinline__ void store(const RowPtrs& p, int n_codes, const float (&inv)[kMaxOuts], uint32_t off,
-                                      const float (&val)[VEC]) {
-  if (n_codes == 0) {
-    Pack<T, VEC> o;
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) o.v[v] = static_cast<T>(val[v]);  // exact: val is already rounded through T
-    *reinterpret_cast<Pack<T, VEC>*>(static_cast<T*>(p.flt) + off) = o;
-    return;
-  }
+// Write the single-scale codes of VEC consecutive channels of one (b, t) row, one output per consumer scale.
+template <int VEC>
+__device__ __forceinline__ void store_codes(const RowPtrs& p, int n_codes, const float (&inv)[kMaxOuts], uint32_t off,
+                                            const float (&val)[VEC]) {
 #pragma unroll
   for (int j = 0; j < kMaxOuts; ++j) {
     if (j < n_codes) {
@@ -131,6 +124,20 @@ __device__ __forceinline__ void store(const RowPtrs& p, int n_codes, const float
   }
 }
 
+// Write VEC consecutive channels of one (b, t) row of every output.
+template <typename T, int VEC>
+__device__ __forceinline__ void store(const RowPtrs& p, int n_codes, const float (&inv)[kMaxOuts], uint32_t off,
+                                      const float (&val)[VEC]) {
+  if (n_codes == 0) {
+    Pack<T, VEC> o;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) o.v[v] = static_cast<T>(val[v]);  // exact: val is already rounded through T
+    *reinterpret_cast<Pack<T, VEC>*>(static_cast<T*>(p.flt) + off) = o;
+    return;
+  }
+  store_codes<VEC>(p, n_codes, inv, off, val);
+}
+
 // store for a call with a dual-scale output (encoding ENC, a compile-time constant): the single-scale codes as
 // `store`, the dual output's codes by dual_encode, and bit `bit` of flags[v] set where channel v is an outlier (the
 // caller packs 8 steps of flags into a mask byte). Every value takes the inlier code; the outlier code is computed in
@@ -139,15 +146,7 @@ template <int VEC, int ENC>
 __device__ __forceinline__ void store_dual(const RowPtrs& p, int n_codes, const float (&inv)[kMaxOuts], int knee,
                                            float s_in, float inv_in, float inv_out, uint32_t off,
                                            const float (&val)[VEC], int bit, uint32_t (&flags)[VEC]) {
-#pragma unroll
-  for (int j = 0; j < kMaxOuts; ++j) {
-    if (j < n_codes) {
-      Pack<int8_t, VEC> o;
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) o.v[v] = quantize_rn(val[v], inv[j]);
-      *reinterpret_cast<Pack<int8_t, VEC>*>(p.code[j] + off) = o;
-    }
-  }
+  store_codes<VEC>(p, n_codes, inv, off, val);
   Pack<int8_t, VEC> o;
   bool flag[VEC];
   bool any = false;
@@ -198,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) conv1d_int8_kernel(
     wt[v] = static_cast<int>(packed);
     win[v] = 0;
     scale[v] = __fmul_rn(sx, w_scale[w_per_channel ? c : 0]);
-    // no bias adds +0.0f: exact, since acc * scale is never -0 (acc == 0 gives +0, scale > 0)
+    // without a bias the epilogue adds +0.0f (exact: see epilogue_step)
     bias_v[v] = bias != nullptr ? bias[c] : 0.0f;
   }
   float inv[kMaxOuts];
