@@ -38,7 +38,7 @@ from latency import capture  # noqa: E402  (benchmarks/latency.py: the decode-st
 
 VARIANTS = ("single", "mask", "piecewise")
 KNEE = 112
-OUTLIER_SHARE = 0.001  # share of u above the threshold; --outlier-share (the recipes' threshold_alpha 0.999: 0.1 %)
+OUTLIER_SHARE = 0.001  # default share of u above the threshold (--outlier-share): the recipes' threshold_alpha 0.999
 D_INNER, D_STATE, DT_RANK = 5120, 16, 160           # mamba-2.8b
 HEADS, HEADDIM, GROUPS, SSD_STATE, CHUNK = 80, 64, 1, 128, 256  # mamba2-2.7b
 
@@ -66,11 +66,11 @@ def _graphed(fns: dict) -> dict:
     return {k: capture(fn).replay for k, fn in fns.items()}
 
 
-def _scales(v: torch.Tensor, encoding: str):
-    """(s_in, s_out) as the DualScaleObserver sets them, threshold at the (1 - OUTLIER_SHARE) quantile of |v|."""
+def _scales(v: torch.Tensor, encoding: str, share: float):
+    """(s_in, s_out) as the DualScaleObserver sets them, threshold at the (1 - share) quantile of |v|."""
     a = v.float().abs().flatten()
     a = a[torch.randperm(a.numel(), device=a.device)[:1 << 20]]
-    T, A = torch.quantile(a, 1 - OUTLIER_SHARE), v.float().abs().max()
+    T, A = torch.quantile(a, 1 - share), v.float().abs().max()
     if encoding == "mask":
         return (T / 127).reshape(()), (A / 127).reshape(())
     return (T / KNEE).reshape(()), ((A - T) / (127 - KNEE)).reshape(())
@@ -81,7 +81,7 @@ def _codes(x):
     return quantize(x, s), s
 
 
-def bench_mamba1(batch: int, L: int, reps: int, flush) -> list[dict]:
+def bench_mamba1(batch: int, L: int, reps: int, flush, share: float) -> list[dict]:
     from qmamba.kernels import conv1d as kconv
     from qmamba.kernels import selective_scan as kscan
 
@@ -97,7 +97,7 @@ def bench_mamba1(batch: int, L: int, reps: int, flush) -> list[dict]:
     s_xproj = (y.float().abs().max() / 127).reshape(())
     enc = {}
     for e in ("mask", "piecewise"):
-        s_in, s_out = _scales(y, e)
+        s_in, s_out = _scales(y, e, share)
         enc[e] = (s_in, DualScale(s_out, e, KNEE))
     s_single = (y.float().abs().max() / 127).reshape(())  # single scale: u's absmax (the clipping is the percentile's)
     conv = {"single": lambda: kconv.conv1d_int8(qx, sx, qw, sw, bias, True, torch.float16, [s_xproj, s_single])}
@@ -153,7 +153,7 @@ def bench_mamba1(batch: int, L: int, reps: int, flush) -> list[dict]:
     return rows
 
 
-def bench_mamba1_update(batch: int, reps: int, flush) -> list[dict]:
+def bench_mamba1_update(batch: int, reps: int, flush, share: float) -> list[dict]:
     from qmamba.kernels import conv1d as kconv
     from qmamba.kernels import selective_scan as kscan
 
@@ -185,7 +185,7 @@ def bench_mamba1_update(batch: int, reps: int, flush) -> list[dict]:
     qu1 = quantize(u, su)[..., 0].contiguous()
     scan = {"single": lambda: kscan.selective_scan_int8_update(st, qu1, su, **common)}
     for e in ("mask", "piecewise"):
-        s_in, s_out = _scales(u, e)
+        s_in, s_out = _scales(u, e, share)
         q, m = dual_quantize(u, s_in, s_out, e, KNEE)
         q, m = q[..., 0].contiguous(), None if m is None else m[..., 0].contiguous()
         d = DualScale(s_out, e, KNEE)
@@ -196,13 +196,13 @@ def bench_mamba1_update(batch: int, reps: int, flush) -> list[dict]:
     return rows
 
 
-def bench_ssd(batch: int, L: int | None, reps: int, flush) -> list[dict]:
+def bench_ssd(batch: int, L: int | None, reps: int, flush, share: float) -> list[dict]:
     """The Mamba2 Triton SSD chunk scan (L given) or decode step (L None) reading x single / dual."""
     from qmamba.ops.int8_ssd import ssd_chunk_scan_int8, ssd_step_int8
 
     g = torch.Generator(device="cuda").manual_seed(2)
     T = L or 1
-    spikes = (torch.rand(batch, T, HEADS, HEADDIM, device="cuda", generator=g) < OUTLIER_SHARE) * 8
+    spikes = (torch.rand(batch, T, HEADS, HEADDIM, device="cuda", generator=g) < share) * 8
     x = torch.randn(batch, T, HEADS, HEADDIM, device="cuda", generator=g) * (1 + spikes)
     sx = (x.abs().amax(dim=(0, 1, 3)) / 127)  # per head
     qdt, sdt = _codes(torch.randn(batch, T, HEADS, device="cuda", generator=g) - 2)
@@ -214,7 +214,7 @@ def bench_ssd(batch: int, L: int | None, reps: int, flush) -> list[dict]:
     inputs = {"single": (quantize(x, sx[:, None]), sx, None, None)}
     for e in ("mask", "piecewise"):
         a = x.abs()
-        T_h = torch.quantile(a.permute(2, 0, 1, 3).reshape(HEADS, -1)[:, :1 << 16], 1 - OUTLIER_SHARE, dim=1)
+        T_h = torch.quantile(a.permute(2, 0, 1, 3).reshape(HEADS, -1)[:, :1 << 16], 1 - share, dim=1)
         A_h = a.amax(dim=(0, 1, 3))
         s_in, s_out = (T_h / 127, A_h / 127) if e == "mask" else (T_h / KNEE, (A_h - T_h) / (127 - KNEE))
         q, m = dual_quantize(x, s_in[:, None], s_out[:, None], e, KNEE)
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--outlier-share", type=float, default=0.001,
+    ap.add_argument("--outlier-share", type=float, default=OUTLIER_SHARE,
                     help="share of the inputs above the dual-scale threshold (default 0.001, the recipes' 99.9th "
                          "percentile)")
     ap.add_argument("--skip-ssd", action="store_true", help="only the Mamba1 CUDA kernels")
@@ -260,7 +260,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not 0 < args.outlier_share < 0.5:
         ap.error(f"--outlier-share must be in (0, 0.5), got {args.outlier_share}")
-    globals()["OUTLIER_SHARE"] = args.outlier_share  # read by the input builders
     if not torch.cuda.is_available():
         print("dual_scale_kernels: needs a CUDA GPU (the kernels are CUDA / Triton)", file=sys.stderr)
         return 2
@@ -271,21 +270,21 @@ def main(argv=None) -> int:
     rows = []
     for b in args.batch:
         for L in args.lengths:
-            rows += bench_mamba1(b, L, args.reps, flush)
+            rows += bench_mamba1(b, L, args.reps, flush, args.outlier_share)
             torch.cuda.empty_cache()
-        rows += bench_mamba1_update(b, args.reps, flush)
+        rows += bench_mamba1_update(b, args.reps, flush, args.outlier_share)
         if not args.skip_ssd:
             for L in args.lengths:
-                rows += bench_ssd(b, L, args.reps, flush)
+                rows += bench_ssd(b, L, args.reps, flush, args.outlier_share)
                 torch.cuda.empty_cache()
-            rows += bench_ssd(b, None, args.reps, flush)
+            rows += bench_ssd(b, None, args.reps, flush, args.outlier_share)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  commit {commit}  "
-          f"outlier share {OUTLIER_SHARE}")
+          f"outlier share {args.outlier_share}")
     print(_fmt(rows))
     if args.json:
         args.json.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), commit=commit,
-                                               outlier_share=OUTLIER_SHARE, rows=rows), indent=1))
+                                               outlier_share=args.outlier_share, rows=rows), indent=1))
     return 0
 
 
