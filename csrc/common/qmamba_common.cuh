@@ -11,14 +11,19 @@
 
 namespace qmamba {
 
-// q = clamp(rint(v * inv_scale), -128, 127); rint = round half to even, never roundf. One saturating convert
-// (cvt.rni.sat.s8: round to nearest even, then clamp to [-128, 127]; F2I.S8 in SASS) instead of a convert and two
-// clamps. NaN gives 0.
-__device__ __forceinline__ int8_t quantize_rn(float v, float inv_scale) {
-  int16_t q;
-  asm("cvt.rni.sat.s8.f32 %0, %1;" : "=h"(q) : "f"(__fmul_rn(v, inv_scale)));
-  return static_cast<int8_t>(q);
+// q = clamp(rint(p), -128, 127) for an already scaled p; rint = round half to even, never roundf. One saturating
+// convert (cvt.rni.sat.s8: round to nearest even, then clamp to [-128, 127]; F2I.S8 in SASS) instead of a convert and
+// two clamps. NaN gives 0. code_rn_s32 keeps the code sign-extended in a 32-bit register (kernels that pack four
+// codes into one word with byte permutes skip the per-byte sign extension an int8_t would cost).
+__device__ __forceinline__ int code_rn_s32(float p) {
+  int q;
+  asm("cvt.rni.sat.s8.f32 %0, %1;" : "=r"(q) : "f"(p));
+  return q;
 }
+__device__ __forceinline__ int8_t code_rn(float p) { return static_cast<int8_t>(code_rn_s32(p)); }
+
+// q = clamp(rint(v * inv_scale), -128, 127).
+__device__ __forceinline__ int8_t quantize_rn(float v, float inv_scale) { return code_rn(__fmul_rn(v, inv_scale)); }
 
 // SiLU as torch computes it in fp32: x / (1 + exp(-x)).
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
@@ -89,19 +94,32 @@ __device__ __forceinline__ int8_t dual_outlier_code(float v, int enc, int knee, 
   return static_cast<int8_t>(v >= 0.0f ? oi : -oi);
 }
 
+// Where the outliers start, on |v * inv_in|: v is an outlier when its inlier code would leave the encoding's range,
+// |rint(v * inv_in)| > limit (127 for the mask encoding, the knee for piecewise). rint rounds the tie limit + 0.5 to
+// the even one of limit and limit + 1, so that is |v * inv_in| >= limit + 0.5 for an odd limit and > limit + 0.5 (>=
+// the next float above it) for an even one. Computed once per thread; the per-value test is then one compare.
+__device__ __forceinline__ float dual_outlier_threshold(int enc, int knee) {
+  const int limit = enc == kEncMask ? 127 : knee;
+  const float tie = static_cast<float>(limit) + 0.5f;
+  return (limit & 1) ? tie : __uint_as_float(__float_as_uint(tie) + 1u);
+}
+
 // The inlier code of v, and whether v is an outlier instead (then the code is meaningless: take dual_outlier_code).
-// Kernels that encode many values call this for all and dual_outlier_code in a branch only the rare outliers take.
-__device__ __forceinline__ int8_t dual_inlier_code(float v, int enc, int knee, float inv_in, bool& flag) {
-  const float r = rintf(__fmul_rn(v, inv_in));
-  flag = fabsf(r) > (enc == kEncMask ? 127.0f : static_cast<float>(knee));
-  return static_cast<int8_t>(__float2int_rz(r));  // r is integral; an outlier's saturates (defined, then discarded)
+// The code is quantize_rn's (an inlier's |rint| is within the limit, so the saturation never acts), the flag one
+// compare against dual_outlier_threshold: the same code and flag as |rint(v * inv_in)| > limit, NaN an inlier (code
+// 0), without a separate rounding and convert per value (those run in the GPU's narrow conversion pipe, which the
+// conv1d epilogue already keeps busy).
+__device__ __forceinline__ int8_t dual_inlier_code(float v, float inv_in, float threshold, bool& flag) {
+  const float p = __fmul_rn(v, inv_in);
+  flag = fabsf(p) >= threshold;
+  return code_rn(p);
 }
 
 // The code of v (and its outlier flag) in encoding enc (kEncMask or kEncPiecewise); inv_in = 1 / s_in and
 // inv_out = 1 / s_out computed once by the caller (IEEE division, as torch's 1.0 / s).
 __device__ __forceinline__ int8_t dual_encode(float v, int enc, int knee, float s_in, float inv_in, float inv_out,
                                               bool& flag) {
-  const int8_t q = dual_inlier_code(v, enc, knee, inv_in, flag);
+  const int8_t q = dual_inlier_code(v, inv_in, dual_outlier_threshold(enc, knee), flag);
   return flag ? dual_outlier_code(v, enc, knee, s_in, inv_out) : q;
 }
 
