@@ -5,6 +5,9 @@
 # latency baseline (benchmarks/latency.py) is mamba_ssm at its fastest: pass --with-causal-conv1d there (~3 min more).
 # Fetch its sdist here with:  CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE pip download --no-deps --no-binary :all: \
 #                               --no-build-isolation -d .whl causal-conv1d==1.7.0
+# train.py (LightningCLI) needs jsonargparse[signatures], which the device image lacks; fetch its wheels here with:
+#   pip download --no-deps -d .whl --python-version 3.12 --only-binary=:all: jsonargparse==4.53.0 docstring-parser \
+#     typeshed-client
 set -euo pipefail
 root=$PWD
 if [ "${1:-}" = "--with-causal-conv1d" ] && compgen -G ".whl/causal_conv1d-*.tar.gz" >/dev/null && ! python3 -c "import causal_conv1d_cuda" 2>/dev/null; then
@@ -18,6 +21,8 @@ fi
 MAX_JOBS=8 bash .whl/on_device.sh
 [ -n "${conv_pid:-}" ] && wait "$conv_pid"
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | grep -v 'is ignored' | tail -2 || true
+python3 -c "import jsonargparse, docstring_parser, typeshed_client" 2>/dev/null ||
+  echo "device_setup: jsonargparse[signatures] is missing, so train.py cannot run here: download its wheels into .whl (see the top of this script)"
 python3 -c "
 import qmamba, mamba_ssm, torch
 from qmamba.ops.backend import try_import
