@@ -97,7 +97,7 @@ class QuantTwin:
             return self.weight if self.qmode == "fp" else self.weight_to_quantize()
         if self.weight.dtype == torch.int8:
             return dequantize(self.weight, qw.scale_for(self.weight))
-        return qw.fake(self.weight_to_quantize())
+        return qw.fake(self.weight_to_quantize(), self.backend)
 
     def takes_codes(self, point: str) -> bool:
         """Whether this part, in its current mode, reads input ``point`` only as int8 codes in the point's own
@@ -140,7 +140,7 @@ class QuantTwin:
             return x
         qp.observe(x)
         if self.qmode == "fakequant":
-            return qp.fake(x)
+            return qp.fake(x, self.backend)
         if self.qmode == "int8":
             return qp.roundtrip(x, self.backend)
         return x

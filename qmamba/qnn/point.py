@@ -134,8 +134,10 @@ class QuantPoint(nn.Module):
             self.ready.fill_(True)
 
     # ---- the three paths ---------------------------------------------------------------------------------------
-    def fake(self, x: torch.Tensor) -> torch.Tensor:
-        """fakequant: dequantize(quantize(x)) with the straight-through estimator."""
+    def fake(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+        """fakequant: dequantize(quantize(x)) with the straight-through estimator. ``backend`` as in
+        ``numerics.fake_quantize`` ("auto": the fused Triton kernels on a GPU; the same values); a dual-scale point
+        runs torch ops whatever the backend."""
         if not self.enabled:
             return x
         if self.dual is not None:
@@ -145,7 +147,7 @@ class QuantPoint(nn.Module):
             self.recorded = quantize(x.detach(), scale.detach(), self.spec.bits)
         if self.forced is not None:  # teacher forcing: downstream ops see the int8 run's codes, not ours
             return dequantize(self.forced, scale.detach()).to(x.dtype)
-        return fake_quantize(x, scale, self.spec.bits)
+        return fake_quantize(x, scale, self.spec.bits, backend)
 
     def _dual_fake(self, x: torch.Tensor) -> torch.Tensor:
         d = self.dual

@@ -103,39 +103,81 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         qmin, qmax = ctx.qrange
-        grad_x = grad_scale = None
         if ctx.needs_input_grad[1]:
             x, scale = ctx.saved_tensors
-            v = x.float() * (1.0 / scale.float())
-            inside = (v >= qmin) & (v <= qmax)
-            g32 = grad_out.float()
-            # LSQ (Esser et al. 2020): d out / d s = rint(v) - v inside the range, qmin / qmax where clamped,
-            # scaled by g = 1 / sqrt(N * qmax) with N = elements per scale, so the step size learns at a rate
-            # comparable to the weights regardless of how many elements share it.
-            d_s = torch.where(v < qmin, float(qmin), torch.where(v > qmax, float(qmax), torch.round(v) - v))
-            n_per_scale = x.numel() / max(scale.numel(), 1)
-            g = 1.0 / math.sqrt(n_per_scale * qmax)
-            grad_scale = ((g32 * d_s).sum_to_size(ctx.scale_shape) * g).to(scale.dtype)
-            if ctx.needs_input_grad[0]:
-                grad_x = torch.where(inside, grad_out, torch.zeros_like(grad_out)).to(ctx.x_dtype)
-        elif ctx.needs_input_grad[0]:
+            grad_x, grad_scale = lsq_backward(x, scale, grad_out, qmin, qmax, ctx.needs_input_grad[0], ctx.x_dtype)
+            return grad_x, grad_scale, None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
             (inside,) = ctx.saved_tensors
             grad_x = torch.where(inside, grad_out, torch.zeros_like(grad_out)).to(ctx.x_dtype)
-        return grad_x, grad_scale, None
+        return grad_x, None, None
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int = 8) -> torch.Tensor:
+def lsq_backward(x: torch.Tensor, scale: torch.Tensor, grad_out: torch.Tensor, qmin: int, qmax: int, want_x: bool,
+                 x_dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """fake-quant's backward with a learned scale: (grad_x or None, grad_scale), in torch ops.
+
+    LSQ (Esser et al. 2020): d out / d s = rint(v) - v inside the range, qmin / qmax where clamped, scaled by
+    g = 1 / sqrt(N * qmax) with N = elements per scale, so the step size learns at a rate comparable to the weights
+    regardless of how many elements share it. grad_x is the straight-through estimator."""
+    v = x.float() * (1.0 / scale.float())
+    g32 = grad_out.float()
+    d_s = torch.where(v < qmin, float(qmin), torch.where(v > qmax, float(qmax), torch.round(v) - v))
+    n_per_scale = x.numel() / max(scale.numel(), 1)
+    g = 1.0 / math.sqrt(n_per_scale * qmax)
+    grad_scale = ((g32 * d_s).sum_to_size(scale.shape) * g).to(scale.dtype)
+    grad_x = None
+    if want_x:
+        inside = (v >= qmin) & (v <= qmax)
+        grad_x = torch.where(inside, grad_out, torch.zeros_like(grad_out)).to(x_dtype)
+    return grad_x, grad_scale
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int = 8, backend: str = "torch") -> torch.Tensor:
     """``dequantize(quantize(x, scale), scale)`` in x's dtype (values bit-identical before the cast), differentiable.
 
     Backward: straight-through estimator, the upstream gradient where the pre-clamp value ``x * (1/scale)`` lies in
     [qmin, qmax], zero outside. If ``scale.requires_grad``, the scale gets the LSQ gradient
     ``sum(grad * (rint(v) - v | qmin | qmax)) * g`` with ``g = 1 / sqrt(numel(x) / numel(scale) * qmax)``,
     summed down to the scale's shape.
+
+    ``backend``: ``"torch"`` (these ops, any device), ``"auto"`` (the fused Triton kernels of
+    ``qmamba.kernels.fake_quant`` when x is on a GPU and its scale is per-tensor or along one axis, else these ops),
+    ``"cuda"`` (the fused kernels, or an error saying why not). Same values and gradients either way; a learned
+    scale's gradient to fp32 rounding (another summation order).
     """
     qrange(bits)
     scale = _as_scale(scale, x)
     _cheap_check(scale)
+    if _use_fused(backend, x, scale):
+        from qmamba.kernels.fake_quant import fused_fake_quantize
+
+        return fused_fake_quantize(x, scale, bits)
     return _FakeQuantize.apply(x, scale, bits)
+
+
+def _use_fused(backend: str, x: torch.Tensor, scale: torch.Tensor) -> bool:
+    if backend == "torch":
+        return False
+    if backend not in ("auto", "cuda"):
+        raise ValueError(f"fake_quantize: backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
+    why = None
+    if not x.is_cuda:
+        why = "x is not on a CUDA device"
+    else:
+        from qmamba.ops.backend import try_import
+
+        if try_import("triton") is None:
+            why = "`import triton` fails"
+        else:
+            from qmamba.kernels.fake_quant import supported
+
+            if not supported(x, scale):
+                why = f"the scale {tuple(scale.shape)} varies along more than one axis of x {tuple(x.shape)}"
+    if why is not None and backend == "cuda":
+        raise RuntimeError(f"fake_quantize: backend='cuda' was asked for but {why}; use backend='torch' or 'auto'")
+    return why is None
 
 
 def int_matmul_ref(qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:

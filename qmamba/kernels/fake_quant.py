@@ -1,0 +1,114 @@
+"""The fused fake-quant (Triton, qmamba/kernels/triton/fake_quant.py) as an autograd function: one kernel forward,
+one backward, the values of ``qmamba.quant.numerics.fake_quantize`` bit for bit (launched with
+``enable_fp_fusion=False``: no product is contracted with the rint's add into an FMA) (and its gradients; a learned scale's
+to fp32 rounding). ``fake_quantize(..., backend=...)`` picks it (``"auto"``: x on a GPU in a layout it takes).
+
+Layouts: any float x (made contiguous); the scale one element, or one per index of a single axis of x (per-channel
+weights (N, 1) against (N, K), an activation's (1, 1, C) against (B, L, C)). A learned (LSQ) scale is fused when it is
+per-tensor; a learned per-channel scale takes the reference backward (the forward is still fused). Other scales
+(several axes, e.g. per-group) are not taken: ``supported`` says so, and the dispatch keeps the reference for them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qmamba.quant.numerics import lsq_backward, qrange
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def scale_layout(x: torch.Tensor, scale: torch.Tensor) -> tuple[int, int] | None:
+    """(INNER, NS) of a scale that broadcasts against x: the kernels read element i's scale at (i // INNER) % NS of
+    x's contiguous layout. (1, 1) per-tensor; None when the scale varies along more than one axis."""
+    if scale.numel() == 1:
+        return 1, 1
+    if scale.ndim > x.ndim:
+        return None
+    shape = (1,) * (x.ndim - scale.ndim) + tuple(scale.shape)
+    axes = [i for i, d in enumerate(shape) if d != 1]
+    if len(axes) != 1 or shape[axes[0]] != x.shape[axes[0]]:
+        return None
+    a = axes[0]
+    return math.prod(x.shape[a + 1:]), shape[a]
+
+
+def supported(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether the fused kernels take this x and scale (float dtypes, a per-tensor or single-axis scale)."""
+    return (x.dtype in FLOAT_DTYPES and isinstance(scale, torch.Tensor) and scale.is_floating_point()
+            and scale_layout(x, scale) is not None)
+
+
+def _block() -> int:
+    from qmamba.kernels.triton.fake_quant import BLOCK, INTERPRET_BLOCK
+    from qmamba.kernels.triton.w8a8_gemm import interpreting
+
+    return INTERPRET_BLOCK if interpreting() else BLOCK
+
+
+class FusedFakeQuantize(torch.autograd.Function):
+    """``numerics._FakeQuantize`` through the Triton kernels (the caller checked ``supported``)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, bits):
+        import triton
+
+        from qmamba.kernels.triton.fake_quant import _fake_quant_fwd_kernel
+
+        qmin, qmax = qrange(bits)
+        inner, ns = scale_layout(x, scale)
+        xc = x.contiguous()
+        s32 = scale.detach().float().reshape(-1).contiguous()
+        learn = ctx.needs_input_grad[1]
+        out = torch.empty_like(xc)
+        inside = torch.empty(xc.shape, dtype=torch.int8, device=x.device) if not learn else out
+        n, block = xc.numel(), _block()
+        if n:
+            _fake_quant_fwd_kernel[(triton.cdiv(n, block),)](
+                xc, s32, out, inside, n, inner, ns, PER_TENSOR=ns == 1, QMIN=qmin, QMAX=qmax,
+                WRITE_INSIDE=not learn, OUT_BF16=x.dtype == torch.bfloat16, BLOCK_SIZE=block,
+                enable_fp_fusion=False)
+        ctx.qrange, ctx.x_dtype, ctx.scale_shape, ctx.per_tensor = (qmin, qmax), x.dtype, scale.shape, ns == 1
+        ctx.save_for_backward(*((xc, scale) if learn else (inside,)))
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        import triton
+
+        from qmamba.kernels.triton.fake_quant import _lsq_bwd_kernel, _ste_bwd_kernel
+
+        qmin, qmax = ctx.qrange
+        g = grad_out.to(ctx.x_dtype).contiguous()
+        n, block = g.numel(), _block()
+        grid = (triton.cdiv(n, block),) if n else None
+        grad_x = grad_scale = None
+        if ctx.needs_input_grad[1]:
+            x, scale = ctx.saved_tensors
+            if not ctx.per_tensor:  # learned per-channel scale: the reference backward
+                return (*lsq_backward(x, scale, g, qmin, qmax, ctx.needs_input_grad[0], ctx.x_dtype), None)
+            want_x = ctx.needs_input_grad[0]
+            grad_x = torch.empty_like(g) if want_x else None
+            part = torch.zeros(max(grid[0], 1) if grid else 1, dtype=torch.float32, device=g.device)
+            if n:
+                _lsq_bwd_kernel[grid](x, scale.detach().float().reshape(-1), g, grad_x if want_x else g, part, n,
+                                      QMIN=qmin, QMAX=qmax, WRITE_GX=want_x, BLOCK_SIZE=block,
+                                      enable_fp_fusion=False)
+            lsq_gain = 1.0 / math.sqrt(n / max(scale.numel(), 1) * qmax) if n else 0.0
+            grad_scale = (part.sum() * lsq_gain).to(scale.dtype).reshape(ctx.scale_shape)
+        elif ctx.needs_input_grad[0]:
+            (inside,) = ctx.saved_tensors
+            grad_x = torch.empty_like(g)
+            if n:
+                _ste_bwd_kernel[grid](g, inside, grad_x, n, BLOCK_SIZE=block)
+        return grad_x, grad_scale, None
+
+
+def fused_fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """``numerics.fake_quantize`` in the fused kernels; x and scale as ``supported`` takes them (checked here)."""
+    if not supported(x, scale):
+        raise ValueError(f"fused fake-quant takes float x and a per-tensor or single-axis scale, got x {x.dtype} "
+                         f"{tuple(x.shape)} and scale {tuple(scale.shape)}; use backend='torch'")
+    return FusedFakeQuantize.apply(x, scale, bits)

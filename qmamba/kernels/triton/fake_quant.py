@@ -1,0 +1,94 @@
+"""Triton fake-quant: the forward and backward of ``qmamba.quant.numerics.fake_quantize`` in one pass each.
+
+    x: (...) float, contiguous; scale: one element (per-tensor) or one per index of a single axis of x
+    forward    v = x.float() * (1 / s)          the reciprocal in IEEE fp32 (``div_rn``), the product rounded to fp32
+               out = clamp(rint(v), qmin, qmax) * s, rounded to x's dtype
+               inside = qmin <= v <= qmax       (int8 0 / 1, saved for the backward when the scale is not learned)
+    backward   grad_x = grad where inside, else 0                                   (straight-through estimator)
+               LSQ (learned per-tensor scale): grad_s = sum(grad * (rint(v) - v | qmin | qmax)) * g, summed per
+               program in fp32 and the program sums added by torch (another summation order than the reference's
+               ``sum_to_size``: grad_s agrees to fp32 rounding, everything else bit for bit)
+
+exactly the ops of ``numerics._FakeQuantize`` in the same order (DESIGN.md §3), where torch needs about ten kernels
+and as many fp32 passes over the tensor for each direction. rint is written as the add / subtract of 1.5 * 2**23
+after the clamp (exact for |v| <= 2**22; libdevice's rint has no interpreter twin), and NaN propagates through the
+clamp as it does in torch. CPU tests run these kernels under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from qmamba.kernels.triton.w8a8_gemm import _round_to_bf16
+
+_RINT_MAGIC = tl.constexpr(12582912.0)
+BLOCK = 1024         # elements per program (4 warps, 8 per thread)
+INTERPRET_BLOCK = 64  # the interpreter runs programs one by one in numpy: small blocks keep the tests' tails covered
+
+
+@triton.jit
+def _scale_at(s_ptr, offs, mask, INNER, NS, PER_TENSOR: tl.constexpr):
+    """The fp32 scale of each element: s[0], or s[(offset // INNER) % NS] (one per index of the scale's axis)."""
+    if PER_TENSOR:
+        return tl.zeros(offs.shape, tl.float32) + tl.load(s_ptr).to(tl.float32)
+    return tl.load(s_ptr + (offs // INNER) % NS, mask=mask, other=1.0).to(tl.float32)
+
+
+@triton.jit
+def _codes(v, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """clamp(rint(v), qmin, qmax) in fp32 (= rint(clamp(v)): the bounds are integers); NaN stays NaN."""
+    c = tl.minimum(tl.maximum(v, QMIN, propagate_nan=tl.PropagateNan.ALL), QMAX, propagate_nan=tl.PropagateNan.ALL)
+    return (c + _RINT_MAGIC) - _RINT_MAGIC
+
+
+@triton.jit
+def _fake_quant_fwd_kernel(x_ptr, s_ptr, out_ptr, inside_ptr, n, INNER, NS,
+                           PER_TENSOR: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+                           WRITE_INSIDE: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s = _scale_at(s_ptr, offs, mask, INNER, NS, PER_TENSOR)
+    inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    v = x * inv
+    out = _codes(v, QMIN, QMAX) * s
+    if OUT_BF16:
+        out = _round_to_bf16(out)  # the interpreter's fp32 -> bf16 cast truncates; the GPU's rounds: now exact
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_INSIDE:
+        tl.store(inside_ptr + offs, ((v >= QMIN) & (v <= QMAX)).to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _ste_bwd_kernel(g_ptr, inside_ptr, gx_ptr, n, BLOCK_SIZE: tl.constexpr):
+    """grad_x = grad where the saved ``inside`` flag is set, else 0 (grad already in x's dtype)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    inside = tl.load(inside_ptr + offs, mask=mask, other=0)
+    tl.store(gx_ptr + offs, tl.where(inside != 0, g, tl.zeros_like(g)), mask=mask)
+
+
+@triton.jit
+def _lsq_bwd_kernel(x_ptr, s_ptr, g_ptr, gx_ptr, part_ptr, n,
+                    QMIN: tl.constexpr, QMAX: tl.constexpr, WRITE_GX: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Per-tensor learned scale: grad_x as the STE (recomputing v from x) and this program's share of the scale's
+    LSQ sum, sum(grad * d out / d s), into part_ptr[program] (fp32)."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.zeros(offs.shape, tl.float32) + tl.load(s_ptr).to(tl.float32)
+    inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    v = x * inv
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    below = v < QMIN
+    above = v > QMAX
+    if WRITE_GX:
+        inside = (v >= QMIN) & (v <= QMAX)
+        tl.store(gx_ptr + offs, tl.where(inside, g, tl.zeros_like(g)), mask=mask)
+    # inside the range rint(v) - v (|v| <= 128 there, so the magic-number rint is exact); qmin / qmax where clamped
+    d_s = tl.where(below, QMIN, tl.where(above, QMAX, ((v + _RINT_MAGIC) - _RINT_MAGIC) - v))
+    contrib = tl.where(mask, g.to(tl.float32) * d_s, 0.0)
+    tl.store(part_ptr + pid, tl.sum(contrib, axis=0))

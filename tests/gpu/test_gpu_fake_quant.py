@@ -1,0 +1,87 @@
+"""On a CUDA GPU: the fused Triton fake-quant (qmamba.kernels.fake_quant) against numerics' torch fake-quant, alone
+on large tensors of every float dtype and scale layout, and inside a QAT step of a prepared model (the twins pick the
+fused path with backend "auto").
+
+Tolerances: forward values, STE gradients and learned per-channel scales' gradients bit for bit; a learned per-tensor
+scale's gradient within 1e-6 of the sum of its |terms| (fp32 summation order: program sums added by torch vs
+sum_to_size). In the model step, everything downstream of a learned scale sees that rounding only through the
+optimizer, so one step is compared: logits bit for bit, parameter gradients bit for bit, scale gradients as above."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qmamba import MambaLM, preset
+from qmamba.quant import numerics
+from qmamba.quant.numerics import fake_quantize, qrange
+from qmamba.qnn import calibrate, prepare, quant_points, set_mode
+
+pytestmark = pytest.mark.gpu
+
+LAYOUTS = [((8, 1024, 2560), ()), ((10240, 2560), (10240, 1)), ((8, 1024, 160), (1, 1, 160)), ((3, 1000, 7), (1, 1000, 1))]
+
+
+def _bound(x, scale, go, bits):
+    qmin, qmax = qrange(bits)
+    v = x.float() * (1.0 / scale.float())
+    d_s = torch.where(v < qmin, float(qmin), torch.where(v > qmax, float(qmax), torch.round(v) - v))
+    return float((go.float() * d_s).abs().sum() / math.sqrt(x.numel() / scale.numel() * qmax) * 1e-6)
+
+
+@pytest.mark.parametrize("x_shape, s_shape", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("learn", [False, True])
+def test_fused_fake_quant_equals_torch(x_shape, s_shape, dtype, learn):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    scale = (torch.rand(s_shape, device="cuda", generator=g) * 0.05 + 0.01) if s_shape else \
+        torch.tensor(0.03, device="cuda")
+    x = (torch.randn(x_shape, device="cuda", generator=g) * 3.0).to(dtype)
+    x.view(-1)[:4] = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0], device="cuda", dtype=dtype)
+    go = torch.randn(x_shape, device="cuda", generator=g).to(dtype)
+    outs, grads = [], []
+    for backend in ("torch", "cuda"):
+        xi = x.clone().requires_grad_()
+        si = scale.clone().requires_grad_(learn)
+        y = fake_quantize(xi, si, 8, backend=backend)
+        y.backward(go)
+        outs.append(y)
+        grads.append((xi.grad, si.grad))
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(grads[0][0], grads[1][0])
+    if learn:
+        if s_shape and math.prod(s_shape) > 1:
+            assert torch.equal(grads[0][1], grads[1][1])
+        else:
+            assert abs(float(grads[0][1]) - float(grads[1][1])) <= _bound(x, scale, go, 8)
+
+
+def test_qat_step_fused_equals_torch(monkeypatch):
+    torch.manual_seed(0)
+    model = MambaLM(preset("tiny", d_model=128, n_layer=2)).cuda()
+    prepare(model, "qat_w8a8")
+    ids = torch.randint(0, 256, (4, 129), device="cuda")
+    calibrate(model, [ids[:, :-1]], progress=False)
+    set_mode(model, "fakequant")
+    results = []
+    for fused in (False, True):  # the twins' backend stays "auto" (the scans and convs alike): only fake-quant differs
+        if not fused:
+            monkeypatch.setattr(numerics, "_use_fused", lambda backend, x, scale: False)
+        else:
+            monkeypatch.undo()
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(ids[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1)
+    assert g0.keys() == g1.keys()
+    scale_names = {n for n, _ in model.named_parameters() if n.endswith(".scale")}
+    for n in g0:
+        if n in scale_names:
+            assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-7), n
+        else:
+            assert torch.equal(g0[n], g1[n]), n
+    assert quant_points(model)

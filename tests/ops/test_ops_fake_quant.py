@@ -1,0 +1,150 @@
+"""The fused fake-quant (qmamba.kernels.fake_quant, Triton) against numerics' torch fake-quant: the layouts it takes,
+the dispatch of ``fake_quantize(backend=...)`` on a CPU machine, the twins handing their backend on, and the kernels
+themselves under TRITON_INTERPRET=1 (CPU, in a subprocess): forward values, STE gradients and a learned scale's
+gradients bit for bit, the learned per-tensor scale's gradient to fp32 rounding (another summation order)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from qmamba.kernels.fake_quant import scale_layout, supported
+from qmamba.quant.numerics import fake_quantize
+
+
+@pytest.mark.parametrize("x_shape, s_shape, want", [
+    ((4, 6), (), (1, 1)),
+    ((4, 6), (1, 1), (1, 1)),
+    ((4, 6), (4, 1), (6, 4)),          # per-output-channel weight
+    ((2, 3, 5), (1, 1, 5), (1, 5)),    # per-channel activation, last axis
+    ((2, 3, 5), (5,), (1, 5)),
+    ((2, 3, 5), (1, 3, 1), (5, 3)),
+    ((2, 3, 5), (2, 3, 1), None),      # two axes: not taken
+    ((2, 3, 5), (1, 1, 1, 5), None),   # more dims than x
+])
+def test_scale_layout(x_shape, s_shape, want):
+    x, s = torch.zeros(x_shape), torch.ones(s_shape)
+    assert scale_layout(x, s) == want
+    assert supported(x, s) == (want is not None)
+    assert not supported(x.to(torch.int8), s)
+
+
+def test_dispatch_on_cpu():
+    x = torch.randn(3, 8)
+    s = torch.tensor(0.05)
+    assert torch.equal(fake_quantize(x, s, backend="auto"), fake_quantize(x, s))  # no GPU: the torch ops
+    with pytest.raises(RuntimeError, match="backend='cuda'.*not on a CUDA device"):
+        fake_quantize(x, s, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be"):
+        fake_quantize(x, s, backend="triton")
+
+
+def test_twins_hand_their_backend_to_fake_quant():
+    from qmamba import MambaLM, preset
+    from qmamba.qnn import prepare, set_mode
+    from qmamba.qnn.modules import QuantLinear
+    from qmamba.quant.recipe import load_recipe
+
+    torch.manual_seed(0)
+    model = prepare(MambaLM(preset("tiny")), load_recipe("quamba_w8a8"))
+    lin = next(m for m in model.modules() if isinstance(m, QuantLinear))
+    for qp in lin.quant_points.values():  # calibrated enough for a fakequant call
+        qp.scale = torch.full_like(qp.scale, 0.05)
+        qp.ready.fill_(True)
+    set_mode(model, "fakequant")
+    x = torch.randn(2, 4, lin.in_features)
+    lin.backend = "torch"
+    lin(x)
+    lin.backend = "cuda"  # on a CPU tensor: the fused path is refused, by fake_quantize itself
+    with pytest.raises(RuntimeError, match="fake_quantize: backend='cuda'"):
+        lin(x)
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    import itertools, math
+    import torch
+    from qmamba.kernels.fake_quant import FusedFakeQuantize, fused_fake_quantize
+    from qmamba.quant.numerics import _FakeQuantize
+
+    def same(a, b):  # bit for bit, NaN == NaN
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+            torch.nan_to_num(a.float(), nan=1234.5), torch.nan_to_num(b.float(), nan=1234.5)) and \\
+            torch.equal(a.isnan(), b.isnan())
+
+    failures, n = [], 0
+    # (x shape, scale shape): per-tensor; per-row (weights); per-last-axis; a middle axis. 150 / 210 elements leave
+    # a ragged tail of the 64-element interpreter block
+    layouts = [((5, 30), ()), ((5, 30), (5, 1)), ((2, 7, 15), (1, 1, 15)), ((2, 7, 15), (1, 7, 1))]
+    for (xs, ss), dtype, bits, learn in itertools.product(layouts, [torch.float32, torch.float16, torch.bfloat16],
+                                                         [8, 4], [False, True]):
+        g = torch.Generator().manual_seed(n)
+        qmax = 2 ** (bits - 1) - 1
+        scale = (torch.rand(ss, generator=g) * 0.05 + 0.01) if ss else torch.tensor(0.03)
+        # values around the range, exact ties (k + 0.5) * s, the range ends, beyond them, zeros, inf and NaN
+        x = torch.randn(xs, generator=g) * scale * qmax * 0.7
+        flat = x.view(-1)
+        s_b = scale.expand(xs).reshape(-1) if ss else scale.expand(flat.shape)
+        flat[:8] = (torch.arange(8) - 4 + 0.5) * s_b[:8]
+        flat[8:12] = torch.tensor([qmax + 0.5, -qmax - 1.5, qmax + 3.0, -qmax - 7.0]) * s_b[8:12]
+        flat[12:16] = torch.tensor([0.0, -0.0, float("inf"), float("-inf")])
+        flat[16] = float("nan") if not learn else 0.3 * s_b[16]  # a learned scale's sum would be NaN: compare values
+        x = x.to(dtype)
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        sr = scale.clone().requires_grad_(learn)
+        sf = scale.clone().requires_grad_(learn)
+        yr = _FakeQuantize.apply(xr, sr.reshape(ss) if ss else sr, bits)
+        yf = FusedFakeQuantize.apply(xf, sf.reshape(ss) if ss else sf, bits)
+        n += 1
+        if not same(yr, yf):
+            failures.append(("forward", xs, ss, str(dtype), bits, learn))
+            continue
+        go = torch.randn(xs, generator=g).to(dtype)
+        yr.backward(go)
+        yf.backward(go)
+        if not same(xr.grad, xf.grad):
+            failures.append(("grad_x", xs, ss, str(dtype), bits, learn))
+        if learn:
+            gr, gf = sr.grad, sf.grad
+            if ss:  # per-channel learned scale: the reference backward, bit for bit
+                ok = same(gr, gf)
+            else:  # fp32 summation order only: within 1e-6 of the sum of |terms| (cancellation makes it small)
+                v = x.float() * (1.0 / scale.float())
+                d_s = torch.where(v < -qmax - 1, -qmax - 1.0, torch.where(v > qmax, float(qmax), torch.round(v) - v))
+                bound = (go.float() * d_s).abs().sum() / math.sqrt(x.numel() * qmax) * 1e-6
+                ok = bool(torch.isfinite(gr)) and abs(float(gr) - float(gf)) <= float(bound)
+            if not ok:
+                failures.append(("grad_scale", xs, ss, str(dtype), bits, float((gr - gf).abs().max())))
+
+    # the learned per-tensor scale's gradient on finite data (no NaN), a larger tensor: many program sums
+    x = (torch.randn(3000) * 2.0).requires_grad_()
+    s1, s2 = torch.tensor(0.02, requires_grad=True), torch.tensor(0.02, requires_grad=True)
+    go = torch.randn(3000)
+    _FakeQuantize.apply(x, s1, 8).backward(go)
+    gx_ref = x.grad.clone(); x.grad = None
+    FusedFakeQuantize.apply(x, s2, 8).backward(go)
+    n += 1
+    if not (torch.equal(gx_ref, x.grad) and torch.allclose(s1.grad, s2.grad, rtol=1e-5)):
+        failures.append(("lsq 3000", float(s1.grad), float(s2.grad)))
+    # a non-contiguous x keeps its shape (the kernel reads a contiguous copy)
+    xt = torch.randn(6, 10).t()
+    out = fused_fake_quantize(xt, torch.tensor(0.01))
+    assert out.shape == (10, 6) and torch.equal(out, _FakeQuantize.apply(xt, torch.tensor(0.01), 8))
+    print("cases", n, "failures", failures)
+    assert not failures, failures
+""")
+
+
+def test_fused_fake_quant_under_interpreter_equals_torch():
+    pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be interpreted")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "failures []" in r.stdout
