@@ -62,16 +62,17 @@ class FusedFakeQuantize(torch.autograd.Function):
         xc = x.contiguous()
         s32 = scale.detach().float().reshape(-1).contiguous()
         learn = ctx.needs_input_grad[1]
+        keep_inside = not learn and ctx.needs_input_grad[0]  # the STE's flags, only when a gradient will want them
         out = torch.empty_like(xc)
-        inside = torch.empty(xc.shape, dtype=torch.int8, device=x.device) if not learn else out
+        inside = torch.empty(xc.shape, dtype=torch.int8, device=x.device) if keep_inside else out
         n, block = xc.numel(), _block()
         if n:
             _fake_quant_fwd_kernel[(triton.cdiv(n, block),)](
                 xc, s32, out, inside, n, inner, ns, PER_TENSOR=ns == 1, QMIN=qmin, QMAX=qmax,
-                WRITE_INSIDE=not learn, OUT_BF16=x.dtype == torch.bfloat16, BLOCK_SIZE=block,
+                WRITE_INSIDE=keep_inside, OUT_BF16=x.dtype == torch.bfloat16, BLOCK_SIZE=block,
                 enable_fp_fusion=False)
         ctx.qrange, ctx.x_dtype, ctx.scale_shape, ctx.per_tensor = (qmin, qmax), x.dtype, scale.shape, ns == 1
-        ctx.save_for_backward(*((xc, scale) if learn else (inside,)))
+        ctx.save_for_backward(*((xc, scale) if learn else (inside,) if keep_inside else ()))
         return out.view(x.shape)
 
     @staticmethod
