@@ -4,8 +4,9 @@ fused path with backend "auto").
 
 Tolerances: forward values, STE gradients and learned per-channel scales' gradients bit for bit; a learned per-tensor
 scale's gradient within 1e-6 of the sum of its |terms| (fp32 summation order: program sums added by torch vs
-sum_to_size). In the model step, everything downstream of a learned scale sees that rounding only through the
-optimizer, so one step is compared: logits bit for bit, parameter gradients bit for bit, scale gradients as above."""
+sum_to_size). In the model step (float ops on the torch reference, only the fake-quant path switched), a learned
+scale's rounding reaches nothing else within one backward: logits and parameter gradients bit for bit, scale
+gradients to 1e-4 relative."""
 
 import math
 
@@ -13,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qmamba import MambaLM, preset
+from qmamba import MambaLM, preset, set_backend
+from qmamba.kernels.fake_quant import supported
 from qmamba.quant import numerics
 from qmamba.quant.numerics import fake_quantize, qrange
 from qmamba.qnn import calibrate, prepare, quant_points, set_mode
@@ -21,6 +23,17 @@ from qmamba.qnn import calibrate, prepare, quant_points, set_mode
 pytestmark = pytest.mark.gpu
 
 LAYOUTS = [((8, 1024, 2560), ()), ((10240, 2560), (10240, 1)), ((8, 1024, 160), (1, 1, 160)), ((3, 1000, 7), (1, 1000, 1))]
+
+
+_INT_OF = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _bits_equal(a, b):
+    """Bit for bit (the sign of a zero too), NaN == NaN."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a, b = a.contiguous(), b.contiguous()
+    return bool(((a.view(_INT_OF[a.dtype]) == b.view(_INT_OF[b.dtype])) | (a.isnan() & b.isnan())).all())
 
 
 def _bound(x, scale, go, bits):
@@ -48,11 +61,11 @@ def test_fused_fake_quant_equals_torch(x_shape, s_shape, dtype, learn):
         y.backward(go)
         outs.append(y)
         grads.append((xi.grad, si.grad))
-    assert torch.equal(outs[0], outs[1])
-    assert torch.equal(grads[0][0], grads[1][0])
+    assert _bits_equal(outs[0], outs[1])
+    assert _bits_equal(grads[0][0], grads[1][0])
     if learn:
         if s_shape and math.prod(s_shape) > 1:
-            assert torch.equal(grads[0][1], grads[1][1])
+            assert _bits_equal(grads[0][1], grads[1][1])
         else:
             assert abs(float(grads[0][1]) - float(grads[1][1])) <= _bound(x, scale, go, 8)
 
@@ -64,24 +77,24 @@ def test_qat_step_fused_equals_torch(monkeypatch):
     ids = torch.randint(0, 256, (4, 129), device="cuda")
     calibrate(model, [ids[:, :-1]], progress=False)
     set_mode(model, "fakequant")
+    # every float op on the torch reference (deterministic: mamba_ssm's backward adds with atomics), and only the
+    # fake-quant path switched between the two runs
+    set_backend(model, "torch")
     results = []
-    for fused in (False, True):  # the twins' backend stays "auto" (the scans and convs alike): only fake-quant differs
-        if not fused:
-            monkeypatch.setattr(numerics, "_use_fused", lambda backend, x, scale: False)
-        else:
-            monkeypatch.undo()
+    for fused in (False, True):
+        monkeypatch.setattr(numerics, "_use_fused", lambda backend, x, scale, fused=fused: fused and supported(x, scale))
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(ids[:, :-1])
         F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
         results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (l0, g0), (l1, g1) = results
-    assert torch.equal(l0, l1)
+    assert _bits_equal(l0, l1)
     assert g0.keys() == g1.keys()
     scale_names = {n for n, _ in model.named_parameters() if n.endswith(".scale")}
     for n in g0:
         if n in scale_names:
             assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-7), n
         else:
-            assert torch.equal(g0[n], g1[n]), n
+            assert _bits_equal(g0[n], g1[n]), n
     assert quant_points(model)

@@ -73,10 +73,14 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     from qmamba.kernels.fake_quant import FusedFakeQuantize, fused_fake_quantize
     from qmamba.quant.numerics import _FakeQuantize
 
-    def same(a, b):  # bit for bit, NaN == NaN
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-            torch.nan_to_num(a.float(), nan=1234.5), torch.nan_to_num(b.float(), nan=1234.5)) and \\
-            torch.equal(a.isnan(), b.isnan())
+    INT_OF = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+    def same(a, b):  # bit for bit (the sign of a zero too); NaN == NaN whatever its payload
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        a, b = a.contiguous(), b.contiguous()
+        bits = a.view(INT_OF[a.dtype]) == b.view(INT_OF[b.dtype])
+        return bool((bits | (a.isnan() & b.isnan())).all())
 
     failures, n = [], 0
     # (x shape, scale shape): per-tensor; per-row (weights); per-last-axis; a middle axis. 150 / 210 elements leave

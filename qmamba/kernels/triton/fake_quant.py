@@ -37,9 +37,11 @@ def _scale_at(s_ptr, offs, mask, INNER, NS, PER_TENSOR: tl.constexpr):
 
 @triton.jit
 def _codes(v, QMIN: tl.constexpr, QMAX: tl.constexpr):
-    """clamp(rint(v), qmin, qmax) in fp32 (= rint(clamp(v)): the bounds are integers); NaN stays NaN."""
+    """clamp(rint(v), qmin, qmax) in fp32 (= rint(clamp(v)): the bounds are integers); NaN stays NaN, and a value
+    that rounds to zero keeps its sign (torch.round(-0.3) is -0.0; the magic-number add would give +0.0)."""
     c = tl.minimum(tl.maximum(v, QMIN, propagate_nan=tl.PropagateNan.ALL), QMAX, propagate_nan=tl.PropagateNan.ALL)
-    return (c + _RINT_MAGIC) - _RINT_MAGIC
+    r = (c + _RINT_MAGIC) - _RINT_MAGIC
+    return tl.where(r == 0.0, c * 0.0, r)
 
 
 @triton.jit
