@@ -113,3 +113,58 @@ def fused_fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> 
         raise ValueError(f"fused fake-quant takes float x and a per-tensor or single-axis scale, got x {x.dtype} "
                          f"{tuple(x.shape)} and scale {tuple(scale.shape)}; use backend='torch'")
     return FusedFakeQuantize.apply(x, scale, bits)
+
+
+def supported_dual(x: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor) -> bool:
+    """Whether the fused dual-scale forward takes x with these scales (``supported`` for each, the same layout)."""
+    return supported(x, s_in) and supported(x, s_out) and scale_layout(x, s_in) == scale_layout(x, s_out)
+
+
+class FusedDualFakeQuantize(torch.autograd.Function):
+    """``dual_scale._DualFakeQuantize`` through the Triton kernels (the caller checked ``supported_dual``): one
+    forward (values and the STE's flags), the STE backward; the scales get no gradient, as there."""
+
+    @staticmethod
+    def forward(ctx, x, s_in, s_out, encoding, knee):
+        import triton
+
+        from qmamba.kernels.triton.fake_quant import _dual_fake_quant_fwd_kernel
+
+        inner, ns = scale_layout(x, s_in)
+        xc = x.contiguous()
+        keep_inside = ctx.needs_input_grad[0]
+        out = torch.empty_like(xc)
+        inside = torch.empty(xc.shape, dtype=torch.int8, device=x.device) if keep_inside else out
+        n, block = xc.numel(), _block()
+        if n:
+            _dual_fake_quant_fwd_kernel[(triton.cdiv(n, block),)](
+                xc, s_in.detach().float().reshape(-1).contiguous(), s_out.detach().float().reshape(-1).contiguous(),
+                out, inside, n, inner, ns, PER_TENSOR=ns == 1, PIECEWISE=encoding == "piecewise",
+                KNEE=float(knee), WRITE_INSIDE=keep_inside, OUT_BF16=x.dtype == torch.bfloat16, BLOCK_SIZE=block,
+                enable_fp_fusion=False)
+        ctx.save_for_backward(*((inside,) if keep_inside else ()))
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        import triton
+
+        from qmamba.kernels.triton.fake_quant import _ste_bwd_kernel
+
+        (inside,) = ctx.saved_tensors
+        g = grad_out.contiguous()
+        grad_x = torch.empty_like(g)
+        n, block = g.numel(), _block()
+        if n:
+            _ste_bwd_kernel[(triton.cdiv(n, block),)](g, inside, grad_x, n, BLOCK_SIZE=block)
+        return grad_x, None, None, None, None
+
+
+def fused_dual_fake_quantize(x: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor, encoding: str,
+                             knee: int) -> torch.Tensor:
+    """``dual_scale.dual_fake_quantize`` in the fused kernels (scales as ``supported_dual`` takes them, checked)."""
+    if not supported_dual(x, s_in, s_out):
+        raise ValueError(f"fused dual-scale fake-quant takes float x and per-tensor or single-axis scales of one "
+                         f"layout, got x {x.dtype} {tuple(x.shape)}, s_in {tuple(s_in.shape)}, s_out "
+                         f"{tuple(s_out.shape)}; use backend='torch'")
+    return FusedDualFakeQuantize.apply(x, s_in, s_out, encoding, knee)

@@ -136,12 +136,12 @@ class QuantPoint(nn.Module):
     # ---- the three paths ---------------------------------------------------------------------------------------
     def fake(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
         """fakequant: dequantize(quantize(x)) with the straight-through estimator. ``backend`` as in
-        ``numerics.fake_quantize`` ("auto": the fused Triton kernels on a GPU; the same values); a dual-scale point
-        runs torch ops whatever the backend."""
+        ``numerics.fake_quantize`` / ``dual_scale.dual_fake_quantize`` ("auto": the fused Triton kernels on a GPU;
+        the same values)."""
         if not self.enabled:
             return x
         if self.dual is not None:
-            return self._dual_fake(x)
+            return self._dual_fake(x, backend)
         scale = self.scale_for(x)
         if self.recording:
             self.recorded = quantize(x.detach(), scale.detach(), self.spec.bits)
@@ -149,7 +149,7 @@ class QuantPoint(nn.Module):
             return dequantize(self.forced, scale.detach()).to(x.dtype)
         return fake_quantize(x, scale, self.spec.bits, backend)
 
-    def _dual_fake(self, x: torch.Tensor) -> torch.Tensor:
+    def _dual_fake(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
         d = self.dual
         s_in, s_out = self.dual_scales_for(x)
         if self.recording:
@@ -159,7 +159,7 @@ class QuantPoint(nn.Module):
         if self.forced is not None:  # teacher forcing (agreement_report): the int8 run's codes and flags
             return dual_dequantize(self.forced, self.forced_mask, s_in.detach(), s_out.detach(), d.encoding,
                                    d.knee).to(x.dtype)
-        return dual_fake_quantize(x, s_in, s_out, d.encoding, d.knee)
+        return dual_fake_quantize(x, s_in, s_out, d.encoding, d.knee, backend)
 
     def quantize(self, x: torch.Tensor, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
         """int8: the codes of x and the (broadcastable) scale they are in. ``backend`` as in ``qmamba.ops``: "torch"

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qmamba.quant import numerics
 from qmamba.quant.numerics import _as_scale, _cheap_check, dequantize
 
 ENCODINGS = ("mask", "piecewise")
@@ -177,12 +178,28 @@ class _DualFakeQuantize(torch.autograd.Function):
         return torch.where(inside, grad_out, torch.zeros_like(grad_out)).to(ctx.x_dtype), None, None, None, None
 
 
-def dual_fake_quantize(x: torch.Tensor, s_in, s_out, encoding: str = "mask", knee: int = 112) -> torch.Tensor:
+def dual_fake_quantize(x: torch.Tensor, s_in, s_out, encoding: str = "mask", knee: int = 112,
+                       backend: str = "torch") -> torch.Tensor:
     """``dual_dequantize(*dual_quantize(x, ...), ...)`` in x's dtype (bit-identical before the cast), differentiable
-    in x with the straight-through estimator (module docstring). The scales get no gradient."""
+    in x with the straight-through estimator (module docstring). The scales get no gradient. ``backend`` as in
+    ``numerics.fake_quantize``: "auto" runs the fused Triton kernels (``qmamba.kernels.fake_quant``) when x is on a
+    GPU and both scales are per-tensor or along one axis in the same layout; the same values and gradients."""
     _check(encoding, knee)
     s_in, s_out = _scales(x, s_in, s_out)
+    if numerics.use_fused_fake_quant(backend, x, "dual_fake_quantize", lambda: _layout_problem(x, s_in, s_out)):
+        from qmamba.kernels.fake_quant import fused_dual_fake_quantize
+
+        return fused_dual_fake_quantize(x, s_in.detach(), s_out.detach(), encoding, knee)
     return _DualFakeQuantize.apply(x, s_in.detach(), s_out.detach(), encoding, knee)
+
+
+def _layout_problem(x: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor) -> str | None:
+    from qmamba.kernels.fake_quant import supported_dual
+
+    if supported_dual(x, s_in, s_out):
+        return None
+    return (f"the scales {tuple(s_in.shape)} / {tuple(s_out.shape)} do not share one per-tensor or single-axis "
+            f"layout of x {tuple(x.shape)}")
 
 
 def outlier_flags(x: torch.Tensor, s_in, encoding: str = "mask", knee: int = 112) -> torch.Tensor:

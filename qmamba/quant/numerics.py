@@ -150,33 +150,38 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int = 8, b
     qrange(bits)
     scale = _as_scale(scale, x)
     _cheap_check(scale)
-    if _use_fused(backend, x, scale):
+    if use_fused_fake_quant(backend, x, "fake_quantize", lambda: _layout_problem(x, scale)):
         from qmamba.kernels.fake_quant import fused_fake_quantize
 
         return fused_fake_quantize(x, scale, bits)
     return _FakeQuantize.apply(x, scale, bits)
 
 
-def _use_fused(backend: str, x: torch.Tensor, scale: torch.Tensor) -> bool:
+def _layout_problem(x: torch.Tensor, scale: torch.Tensor) -> str | None:
+    from qmamba.kernels.fake_quant import supported
+
+    if supported(x, scale):
+        return None
+    return f"the scale {tuple(scale.shape)} varies along more than one axis of x {tuple(x.shape)}"
+
+
+def use_fused_fake_quant(backend: str, x: torch.Tensor, op: str, layout_problem) -> bool:
+    """Whether fake-quant op ``op`` runs the fused Triton kernels (``qmamba.kernels.fake_quant``) for x: never for
+    "torch"; for "auto" when x is on a GPU, triton imports and ``layout_problem()`` (the scales' layout, a reason
+    string or None) finds nothing; "cuda" insists and raises naming the reason otherwise."""
     if backend == "torch":
         return False
     if backend not in ("auto", "cuda"):
-        raise ValueError(f"fake_quantize: backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
+        raise ValueError(f"{op}: backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
     why = None
     if not x.is_cuda:
         why = "x is not on a CUDA device"
     else:
         from qmamba.ops.backend import try_import
 
-        if try_import("triton") is None:
-            why = "`import triton` fails"
-        else:
-            from qmamba.kernels.fake_quant import supported
-
-            if not supported(x, scale):
-                why = f"the scale {tuple(scale.shape)} varies along more than one axis of x {tuple(x.shape)}"
+        why = "`import triton` fails" if try_import("triton") is None else layout_problem()
     if why is not None and backend == "cuda":
-        raise RuntimeError(f"fake_quantize: backend='cuda' was asked for but {why}; use backend='torch' or 'auto'")
+        raise RuntimeError(f"{op}: backend='cuda' was asked for but {why}; use backend='torch' or 'auto'")
     return why is None
 
 

@@ -1,5 +1,5 @@
 """On a CUDA GPU: the fused Triton fake-quant (qmamba.kernels.fake_quant) against numerics' torch fake-quant, alone
-on large tensors of every float dtype and scale layout, and inside a QAT step of a prepared model (the twins pick the
+on large tensors of every float dtype and scale layout (and the dual-scale encodings), and inside a QAT step of a prepared model (the twins pick the
 fused path with backend "auto").
 
 Tolerances: forward values, STE gradients and learned per-channel scales' gradients bit for bit; a learned per-tensor
@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from qmamba import MambaLM, preset, set_backend
-from qmamba.kernels.fake_quant import supported
 from qmamba.quant import numerics
 from qmamba.quant.numerics import fake_quantize, qrange
 from qmamba.qnn import calibrate, prepare, quant_points, set_mode
@@ -70,6 +69,29 @@ def test_fused_fake_quant_equals_torch(x_shape, s_shape, dtype, learn):
             assert abs(float(grads[0][1]) - float(grads[1][1])) <= _bound(x, scale, go, 8)
 
 
+@pytest.mark.parametrize("x_shape, s_shape", [((8, 1024, 5120), ()), ((8, 1024, 80, 64), (1, 1, 80, 1))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("encoding", ["mask", "piecewise"])
+def test_fused_dual_fake_quant_equals_torch(x_shape, s_shape, dtype, encoding):
+    from qmamba.quant.dual_scale import dual_fake_quantize
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    s_in = (torch.rand(s_shape, device="cuda", generator=g) * 0.01 + 0.01) if s_shape else \
+        torch.tensor(0.015, device="cuda")
+    s_out = s_in * 5
+    x = (torch.randn(x_shape, device="cuda", generator=g) * 0.6).to(dtype)
+    x.view(-1)[:1000] *= 8  # outliers
+    go = torch.randn(x_shape, device="cuda", generator=g).to(dtype)
+    outs = []
+    for backend in ("torch", "cuda"):
+        xi = x.clone().requires_grad_()
+        y = dual_fake_quantize(xi, s_in, s_out, encoding, 112, backend=backend)
+        y.backward(go)
+        outs.append((y, xi.grad))
+    assert _bits_equal(outs[0][0], outs[1][0])
+    assert _bits_equal(outs[0][1], outs[1][1])
+
+
 def test_qat_step_fused_equals_torch(monkeypatch):
     torch.manual_seed(0)
     model = MambaLM(preset("tiny", d_model=128, n_layer=2)).cuda()
@@ -82,7 +104,8 @@ def test_qat_step_fused_equals_torch(monkeypatch):
     set_backend(model, "torch")
     results = []
     for fused in (False, True):
-        monkeypatch.setattr(numerics, "_use_fused", lambda backend, x, scale, fused=fused: fused and supported(x, scale))
+        monkeypatch.setattr(numerics, "use_fused_fake_quant",
+                            lambda backend, x, op, layout_problem, fused=fused: fused and layout_problem() is None)
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(ids[:, :-1])

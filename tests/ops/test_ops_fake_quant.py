@@ -1,7 +1,8 @@
 """The fused fake-quant (qmamba.kernels.fake_quant, Triton) against numerics' torch fake-quant: the layouts it takes,
 the dispatch of ``fake_quantize(backend=...)`` on a CPU machine, the twins handing their backend on, and the kernels
-themselves under TRITON_INTERPRET=1 (CPU, in a subprocess): forward values, STE gradients and a learned scale's
-gradients bit for bit, the learned per-tensor scale's gradient to fp32 rounding (another summation order)."""
+themselves under TRITON_INTERPRET=1 (CPU, in a subprocess): single-scale and dual-scale (mask, piecewise) forward
+values and STE gradients bit for bit (the sign of a zero too), a learned per-channel scale's gradient bit for bit,
+a learned per-tensor scale's gradient to fp32 rounding (another summation order)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,13 @@ def test_dispatch_on_cpu():
         fake_quantize(x, s, backend="cuda")
     with pytest.raises(ValueError, match="backend must be"):
         fake_quantize(x, s, backend="triton")
+    from qmamba.quant.dual_scale import dual_fake_quantize
+
+    s_out = torch.tensor(0.2)
+    assert torch.equal(dual_fake_quantize(x, s, s_out, "piecewise", 112, backend="auto"),
+                       dual_fake_quantize(x, s, s_out, "piecewise", 112))
+    with pytest.raises(RuntimeError, match="dual_fake_quantize: backend='cuda'.*not on a CUDA device"):
+        dual_fake_quantize(x, s, s_out, "mask", backend="cuda")
 
 
 def test_twins_hand_their_backend_to_fake_quant():
@@ -140,6 +148,48 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     xt = torch.randn(6, 10).t()
     out = fused_fake_quantize(xt, torch.tensor(0.01))
     assert out.shape == (10, 6) and torch.equal(out, _FakeQuantize.apply(xt, torch.tensor(0.01), 8))
+
+    # dual-scale (mask / piecewise, an even and an odd knee), per-tensor and per-axis scales
+    from qmamba.kernels.fake_quant import FusedDualFakeQuantize
+    from qmamba.quant.dual_scale import _DualFakeQuantize
+    for (xs, ss), dtype, (enc, knee) in itertools.product(
+            [((5, 30), ()), ((2, 7, 15), (1, 1, 15)), ((4, 40), (4, 1))],
+            [torch.float32, torch.float16, torch.bfloat16],
+            [("mask", 112), ("piecewise", 112), ("piecewise", 97)]):
+        g = torch.Generator().manual_seed(n)
+        s_in = (torch.rand(ss, generator=g) * 0.02 + 0.01) if ss else torch.tensor(0.015)
+        s_out = s_in * (torch.rand(ss, generator=g) * 4 + 2) if ss else torch.tensor(0.07)
+        lim = 127 if enc == "mask" else knee
+        x = torch.randn(xs, generator=g) * s_in * lim * 0.6
+        flat = x.view(-1)
+        si = s_in.expand(xs).reshape(-1) if ss else s_in.expand(flat.shape)
+        so = s_out.expand(xs).reshape(-1) if ss else s_out.expand(flat.shape)
+        # ties at the inlier limit, just past it, outliers up to and beyond the outlier range, the top's clamp
+        flat[:4] = torch.tensor([lim + 0.5, -lim - 0.5, lim - 0.5, -lim + 0.5]) * si[:4]
+        flat[4:8] = torch.tensor([lim + 0.6, -lim - 3.0, 300.0, -2000.0]) * si[4:8]
+        flat[8:12] = torch.tensor([(127 - knee) * 0.9, -(127 - knee) * 1.5, 0.5, -1e6]) * so[8:12] + \\
+            torch.tensor([1.0, -1.0, 1.0, -1.0]) * knee * si[8:12]
+        flat[12:18] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), -1e-7])
+        x = x.to(dtype)
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yr = _DualFakeQuantize.apply(xr, s_in.float(), s_out.float(), enc, knee)
+        yf = FusedDualFakeQuantize.apply(xf, s_in.float(), s_out.float(), enc, knee)
+        n += 1
+        if not same(yr, yf):
+            bad = (~((yr.float() == yf.float()) | (yr.isnan() & yf.isnan()))).nonzero()[:3].tolist()
+            failures.append(("dual forward", xs, ss, str(dtype), enc, knee, bad))
+            continue
+        go = torch.randn(xs, generator=g).to(dtype)
+        yr.backward(go)
+        yf.backward(go)
+        if not same(xr.grad, xf.grad):
+            failures.append(("dual grad_x", xs, ss, str(dtype), enc, knee))
+    # the control (mask, s_in == s_out) through the fused kernels equals single-scale fake-quant bit for bit
+    x = torch.randn(6, 50) * 2
+    s = torch.tensor(0.01)
+    n += 1
+    if not same(FusedDualFakeQuantize.apply(x, s, s, "mask", 112), _FakeQuantize.apply(x, s, 8)):
+        failures.append(("control",))
     print("cases", n, "failures", failures)
     assert not failures, failures
 """)

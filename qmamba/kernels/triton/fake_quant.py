@@ -94,3 +94,53 @@ def _lsq_bwd_kernel(x_ptr, s_ptr, g_ptr, gx_ptr, part_ptr, n,
     d_s = tl.where(below, QMIN, tl.where(above, QMAX, ((v + _RINT_MAGIC) - _RINT_MAGIC) - v))
     contrib = tl.where(mask, g.to(tl.float32) * d_s, 0.0)
     tl.store(part_ptr + pid, tl.sum(contrib, axis=0))
+
+
+# ---- dual-scale fake-quant (qmamba.quant.dual_scale._DualFakeQuantize: the mask and piecewise encodings) ----------
+@triton.jit
+def _rint_any(v):
+    """rint(v) for any fp32 v, zero keeping its sign: the magic-number add where |v| <= 2**22, v itself beyond (the
+    callers only compare such a value against the code range, which it exceeds either way, or clamp it)."""
+    r = (v + _RINT_MAGIC) - _RINT_MAGIC
+    r = tl.where(r == 0.0, v * 0.0, r)
+    return tl.where(tl.abs(v) <= 4194304.0, r, v)
+
+
+@triton.jit
+def _dual_fake_quant_fwd_kernel(x_ptr, s_in_ptr, s_out_ptr, out_ptr, inside_ptr, n, INNER, NS,
+                                PER_TENSOR: tl.constexpr, PIECEWISE: tl.constexpr, KNEE: tl.constexpr,
+                                WRITE_INSIDE: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """dual_dequantize(dual_quantize(x)) in x's dtype, and the STE's inside flags: the module docstring's ops of
+    qmamba/quant/dual_scale.py in the same order (KNEE as a float constexpr: products with it are fp32 products)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s_in = _scale_at(s_in_ptr, offs, mask, INNER, NS, PER_TENSOR)
+    s_out = _scale_at(s_out_ptr, offs, mask, INNER, NS, PER_TENSOR)
+    one = tl.full(s_in.shape, 1.0, tl.float32)
+    inv_in = tl.math.div_rn(one, s_in)
+    inv_out = tl.math.div_rn(one, s_out)
+    vi = x * inv_in  # pre-rint inlier code
+    r = _rint_any(vi)
+    if PIECEWISE:
+        flag = tl.abs(r) > KNEE
+        kn = KNEE * s_in
+        u = (tl.abs(x) - kn) * inv_out  # pre-rint distance above the knee, in s_out steps
+        top = tl.where(x >= 0.0, 127.0, 128.0)
+        o = tl.minimum(tl.maximum(_rint_any(u) + KNEE, KNEE), top)
+        q = tl.where(flag, tl.where(x >= 0.0, o, -o), r)
+        inside = (flag == 0) | (u + KNEE <= top)
+        a = tl.abs(q)
+        outer = kn + (a - KNEE) * s_out
+        out = tl.where(a > KNEE, tl.where(q < 0.0, -outer, outer), q * s_in)
+    else:
+        flag = tl.abs(r) > 127.0
+        vo = x * inv_out  # pre-clamp outlier code
+        q = tl.where(flag, _codes(vo, -128.0, 127.0), r)
+        inside = tl.where(flag, (vo >= -128.0) & (vo <= 127.0), (vi >= -128.0) & (vi <= 127.0))
+        out = q * tl.where(flag, s_out, s_in)
+    if OUT_BF16:
+        out = _round_to_bf16(out)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_INSIDE:
+        tl.store(inside_ptr + offs, inside.to(tl.int8), mask=mask)
