@@ -2,10 +2,13 @@
 
     python benchmarks/train_speed.py --preset house-mamba1 --batch 64 --seq-len 512 [--precision bf16] [--backend auto]
     python benchmarks/train_speed.py --preset house-mamba1 --recipe qat_w8a8     # fp step vs fake-quant (QAT) step
+    python benchmarks/train_speed.py --preset house-mamba1 --recipe qat_w8a8 --torch-fake-quant  # + torch fake-quant
 
 Prints ms per step, tokens per second and peak GPU memory. With ``--recipe``, the same model, batch and sequence
 length is timed twice in one run — as is (fp) and prepared with the recipe, calibrated on one batch and in fakequant
-mode (the QAT step) — and the ratio is printed. Used to size max_steps of the GPU configs and for the QAT step-time goal.
+mode (the QAT step) — and the ratio is printed; ``--torch-fake-quant`` adds a third run of the same QAT model with
+fake-quant in torch ops instead of the fused Triton kernels (what the fusion buys). Used to size max_steps of the GPU
+configs and for the QAT step-time goal.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from qmamba import MambaLM, preset, set_backend
+from qmamba.quant import numerics
 
 
 def time_steps(model, ids, args, device) -> tuple[float, float]:
@@ -58,7 +62,12 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--recipe", default=None, help="also time the fake-quant (QAT) step with this recipe")
+    ap.add_argument("--torch-fake-quant", action="store_true",
+                    help="with --recipe: also time the fake-quant step with fake-quant in torch ops (the fused "
+                         "Triton kernels off, every other op as --backend), side by side in the same run")
     args = ap.parse_args()
+    if args.torch_fake_quant and not args.recipe:
+        ap.error("--torch-fake-quant needs --recipe")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     where = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -72,16 +81,26 @@ def main() -> None:
         qat = prepare(copy.deepcopy(model), args.recipe)
         calibrate(qat, [ids[:, :-1]], progress=False)
         runs.append((f"fakequant {args.recipe}", set_mode(qat, "fakequant").train()))
+        if args.torch_fake_quant:
+            runs.append((f"fakequant {args.recipe}, fake-quant in torch ops", qat))
     times = {}
     for label, m in runs:
-        ms, peak = time_steps(m.train(), ids, args, device)
+        # the torch fake-quant variant: the fused-kernel dispatch answers "no" for this run only
+        fused_dispatch = numerics.use_fused_fake_quant
+        if label.endswith("in torch ops"):
+            numerics.use_fused_fake_quant = lambda backend, x, op, layout_problem: False
+        try:
+            ms, peak = time_steps(m.train(), ids, args, device)
+        finally:
+            numerics.use_fused_fake_quant = fused_dispatch
         times[label] = ms
         print(f"{args.preset} ({model.num_parameters() / 1e6:.1f}M) {label} {args.precision} backend={args.backend} "
               f"batch {args.batch}x{args.seq_len} on {where}: {ms:.1f} ms/step, "
               f"{args.batch * args.seq_len / ms * 1e3:,.0f} tokens/s, peak {peak:.2f} GiB", flush=True)
-    if len(times) == 2:
-        fp_ms, fq_ms = times.values()
-        print(f"fake-quant / fp step time: {fq_ms / fp_ms:.2f}x")
+    fp_ms = times["fp"]
+    for label, ms in times.items():
+        if label != "fp":
+            print(f"{label} / fp step time: {ms / fp_ms:.2f}x")
 
 
 if __name__ == "__main__":
