@@ -112,7 +112,7 @@ def freeze_scales_(model: nn.Module) -> None:
 
 def is_calibrated(model: nn.Module) -> bool:
     points = [p for p in quant_points(model) if not p.is_weight]
-    return bool(points) and all(bool(p.ready) for p in points)
+    return bool(points) and all(p.is_ready() for p in points)
 
 
 @torch.no_grad()

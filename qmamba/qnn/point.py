@@ -50,6 +50,7 @@ class QuantPoint(nn.Module):
         self.forced_mask: torch.Tensor | None = None  # their packed outlier flags (dual-scale mask encoding)
         self.enabled = True  # fakequant passes x through unquantized when False (qmamba.sensitivity: one at a time)
         self.probe = None  # callable(point, x) that sees the tensor in fp mode too (qmamba.sensitivity: SQNR)
+        self._ready_seen: tuple | None = None  # (the ready tensor, its version, its value): see is_ready
 
     def extra_repr(self) -> str:
         return f"{self.name}, bits={self.spec.bits}, {self.spec.granularity}"
@@ -116,12 +117,25 @@ class QuantPoint(nn.Module):
         return dual_dequantize(q, mask, s_in, s_out, self.dual.encoding, self.dual.knee).to(x.dtype)
 
     # ---- scales ------------------------------------------------------------------------------------------------
+    def is_ready(self) -> bool:
+        """Whether the scale holds a calibrated value (the ``ready`` buffer), read on the host once per change of the
+        buffer instead of at every call: on a GPU each read waits for the device to drain its queue, and every
+        point asks at every forward (hundreds of host syncs per training or prefill step otherwise). A change is
+        seen by the tensor's identity (``.to()``, ``load_state_dict(assign=True)`` replace it) and its version
+        counter (``fill_`` / ``copy_`` in freeze, convert, ``load_state_dict`` bump it)."""
+        r = self.ready
+        seen = self._ready_seen
+        if seen is None or seen[0] is not r or seen[1] != r._version:
+            seen = (r, r._version, bool(r))
+            self._ready_seen = seen
+        return seen[2]
+
     def scale_for(self, x: torch.Tensor) -> torch.Tensor:
         """The scale for tensor x, shaped to broadcast against it."""
-        if self.is_weight and not self.ready:
+        if self.is_weight and not self.is_ready():
             scale = scale_from_absmax(self.spec.granularity.absmax(x.detach()), self.spec.bits)
         else:
-            if not self.ready:
+            if not self.is_ready():
                 raise RuntimeError(f"quantization point {self.name} has no scale yet: calibrate the model first "
                                    "(qmamba.qnn.calibrate or the calibration callback)")
             scale = self.scale

@@ -54,3 +54,43 @@ def test_int8_checkpoint_with_float_weights_is_refused(tmp_path):
     torch.save(bad, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match="says int8 but holds"):
         load_checkpoint_model(tmp_path / "bad.ckpt")
+
+
+def test_readiness_is_read_on_the_host_once_per_change(monkeypatch):
+    """QuantPoint.is_ready caches the ready buffer's value by the tensor's identity and version: a forward reads no
+    ready flag on the host (each read is a device sync on a GPU), and every way the flag changes is still seen."""
+    import copy
+
+    import torch
+
+    from qmamba import MambaLM, preset
+    from qmamba.qnn import calibrate, prepare, quant_points, set_mode
+
+    torch.manual_seed(0)
+    fresh = prepare(MambaLM(preset("tiny")), "qat_w8a8")
+    model = copy.deepcopy(fresh)
+    points = list(quant_points(model))
+    acts = [p for p in points if not p.is_weight]
+    assert acts and not any(p.is_ready() for p in acts)
+    ids = torch.randint(0, 256, (2, 16))
+    calibrate(model, [ids], progress=False)  # freeze_ fills ready in place: a new version
+    assert all(p.is_ready() for p in acts)
+
+    set_mode(model, "fakequant")
+    model(ids)  # the weight points' flags (never asked before) are read once here
+    readys = {id(p.ready) for p in points}
+    reads = []
+    real_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__",
+                        lambda t: (reads.append(1) if id(t) in readys else None, real_bool(t))[1])
+    model(ids)
+    model(ids).sum().backward()
+    assert reads == []  # no host read of a ready flag in later forwards
+    monkeypatch.undo()
+
+    model.load_state_dict(fresh.state_dict())  # copy_ of an uncalibrated state: seen, the forward refuses
+    assert not any(p.is_ready() for p in acts)
+    with pytest.raises(RuntimeError, match="has no scale yet"):
+        model(ids)
+    acts[0]._buffers["ready"] = torch.ones((), dtype=torch.bool)  # a replaced tensor (what .to() does): seen
+    assert acts[0].is_ready()
