@@ -20,14 +20,22 @@ def hadamard_block(n: int) -> int:
     return n & -n
 
 
-def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+def hadamard_transform(x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     """``x @ H`` over the last dimension, H the orthonormal (block-diagonal) Sylvester Hadamard matrix, in fp32.
 
     A fast Walsh-Hadamard transform: log2(b) butterfly stages of adds and subtracts, then one scale by 1/sqrt(b).
-    Returns fp32 (the rotated tensor is what gets quantized; DESIGN §3 quantizes fp32 values).
+    Returns fp32 (the rotated tensor is what gets quantized; DESIGN §3 quantizes fp32 values). Differentiable.
+
+    ``backend``: "torch" (these ops), "auto" (the Triton kernel of ``qmamba.kernels.triton.hadamard`` when x is on a
+    GPU and triton imports: the same values, one kernel forward and one backward), "cuda" (that kernel, or an error
+    saying why not).
     """
     n = x.shape[-1]
     b = hadamard_block(n)
+    if _use_triton(backend, x):
+        from qmamba.kernels.triton.hadamard import HadamardTransform
+
+        return HadamardTransform.apply(x, b)
     lead = x.shape[:-1]
     y = x.float().reshape(-1, n // b, b)
     h = 1
@@ -36,6 +44,20 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
         y = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
         h *= 2
     return (y.reshape(*lead, n) * (1.0 / math.sqrt(b))).contiguous()
+
+
+def _use_triton(backend: str, x: torch.Tensor) -> bool:
+    if backend == "torch":
+        return False
+    if backend not in ("auto", "cuda"):
+        raise ValueError(f"hadamard_transform: backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
+    from qmamba.ops.backend import try_import
+
+    why = "x is not on a CUDA device" if not x.is_cuda else ("`import triton` fails" if try_import("triton") is None
+                                                            else None)
+    if why is not None and backend == "cuda":
+        raise RuntimeError(f"hadamard_transform: backend='cuda' was asked for but {why}; use backend='torch' or 'auto'")
+    return why is None
 
 
 def hadamard_matrix(n: int, device=None) -> torch.Tensor:

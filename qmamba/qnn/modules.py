@@ -251,7 +251,7 @@ class QuantLinear(QuantTwin, nn.Linear):
         return qi is not None and qi.spec.rotation == "hadamard"
 
     def weight_to_quantize(self) -> torch.Tensor:
-        return ops.hadamard_transform(self.weight) if self.rotated else self.weight
+        return ops.hadamard_transform(self.weight, self.backend) if self.rotated else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qi, qw = self.q("input"), self.q("weight")
@@ -260,7 +260,7 @@ class QuantLinear(QuantTwin, nn.Linear):
             return self._int8_linear(*self._codes("input", x), *self._int8_weight(qw), dtype)
         if self.qmode == "fp":  # observers (calibration) see the input in the frame it is quantized in
             if qi is not None and qi.watching:
-                qi.observe(ops.hadamard_transform(x) if self.rotated else x)
+                qi.observe(ops.hadamard_transform(x, self.backend) if self.rotated else x)
             return F.linear(x, self._weight_in_mode(qw).to(dtype), self.bias)
         if self.qmode == "int8" and qi is not None and qw is not None and self.rotated and not qi.watching:
             # rotate and quantize in one op (one kernel on a GPU): the codes of quantize(hadamard_transform(x));
@@ -271,7 +271,7 @@ class QuantLinear(QuantTwin, nn.Linear):
                 qi.recorded = qx
             return self._int8_linear(qx, sx, *self._int8_weight(qw), dtype)
         if self.rotated:
-            x = ops.hadamard_transform(x)
+            x = ops.hadamard_transform(x, self.backend)
         if self.qmode == "int8" and qi is not None and qw is not None:
             return self._int8_linear(*self._codes("input", x), *self._int8_weight(qw), dtype)
         x = self._in("input", x).to(dtype)
@@ -296,7 +296,7 @@ class QuantLinear(QuantTwin, nn.Linear):
             qx = hadamard_quantize(x.detach(), sx, qi.spec.bits, backend=self.backend)
             return self._int8_linear(qx, sx, *self._step_int8_weight(qw), dtype)
         if self.rotated:
-            x = ops.hadamard_transform(x)
+            x = ops.hadamard_transform(x, self.backend)
         if self.qmode == "int8" and qi is not None and qw is not None:
             qx, sx = self._step_codes("input", x)
             return self._int8_linear(qx, sx, *self._step_int8_weight(qw), dtype)

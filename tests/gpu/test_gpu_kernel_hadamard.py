@@ -256,3 +256,24 @@ def test_quantlinear_step_in_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(y, lin.step(x))
+
+
+@pytest.mark.parametrize("width", [768, 1536, 2048, 5120, 8192])
+@pytest.mark.parametrize("tokens", [(1, 33), (8, 1024)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_transform_matches_torch(width, tokens, dtype):
+    """The Triton Walsh-Hadamard transform of fakequant mode (qmamba.kernels.triton.hadamard): forward bit for bit,
+    backward equal in value, against the torch ops on the same GPU."""
+    g = torch.Generator(device="cuda").manual_seed(width)
+    x = torch.randn(*tokens, width, device="cuda", generator=g).to(dtype)
+    go = torch.randn(*tokens, width, device="cuda", generator=g)
+    res = []
+    for backend in ("torch", "cuda"):
+        xi = x.clone().requires_grad_()
+        y = hadamard_transform(xi, backend)
+        y.backward(go)
+        res.append((y, xi.grad))
+    (y0, g0), (y1, g1) = res
+    assert y0.dtype == y1.dtype == torch.float32
+    assert torch.equal(y0.view(torch.int32), y1.view(torch.int32))
+    assert g1.dtype == dtype and torch.equal(g0, g1)

@@ -62,3 +62,57 @@ def test_bf16_input_is_rotated_in_fp32():
 def test_bad_width():
     with pytest.raises(ValueError, match="positive width"):
         hadamard_block(0)
+
+
+def test_backend_dispatch_on_cpu():
+    x = torch.randn(3, 48)
+    assert torch.equal(hadamard_transform(x, "auto"), hadamard_transform(x))  # no GPU: the torch ops
+    with pytest.raises(RuntimeError, match="backend='cuda'.*not on a CUDA device"):
+        hadamard_transform(x, "cuda")
+    with pytest.raises(ValueError, match="backend must be"):
+        hadamard_transform(x, "triton")
+
+
+_INTERPRETER_SCRIPT = """
+import os
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+import torch
+from qmamba.kernels.triton.hadamard import HadamardTransform
+from qmamba.ops.hadamard import hadamard_block, hadamard_transform
+
+failures, n_cases = [], 0
+# widths: powers of two up to the 1024 block of the 2.8b d_inner, and block-diagonal ones (96 = 3 x 32,
+# 192 = 3 x 64, 5120 = 5 x 1024); leading dims with an odd row count (the interpreter's programs take 2 rows)
+for n, lead in [(1, (4,)), (2, (3,)), (8, (5,)), (96, (7,)), (192, (2, 3)), (1024, (3,)), (5120, (1,))]:
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        g = torch.Generator().manual_seed(n_cases)
+        x = (torch.randn(*lead, n, generator=g) * 3).to(dtype)
+        x.view(-1)[:2] = torch.tensor([-0.0, float("inf")])  # a signed zero and an inf travel as in torch
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yr, yf = hadamard_transform(xr), HadamardTransform.apply(xf, hadamard_block(n))
+        n_cases += 1
+        same = yr.dtype == yf.dtype == torch.float32 and yr.shape == yf.shape and bool(
+            ((yr.view(torch.int32) == yf.view(torch.int32)) | (yr.isnan() & yf.isnan())).all())
+        if not same:
+            failures.append(("forward", n, lead, str(dtype)))
+            continue
+        go = torch.randn(yr.shape, generator=g)
+        yr.backward(go)
+        yf.backward(go)
+        if xf.grad.dtype != dtype or not torch.equal(xr.grad, xf.grad):  # values (a zero's sign may differ)
+            failures.append(("grad", n, lead, str(dtype)))
+print("cases", n_cases, "failures", failures)
+assert not failures, failures
+"""
+
+
+def test_triton_transform_under_interpreter_equals_torch():
+    pytest.importorskip("triton", reason="triton is not installed: the Triton kernel cannot be interpreted")
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], capture_output=True, text=True,
+                       env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "failures []" in r.stdout
