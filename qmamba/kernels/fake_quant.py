@@ -11,6 +11,7 @@ per-tensor; a learned per-channel scale takes the reference backward (the forwar
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -41,6 +42,12 @@ def supported(x: torch.Tensor, scale: torch.Tensor) -> bool:
             and scale_layout(x, scale) is not None)
 
 
+def on_device_of(x: torch.Tensor):
+    """Launch context for a Triton kernel on x's GPU: Triton launches on the current device, which need not be x's
+    (a model on cuda:1 in a process whose current device is cuda:0). Nothing to do for CPU tensors (interpreter)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _block() -> int:
     from qmamba.kernels.triton.fake_quant import BLOCK, INTERPRET_BLOCK
     from qmamba.kernels.triton.w8a8_gemm import interpreting
@@ -67,10 +74,11 @@ class FusedFakeQuantize(torch.autograd.Function):
         inside = torch.empty(xc.shape, dtype=torch.int8, device=x.device) if keep_inside else out
         n, block = xc.numel(), _block()
         if n:
-            _fake_quant_fwd_kernel[(triton.cdiv(n, block),)](
-                xc, s32, out, inside, n, inner, ns, PER_TENSOR=ns == 1, QMIN=qmin, QMAX=qmax,
-                WRITE_INSIDE=keep_inside, OUT_BF16=x.dtype == torch.bfloat16, BLOCK_SIZE=block,
-                enable_fp_fusion=False)
+            with on_device_of(x):
+                _fake_quant_fwd_kernel[(triton.cdiv(n, block),)](
+                    xc, s32, out, inside, n, inner, ns, PER_TENSOR=ns == 1, QMIN=qmin, QMAX=qmax,
+                    WRITE_INSIDE=keep_inside, OUT_BF16=x.dtype == torch.bfloat16, BLOCK_SIZE=block,
+                    enable_fp_fusion=False)
         ctx.qrange, ctx.x_dtype, ctx.scale_shape, ctx.per_tensor = (qmin, qmax), x.dtype, scale.shape, ns == 1
         ctx.save_for_backward(*((xc, scale) if learn else (inside,) if keep_inside else ()))
         return out.view(x.shape)
@@ -94,16 +102,18 @@ class FusedFakeQuantize(torch.autograd.Function):
             grad_x = torch.empty_like(g) if want_x else None
             part = torch.zeros(max(grid[0], 1) if grid else 1, dtype=torch.float32, device=g.device)
             if n:
-                _lsq_bwd_kernel[grid](x, scale.detach().float().reshape(-1), g, grad_x if want_x else g, part, n,
-                                      QMIN=qmin, QMAX=qmax, WRITE_GX=want_x, BLOCK_SIZE=block,
-                                      enable_fp_fusion=False)
+                with on_device_of(g):
+                    _lsq_bwd_kernel[grid](x, scale.detach().float().reshape(-1), g, grad_x if want_x else g, part, n,
+                                          QMIN=qmin, QMAX=qmax, WRITE_GX=want_x, BLOCK_SIZE=block,
+                                          enable_fp_fusion=False)
             lsq_gain = 1.0 / math.sqrt(n / max(scale.numel(), 1) * qmax) if n else 0.0
             grad_scale = (part.sum() * lsq_gain).to(scale.dtype).reshape(ctx.scale_shape)
         elif ctx.needs_input_grad[0]:
             (inside,) = ctx.saved_tensors
             grad_x = torch.empty_like(g)
             if n:
-                _ste_bwd_kernel[grid](g, inside, grad_x, n, BLOCK_SIZE=block)
+                with on_device_of(g):
+                    _ste_bwd_kernel[grid](g, inside, grad_x, n, BLOCK_SIZE=block)
         return grad_x, grad_scale, None
 
 
@@ -137,11 +147,12 @@ class FusedDualFakeQuantize(torch.autograd.Function):
         inside = torch.empty(xc.shape, dtype=torch.int8, device=x.device) if keep_inside else out
         n, block = xc.numel(), _block()
         if n:
-            _dual_fake_quant_fwd_kernel[(triton.cdiv(n, block),)](
-                xc, s_in.detach().float().reshape(-1).contiguous(), s_out.detach().float().reshape(-1).contiguous(),
-                out, inside, n, inner, ns, PER_TENSOR=ns == 1, PIECEWISE=encoding == "piecewise",
-                KNEE=float(knee), WRITE_INSIDE=keep_inside, OUT_BF16=x.dtype == torch.bfloat16, BLOCK_SIZE=block,
-                enable_fp_fusion=False)
+            with on_device_of(x):
+                _dual_fake_quant_fwd_kernel[(triton.cdiv(n, block),)](
+                    xc, s_in.detach().float().reshape(-1).contiguous(), s_out.detach().float().reshape(-1).contiguous(),
+                    out, inside, n, inner, ns, PER_TENSOR=ns == 1, PIECEWISE=encoding == "piecewise",
+                    KNEE=float(knee), WRITE_INSIDE=keep_inside, OUT_BF16=x.dtype == torch.bfloat16, BLOCK_SIZE=block,
+                    enable_fp_fusion=False)
         ctx.save_for_backward(*((inside,) if keep_inside else ()))
         return out.view(x.shape)
 
@@ -156,7 +167,8 @@ class FusedDualFakeQuantize(torch.autograd.Function):
         grad_x = torch.empty_like(g)
         n, block = g.numel(), _block()
         if n:
-            _ste_bwd_kernel[(triton.cdiv(n, block),)](g, inside, grad_x, n, BLOCK_SIZE=block)
+            with on_device_of(g):
+                _ste_bwd_kernel[(triton.cdiv(n, block),)](g, inside, grad_x, n, BLOCK_SIZE=block)
         return grad_x, None, None, None, None
 
 

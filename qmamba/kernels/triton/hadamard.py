@@ -47,6 +47,7 @@ def _fwht_kernel(x_ptr, y_ptr, rows, scale, B: tl.constexpr, LOG_B: tl.constexpr
 
 def _launch(x: torch.Tensor, b: int, reverse: bool) -> torch.Tensor:
     """x (contiguous, b | numel) -> fp32 of x's shape: the transform (or its backward) over rows of b."""
+    from qmamba.kernels.fake_quant import on_device_of
     from qmamba.kernels.triton.w8a8_gemm import interpreting
 
     y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
@@ -56,9 +57,10 @@ def _launch(x: torch.Tensor, b: int, reverse: bool) -> torch.Tensor:
     per_program = max(1, min(16, 2048 // b)) if not interpreting() else 2
     rows_per = triton.next_power_of_2(per_program)
     # a Python float argument is an fp32 scalar in the kernel: fp32(1 / sqrt(b)), the reference's multiplier
-    _fwht_kernel[(triton.cdiv(rows, rows_per),)](x, y, rows, 1.0 / math.sqrt(b), B=b, LOG_B=b.bit_length() - 1,
-                                                 ROWS=rows_per, REVERSE=reverse, enable_fp_fusion=False,
-                                                 num_warps=4 if b * rows_per <= 2048 else 8)
+    with on_device_of(x):
+        _fwht_kernel[(triton.cdiv(rows, rows_per),)](x, y, rows, 1.0 / math.sqrt(b), B=b, LOG_B=b.bit_length() - 1,
+                                                     ROWS=rows_per, REVERSE=reverse, enable_fp_fusion=False,
+                                                     num_warps=4 if b * rows_per <= 2048 else 8)
     return y
 
 
