@@ -21,3 +21,26 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def interpret():
+    """Run a Python script with Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) in a subprocess from the
+    project root — the interpreter must be switched on before triton is imported, hence the fresh process. Skips when
+    triton is not installed; fails with the script's output tails when it exits non-zero; returns its stdout."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed: the Triton kernels cannot be interpreted")
+
+    def run(script: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    return run

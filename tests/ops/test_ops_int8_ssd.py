@@ -13,8 +13,6 @@ The reference vs the module is exact (torch.equal): it is the same computation.
 
 import importlib.util
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -481,13 +479,9 @@ _INTERP_SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_triton_kernels_under_interpreter_match_reference():
-    root = str(__import__("pathlib").Path(__file__).resolve().parents[2])
-    proc = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], cwd=root, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+def test_triton_kernels_under_interpreter_match_reference(interpret):
+    stdout = interpret(_INTERP_SCRIPT)
+    line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1]
     results = json.loads(line[len("RESULT "):])
     assert len(results) == 13
     for name, (err_y, err_state, dtype) in results.items():
@@ -594,15 +588,11 @@ _INTERP_DUAL_SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_triton_dual_x_under_interpreter_matches_reference():
+def test_triton_dual_x_under_interpreter_matches_reference(interpret):
     """Both encodings, prefill (L not a multiple of the chunk, L < chunk, headdim 12: a partly used mask byte) and
     decode steps, per-head and per-tensor scales, a strided mask, x with real outliers; and the control bit-exact."""
-    root = str(__import__("pathlib").Path(__file__).resolve().parents[2])
-    proc = subprocess.run([sys.executable, "-c", _INTERP_DUAL_SCRIPT], cwd=root, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    stdout = interpret(_INTERP_DUAL_SCRIPT)
+    line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1]
     results = json.loads(line[len("RESULT "):])
     assert results.pop("control_bit_exact") == [True, True]
     assert len(results) == 11
