@@ -162,6 +162,8 @@ def _layout_problem(x: torch.Tensor, scale: torch.Tensor) -> str | None:
 
     if supported(x, scale):
         return None
+    if not x.is_floating_point() or not scale.is_floating_point():
+        return f"x ({x.dtype}) and its scale ({scale.dtype}) must be float tensors"
     return f"the scale {tuple(scale.shape)} varies along more than one axis of x {tuple(x.shape)}"
 
 
