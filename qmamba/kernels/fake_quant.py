@@ -1,7 +1,8 @@
-"""The fused fake-quant (Triton, qmamba/kernels/triton/fake_quant.py) as an autograd function: one kernel forward,
-one backward, the values of ``qmamba.quant.numerics.fake_quantize`` bit for bit (launched with
-``enable_fp_fusion=False``: no product is contracted with the rint's add into an FMA) (and its gradients; a learned scale's
-to fp32 rounding). ``fake_quantize(..., backend=...)`` picks it (``"auto"``: x on a GPU in a layout it takes).
+"""The fused fake-quant (Triton, qmamba/kernels/triton/fake_quant.py) as autograd functions: one kernel forward, one
+backward, the values and gradients of ``qmamba.quant.numerics.fake_quantize`` / ``dual_scale.dual_fake_quantize``
+bit for bit (a learned scale's gradient to fp32 rounding). Launched with ``enable_fp_fusion=False``: no product is
+contracted with the rint's add into an FMA. ``fake_quantize(..., backend=...)`` picks it (``"auto"``: x on a GPU in a
+layout it takes).
 
 Layouts: any float x (made contiguous); the scale one element, or one per index of a single axis of x (per-channel
 weights (N, 1) against (N, K), an activation's (1, 1, C) against (B, L, C)). A learned (LSQ) scale is fused when it is
@@ -36,10 +37,27 @@ def scale_layout(x: torch.Tensor, scale: torch.Tensor) -> tuple[int, int] | None
     return math.prod(x.shape[a + 1:]), shape[a]
 
 
+def unsupported(x: torch.Tensor, *scales: torch.Tensor) -> str | None:
+    """Why the fused kernels do not take x with these scales (one reason, for an error message), or None: x must be
+    fp32 / fp16 / bf16, the scales float, each per-tensor or along one axis of x, all in the same layout."""
+    if x.dtype not in FLOAT_DTYPES:
+        return f"x is {x.dtype}, the kernels take {', '.join(str(d) for d in FLOAT_DTYPES)}"
+    layouts = set()
+    for s in scales:
+        if not isinstance(s, torch.Tensor) or not s.is_floating_point():
+            return f"a scale is {getattr(s, 'dtype', type(s).__name__)}, not a float tensor"
+        layout = scale_layout(x, s)
+        if layout is None:
+            return f"the scale {tuple(s.shape)} varies along more than one axis of x {tuple(x.shape)}"
+        layouts.add(layout)
+    if len(layouts) > 1:
+        return f"the scales {[tuple(s.shape) for s in scales]} do not share one layout against x {tuple(x.shape)}"
+    return None
+
+
 def supported(x: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether the fused kernels take this x and scale (float dtypes, a per-tensor or single-axis scale)."""
-    return (x.dtype in FLOAT_DTYPES and isinstance(scale, torch.Tensor) and scale.is_floating_point()
-            and scale_layout(x, scale) is not None)
+    return unsupported(x, scale) is None
 
 
 def on_device_of(x: torch.Tensor):
@@ -127,7 +145,7 @@ def fused_fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> 
 
 def supported_dual(x: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor) -> bool:
     """Whether the fused dual-scale forward takes x with these scales (``supported`` for each, the same layout)."""
-    return supported(x, s_in) and supported(x, s_out) and scale_layout(x, s_in) == scale_layout(x, s_out)
+    return unsupported(x, s_in, s_out) is None
 
 
 class FusedDualFakeQuantize(torch.autograd.Function):

@@ -186,20 +186,12 @@ def dual_fake_quantize(x: torch.Tensor, s_in, s_out, encoding: str = "mask", kne
     GPU and both scales are per-tensor or along one axis in the same layout; the same values and gradients."""
     _check(encoding, knee)
     s_in, s_out = _scales(x, s_in, s_out)
-    if numerics.use_fused_fake_quant(backend, x, "dual_fake_quantize", lambda: _layout_problem(x, s_in, s_out)):
+    if numerics.use_fused_fake_quant(backend, x, "dual_fake_quantize",
+                                     lambda: numerics._unsupported(x, s_in, s_out)):
         from qmamba.kernels.fake_quant import fused_dual_fake_quantize
 
         return fused_dual_fake_quantize(x, s_in.detach(), s_out.detach(), encoding, knee)
     return _DualFakeQuantize.apply(x, s_in.detach(), s_out.detach(), encoding, knee)
-
-
-def _layout_problem(x: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor) -> str | None:
-    from qmamba.kernels.fake_quant import supported_dual
-
-    if supported_dual(x, s_in, s_out):
-        return None
-    return (f"the scales {tuple(s_in.shape)} / {tuple(s_out.shape)} do not share one per-tensor or single-axis "
-            f"layout of x {tuple(x.shape)}")
 
 
 def outlier_flags(x: torch.Tensor, s_in, encoding: str = "mask", knee: int = 112) -> torch.Tensor:

@@ -150,21 +150,17 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int = 8, b
     qrange(bits)
     scale = _as_scale(scale, x)
     _cheap_check(scale)
-    if use_fused_fake_quant(backend, x, "fake_quantize", lambda: _layout_problem(x, scale)):
+    if use_fused_fake_quant(backend, x, "fake_quantize", lambda: _unsupported(x, scale)):
         from qmamba.kernels.fake_quant import fused_fake_quantize
 
         return fused_fake_quantize(x, scale, bits)
     return _FakeQuantize.apply(x, scale, bits)
 
 
-def _layout_problem(x: torch.Tensor, scale: torch.Tensor) -> str | None:
-    from qmamba.kernels.fake_quant import supported
+def _unsupported(x: torch.Tensor, *scales: torch.Tensor) -> str | None:
+    from qmamba.kernels.fake_quant import unsupported
 
-    if supported(x, scale):
-        return None
-    if not x.is_floating_point() or not scale.is_floating_point():
-        return f"x ({x.dtype}) and its scale ({scale.dtype}) must be float tensors"
-    return f"the scale {tuple(scale.shape)} varies along more than one axis of x {tuple(x.shape)}"
+    return unsupported(x, *scales)
 
 
 def use_fused_fake_quant(backend: str, x: torch.Tensor, op: str, layout_problem) -> bool:

@@ -1,6 +1,6 @@
 """On a CUDA GPU: the fused Triton fake-quant (qmamba.kernels.fake_quant) against numerics' torch fake-quant, alone
-on large tensors of every float dtype and scale layout (and the dual-scale encodings), and inside a QAT step of a prepared model (the twins pick the
-fused path with backend "auto").
+on large tensors of every float dtype and scale layout (and the dual-scale encodings), and inside a QAT step of a
+prepared model.
 
 Tolerances: forward values, STE gradients and learned per-channel scales' gradients bit for bit; a learned per-tensor
 scale's gradient within 1e-6 of the sum of its |terms| (fp32 summation order: program sums added by torch vs
@@ -21,7 +21,8 @@ from qmamba.qnn import calibrate, prepare, quant_points, set_mode
 
 pytestmark = pytest.mark.gpu
 
-LAYOUTS = [((8, 1024, 2560), ()), ((10240, 2560), (10240, 1)), ((8, 1024, 160), (1, 1, 160)), ((3, 1000, 7), (1, 1000, 1))]
+LAYOUTS = [((8, 1024, 2560), ()), ((10240, 2560), (10240, 1)), ((8, 1024, 160), (1, 1, 160)),
+           ((3, 1000, 7), (1, 1000, 1))]
 
 
 _INT_OF = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -110,7 +111,8 @@ def test_qat_step_fused_equals_torch(monkeypatch):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(ids[:, :-1])
         F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
-        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), grads))
     (l0, g0), (l1, g1) = results
     assert _bits_equal(l0, l1)
     assert g0.keys() == g1.keys()

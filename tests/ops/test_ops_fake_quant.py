@@ -32,6 +32,18 @@ def test_scale_layout(x_shape, s_shape, want):
     assert not supported(x.to(torch.int8), s)
 
 
+def test_unsupported_says_why():
+    from qmamba.kernels.fake_quant import unsupported
+
+    x = torch.zeros(2, 3, 5)
+    assert unsupported(x, torch.ones(()), torch.ones(1, 1, 5) * 0 + 1) is not None  # two layouts
+    assert "float64" in unsupported(x.double(), torch.ones(()))
+    assert "not a float" in unsupported(x, torch.ones((), dtype=torch.int32))
+    assert "more than one axis" in unsupported(x, torch.ones(2, 3, 1))
+    assert "one layout" in unsupported(x, torch.ones(()), torch.ones(5))
+    assert unsupported(x, torch.ones(5), torch.ones(1, 1, 5)) is None
+
+
 def test_dispatch_on_cpu():
     x = torch.randn(3, 8)
     s = torch.tensor(0.05)
