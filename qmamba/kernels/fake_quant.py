@@ -7,7 +7,8 @@ layout it takes).
 Layouts: any float x (made contiguous); the scale one element, or one per index of a single axis of x (per-channel
 weights (N, 1) against (N, K), an activation's (1, 1, C) against (B, L, C)). A learned (LSQ) scale is fused when it is
 per-tensor; a learned per-channel scale takes the reference backward (the forward is still fused). Other scales
-(several axes, e.g. per-group) are not taken: ``supported`` says so, and the dispatch keeps the reference for them.
+(several axes, e.g. per-group) are not taken: ``unsupported`` says why, and the dispatch keeps the reference for
+them.
 """
 
 from __future__ import annotations
@@ -73,8 +74,16 @@ def _block() -> int:
     return INTERPRET_BLOCK if interpreting() else BLOCK
 
 
+def _forward_buffers(x: torch.Tensor, keep_inside: bool):
+    """(x contiguous, out like it, the STE's int8 flags or a stand-in pointer when none are kept, numel, block)."""
+    xc = x.contiguous()
+    out = torch.empty_like(xc)
+    inside = torch.empty(xc.shape, dtype=torch.int8, device=x.device) if keep_inside else out
+    return xc, out, inside, xc.numel(), _block()
+
+
 class FusedFakeQuantize(torch.autograd.Function):
-    """``numerics._FakeQuantize`` through the Triton kernels (the caller checked ``supported``)."""
+    """``numerics._FakeQuantize`` through the Triton kernels (the caller checked ``unsupported(x, scale)``)."""
 
     @staticmethod
     def forward(ctx, x, scale, bits):
@@ -84,13 +93,10 @@ class FusedFakeQuantize(torch.autograd.Function):
 
         qmin, qmax = qrange(bits)
         inner, ns = scale_layout(x, scale)
-        xc = x.contiguous()
         s32 = scale.detach().float().reshape(-1).contiguous()
         learn = ctx.needs_input_grad[1]
         keep_inside = not learn and ctx.needs_input_grad[0]  # the STE's flags, only when a gradient will want them
-        out = torch.empty_like(xc)
-        inside = torch.empty(xc.shape, dtype=torch.int8, device=x.device) if keep_inside else out
-        n, block = xc.numel(), _block()
+        xc, out, inside, n, block = _forward_buffers(x, keep_inside)
         if n:
             with on_device_of(x):
                 _fake_quant_fwd_kernel[(triton.cdiv(n, block),)](
@@ -135,22 +141,9 @@ class FusedFakeQuantize(torch.autograd.Function):
         return grad_x, grad_scale, None
 
 
-def fused_fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """``numerics.fake_quantize`` in the fused kernels; x and scale as ``supported`` takes them (checked here)."""
-    if not supported(x, scale):
-        raise ValueError(f"fused fake-quant takes float x and a per-tensor or single-axis scale, got x {x.dtype} "
-                         f"{tuple(x.shape)} and scale {tuple(scale.shape)}; use backend='torch'")
-    return FusedFakeQuantize.apply(x, scale, bits)
-
-
-def supported_dual(x: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor) -> bool:
-    """Whether the fused dual-scale forward takes x with these scales (``supported`` for each, the same layout)."""
-    return unsupported(x, s_in, s_out) is None
-
-
 class FusedDualFakeQuantize(torch.autograd.Function):
-    """``dual_scale._DualFakeQuantize`` through the Triton kernels (the caller checked ``supported_dual``): one
-    forward (values and the STE's flags), the STE backward; the scales get no gradient, as there."""
+    """``dual_scale._DualFakeQuantize`` through the Triton kernels (the caller checked ``unsupported(x, s_in,
+    s_out)``): one forward (values and the STE's flags), the STE backward; the scales get no gradient, as there."""
 
     @staticmethod
     def forward(ctx, x, s_in, s_out, encoding, knee):
@@ -159,11 +152,8 @@ class FusedDualFakeQuantize(torch.autograd.Function):
         from qmamba.kernels.triton.fake_quant import _dual_fake_quant_fwd_kernel
 
         inner, ns = scale_layout(x, s_in)
-        xc = x.contiguous()
         keep_inside = ctx.needs_input_grad[0]
-        out = torch.empty_like(xc)
-        inside = torch.empty(xc.shape, dtype=torch.int8, device=x.device) if keep_inside else out
-        n, block = xc.numel(), _block()
+        xc, out, inside, n, block = _forward_buffers(x, keep_inside)
         if n:
             with on_device_of(x):
                 _dual_fake_quant_fwd_kernel[(triton.cdiv(n, block),)](
@@ -188,13 +178,3 @@ class FusedDualFakeQuantize(torch.autograd.Function):
             with on_device_of(g):
                 _ste_bwd_kernel[(triton.cdiv(n, block),)](g, inside, grad_x, n, BLOCK_SIZE=block)
         return grad_x, None, None, None, None
-
-
-def fused_dual_fake_quantize(x: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor, encoding: str,
-                             knee: int) -> torch.Tensor:
-    """``dual_scale.dual_fake_quantize`` in the fused kernels (scales as ``supported_dual`` takes them, checked)."""
-    if not supported_dual(x, s_in, s_out):
-        raise ValueError(f"fused dual-scale fake-quant takes float x and per-tensor or single-axis scales of one "
-                         f"layout, got x {x.dtype} {tuple(x.shape)}, s_in {tuple(s_in.shape)}, s_out "
-                         f"{tuple(s_out.shape)}; use backend='torch'")
-    return FusedDualFakeQuantize.apply(x, s_in, s_out, encoding, knee)

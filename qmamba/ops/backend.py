@@ -66,3 +66,23 @@ def use_kernels(backend: str, tensor: torch.Tensor, op: str) -> bool:
 
     kernels.load()
     return True
+
+
+def use_triton(backend: str, tensor: torch.Tensor, op: str, problem=None) -> bool:
+    """True when ``op`` should run its Triton kernel (no build: ``triton`` ships with CUDA torch) for inputs like
+    ``tensor``. "torch": never; "auto": when the inputs are on a GPU, triton imports and ``problem()`` (an optional
+    callable: why this call's arguments do not fit the kernel, or None) finds nothing, else the torch reference;
+    "cuda": the kernel, or one error naming the reason."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    if not tensor.is_cuda:
+        why = "its inputs are not on a CUDA device"
+    elif try_import("triton") is None:
+        why = "`import triton` fails"
+    else:
+        why = problem() if problem is not None else None
+    if why is not None and backend == "cuda":
+        raise RuntimeError(f"{op}: backend='cuda' was asked for but {why}; use backend='torch' or 'auto'")
+    return why is None

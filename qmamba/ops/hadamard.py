@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from qmamba.ops.backend import use_triton
+
 
 def hadamard_block(n: int) -> int:
     """The block size of the rotation of width ``n``: the largest power of two dividing n."""
@@ -32,7 +34,7 @@ def hadamard_transform(x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     """
     n = x.shape[-1]
     b = hadamard_block(n)
-    if _use_triton(backend, x):
+    if use_triton(backend, x, "hadamard_transform"):
         from qmamba.kernels.triton.hadamard import HadamardTransform
 
         return HadamardTransform.apply(x, b)
@@ -44,20 +46,6 @@ def hadamard_transform(x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
         y = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
         h *= 2
     return (y.reshape(*lead, n) * (1.0 / math.sqrt(b))).contiguous()
-
-
-def _use_triton(backend: str, x: torch.Tensor) -> bool:
-    if backend == "torch":
-        return False
-    if backend not in ("auto", "cuda"):
-        raise ValueError(f"hadamard_transform: backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
-    from qmamba.ops.backend import try_import
-
-    why = "x is not on a CUDA device" if not x.is_cuda else ("`import triton` fails" if try_import("triton") is None
-                                                            else None)
-    if why is not None and backend == "cuda":
-        raise RuntimeError(f"hadamard_transform: backend='cuda' was asked for but {why}; use backend='torch' or 'auto'")
-    return why is None
 
 
 def hadamard_matrix(n: int, device=None) -> torch.Tensor:

@@ -188,9 +188,9 @@ def dual_fake_quantize(x: torch.Tensor, s_in, s_out, encoding: str = "mask", kne
     s_in, s_out = _scales(x, s_in, s_out)
     if numerics.use_fused_fake_quant(backend, x, "dual_fake_quantize",
                                      lambda: numerics._unsupported(x, s_in, s_out)):
-        from qmamba.kernels.fake_quant import fused_dual_fake_quantize
+        from qmamba.kernels.fake_quant import FusedDualFakeQuantize
 
-        return fused_dual_fake_quantize(x, s_in.detach(), s_out.detach(), encoding, knee)
+        return FusedDualFakeQuantize.apply(x, s_in.detach(), s_out.detach(), encoding, knee)
     return _DualFakeQuantize.apply(x, s_in.detach(), s_out.detach(), encoding, knee)
 
 

@@ -151,9 +151,9 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int = 8, b
     scale = _as_scale(scale, x)
     _cheap_check(scale)
     if use_fused_fake_quant(backend, x, "fake_quantize", lambda: _unsupported(x, scale)):
-        from qmamba.kernels.fake_quant import fused_fake_quantize
+        from qmamba.kernels.fake_quant import FusedFakeQuantize
 
-        return fused_fake_quantize(x, scale, bits)
+        return FusedFakeQuantize.apply(x, scale, bits)
     return _FakeQuantize.apply(x, scale, bits)
 
 
@@ -164,23 +164,11 @@ def _unsupported(x: torch.Tensor, *scales: torch.Tensor) -> str | None:
 
 
 def use_fused_fake_quant(backend: str, x: torch.Tensor, op: str, layout_problem) -> bool:
-    """Whether fake-quant op ``op`` runs the fused Triton kernels (``qmamba.kernels.fake_quant``) for x: never for
-    "torch"; for "auto" when x is on a GPU, triton imports and ``layout_problem()`` (the scales' layout, a reason
-    string or None) finds nothing; "cuda" insists and raises naming the reason otherwise."""
-    if backend == "torch":
-        return False
-    if backend not in ("auto", "cuda"):
-        raise ValueError(f"{op}: backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
-    why = None
-    if not x.is_cuda:
-        why = "x is not on a CUDA device"
-    else:
-        from qmamba.ops.backend import try_import
+    """Whether fake-quant op ``op`` runs the fused Triton kernels (``qmamba.kernels.fake_quant``) for x:
+    ``qmamba.ops.backend.use_triton`` with ``layout_problem()`` (the scales' layout: a reason string or None)."""
+    from qmamba.ops.backend import use_triton
 
-        why = "`import triton` fails" if try_import("triton") is None else layout_problem()
-    if why is not None and backend == "cuda":
-        raise RuntimeError(f"{op}: backend='cuda' was asked for but {why}; use backend='torch' or 'auto'")
-    return why is None
+    return use_triton(backend, x, op, layout_problem)
 
 
 def int_matmul_ref(qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:

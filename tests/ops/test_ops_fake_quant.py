@@ -87,7 +87,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     import itertools, math
     import torch
-    from qmamba.kernels.fake_quant import FusedFakeQuantize, fused_fake_quantize
+    from qmamba.kernels.fake_quant import FusedFakeQuantize
     from qmamba.quant.numerics import _FakeQuantize
 
     INT_OF = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -155,7 +155,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
         failures.append(("lsq 3000", float(s1.grad), float(s2.grad)))
     # a non-contiguous x keeps its shape (the kernel reads a contiguous copy)
     xt = torch.randn(6, 10).t()
-    out = fused_fake_quantize(xt, torch.tensor(0.01))
+    out = FusedFakeQuantize.apply(xt, torch.tensor(0.01), 8)
     assert out.shape == (10, 6) and torch.equal(out, _FakeQuantize.apply(xt, torch.tensor(0.01), 8))
 
     # dual-scale (mask / piecewise, an even and an odd knee), per-tensor and per-axis scales

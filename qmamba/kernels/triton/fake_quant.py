@@ -20,9 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from qmamba.kernels.triton.w8a8_gemm import _round_to_bf16
+from qmamba.kernels.triton.w8a8_gemm import _RINT_MAGIC, _round_to_bf16
 
-_RINT_MAGIC = tl.constexpr(12582912.0)
 BLOCK = 1024         # elements per program (4 warps, 8 per thread)
 INTERPRET_BLOCK = 64  # the interpreter runs programs one by one in numpy: small blocks keep the tests' tails covered
 
