@@ -69,13 +69,7 @@ def run(old: Path, batches, lengths, reps: int, share: float) -> int:
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     for b in batches:
         for L in lengths:
-            g = torch.Generator(device="cuda").manual_seed(0)
-            proj = torch.randint(-128, 128, (b, L, 2 * D), dtype=torch.int8, device="cuda", generator=g)
-            qx = proj[..., :D].transpose(1, 2)
-            qw = torch.randint(-16, 17, (D, 1, 4), dtype=torch.int8, device="cuda", generator=g)
-            sx, sw = torch.tensor(0.02, device="cuda"), (torch.rand(D, device="cuda", generator=g) + 0.5) * 0.003
-            bias = torch.randn(D, device="cuda", generator=g) * 0.3
-            y = kconv.conv1d_int8(qx, sx, qw, sw, bias, True, torch.float16)
+            qx, sx, qw, sw, bias, y = dk.conv_inputs(b, L, torch.Generator(device="cuda").manual_seed(0))
             s_a = (y.float().abs().max() / 127).reshape(())
             old_op = torch.ops.qold.conv1d_int8
             fns = {"old single": lambda: old_op(qx, sx, qw, sw, bias, True, torch.float16, [s_a, s_a], -1, 0, 0, None),

@@ -81,19 +81,27 @@ def _codes(x):
     return quantize(x, s), s
 
 
+def conv_inputs(batch: int, L: int, g: torch.Generator):
+    """The mamba-2.8b conv's inputs, drawn from g: x as Mamba1 passes it (a view of the in_proj output), int8 taps,
+    scales, bias, and its float output y (what the consumers' scales are set from): (qx, sx, qw, sw, bias, y)."""
+    from qmamba.kernels import conv1d as kconv
+
+    proj = torch.randint(-128, 128, (batch, L, 2 * D_INNER), dtype=torch.int8, device="cuda", generator=g)
+    qx = proj[..., :D_INNER].transpose(1, 2)
+    qw = torch.randint(-16, 17, (D_INNER, 1, 4), dtype=torch.int8, device="cuda", generator=g)
+    sx, sw = torch.tensor(0.02, device="cuda"), (torch.rand(D_INNER, device="cuda", generator=g) + 0.5) * 0.003
+    bias = torch.randn(D_INNER, device="cuda", generator=g) * 0.3
+    return qx, sx, qw, sw, bias, kconv.conv1d_int8(qx, sx, qw, sw, bias, True, torch.float16)
+
+
 def bench_mamba1(batch: int, L: int, reps: int, flush, share: float) -> list[dict]:
     from qmamba.kernels import conv1d as kconv
     from qmamba.kernels import selective_scan as kscan
 
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    # conv: x as Mamba1 passes it (a view of the in_proj output), two int8 consumers
-    proj = torch.randint(-128, 128, (batch, L, 2 * D_INNER), dtype=torch.int8, device="cuda", generator=g)
-    qx = proj[..., :D_INNER].transpose(1, 2)
-    qw = torch.randint(-16, 17, (D_INNER, 1, 4), dtype=torch.int8, device="cuda", generator=g)
-    sx, sw = torch.tensor(0.02, device="cuda"), (torch.rand(D_INNER, device="cuda", generator=g) + 0.5) * 0.003
-    bias = torch.randn(D_INNER, device="cuda", generator=g) * 0.3
-    y = kconv.conv1d_int8(qx, sx, qw, sw, bias, True, torch.float16)
+    # conv: two int8 consumers
+    qx, sx, qw, sw, bias, y = conv_inputs(batch, L, g)
     s_xproj = (y.float().abs().max() / 127).reshape(())
     enc = {}
     for e in ("mask", "piecewise"):
