@@ -20,6 +20,7 @@ mamba_ssm's ``MambaLMHeadModel`` runs in fp16 with its own inference cache (caus
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -141,6 +142,23 @@ def fp16_float_leftovers_(model: MambaLM) -> None:
 ENGINES = {"mamba_ssm fp16": mamba_ssm_engine, "qmamba int8": qmamba_int8_engine}
 
 
+def cfg_name(cfg) -> str:
+    return f"{cfg.layer} d_model {cfg.d_model} x {cfg.n_layer}"
+
+
+def print_profile(fn, title: str, rows: int) -> None:
+    """The ``rows`` costliest ops of one (warmed-up) call of ``fn`` by GPU time, from torch.profiler: where the
+    time goes before any kernel is changed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(f"--- profile: {title}", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60), flush=True)
+
+
 def measure(engine, cfg, args, bandwidth: float) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -152,12 +170,15 @@ def measure(engine, cfg, args, bandwidth: float) -> dict:
         torch.cuda.reset_peak_memory_stats()
         for _ in range(2):
             prefill(ids)
-        ttft = cuda_time_ms(lambda: prefill(ids), reps=args.reps)
+        one_prefill = functools.partial(prefill, ids)
+        ttft = cuda_time_ms(one_prefill, reps=args.reps)
+        if args.profile:
+            print_profile(one_prefill, f"{cfg_name(cfg)} / {engine.__name__}: one prefill", args.profile)
         graph = capture(step)
         tpot = cuda_time_ms(graph.replay, reps=args.reps, inner=args.replays)
     peak = torch.cuda.max_memory_allocated() - base
     floor_ms = weights / bandwidth * 1e3
-    del graph, model, prefill, step
+    del graph, model, prefill, one_prefill, step
     return {"ttft_ms": ttft, "tpot_ms": tpot, "peak_mib": peak / 2**20, "weight_mib": weights / 2**20,
             "floor_ms": floor_ms, "tpot_over_floor": tpot / floor_ms}
 
@@ -170,6 +191,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--replays", type=int, default=50, help="graph replays per timed batch (TPOT)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="also print torch.profiler's ROWS costliest ops of one prefill per engine (not timed)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/latency.py needs a CUDA GPU")
