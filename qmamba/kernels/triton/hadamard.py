@@ -23,24 +23,30 @@ import triton.language as tl
 
 
 @triton.jit
+def _butterfly(y, ROWS: tl.constexpr, B: tl.constexpr, H: tl.constexpr):
+    """One stage on (ROWS, B): pairs (i, i + H) inside each group of 2H -> (sum, difference)."""
+    # (rows, groups of 2H, [first half, second half], H) -> the halves as the last axis -> (sum, difference)
+    y = tl.permute(tl.reshape(y, (ROWS, B // (2 * H), 2, H)), (0, 1, 3, 2))
+    lo, hi = tl.split(y)
+    return tl.reshape(tl.permute(tl.join(lo + hi, lo - hi), (0, 1, 3, 2)), (ROWS, B))
+
+
+@triton.jit
 def _fwht_kernel(x_ptr, y_ptr, rows, scale, B: tl.constexpr, LOG_B: tl.constexpr, ROWS: tl.constexpr,
                  REVERSE: tl.constexpr):
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs = r[:, None].to(tl.int64) * B + tl.arange(0, B)[None, :]
     mask = (r < rows)[:, None]
     y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # the stage width is passed as a constexpr argument: a constexpr assigned inside an unrolled loop would be
+    # reassigned on its second iteration, which the compiler refuses (the interpreter does not)
     if REVERSE:
         y = y * scale
-    for i in tl.static_range(LOG_B):
-        if REVERSE:
-            h: tl.constexpr = B >> (i + 1)
-        else:
-            h: tl.constexpr = 1 << i
-        # (rows, groups of 2h, [first half, second half], h) -> the halves as the last axis -> (sum, difference)
-        y = tl.permute(tl.reshape(y, (ROWS, B // (2 * h), 2, h)), (0, 1, 3, 2))
-        lo, hi = tl.split(y)
-        y = tl.reshape(tl.permute(tl.join(lo + hi, lo - hi), (0, 1, 3, 2)), (ROWS, B))
-    if not REVERSE:
+        for i in tl.static_range(LOG_B):
+            y = _butterfly(y, ROWS, B, B >> (i + 1))
+    else:
+        for i in tl.static_range(LOG_B):
+            y = _butterfly(y, ROWS, B, 1 << i)
         y = y * scale
     tl.store(y_ptr + offs, y, mask=mask)
 
