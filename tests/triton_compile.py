@@ -109,7 +109,7 @@ def compile_launches(path: str, compiled: set | None = None) -> list[str]:
             compiled.add(key)
             triton.compile(src, target=GPUTarget(*TARGET), options=options)
         except Exception as e:  # the compiler's message is the finding: report it, with the launch that hit it
-            consts = {k: v[1] for k, v in launch["args"].items() if v[0] != "tensor" and len(v) > 1}
+            consts = {k: v[1] for k, v in launch["args"].items() if k.isupper() and len(v) > 1}  # the constexprs
             message = str(e).strip().splitlines()
             failures.append(f"{launch['module']}.{launch['kernel']} {consts}: {type(e).__name__}: "
                             + " | ".join(message[-6:]))

@@ -1,10 +1,12 @@
 """Triton kernels of the int8 Mamba2 SSD: the chunked scan (prefill) and its one-token decode step.
 
-They read int8 codes of x, dt, B, C and dequantize in-kernel (``q * scale`` in fp32, DESIGN §3); all math is fp32 and
-every ``tl.dot`` runs with ``input_precision="ieee"`` (no TF32), so results match ``qmamba.ops.int8_ssd``'s
-references to fp32 rounding (the summation order differs; decays are differences of cumulative log-decays, as in
-mamba_ssm). fp32 ieee dots use no tensor cores (FMA units): correctness first; expect them slower than mamba_ssm's
-bf16 tensor-core kernels (not measured yet; block sizes are untuned).
+They read int8 codes of x, dt, B, C and dequantize in-kernel (``q * scale`` in fp32, DESIGN §3); all math is fp32, so
+results match ``qmamba.ops.int8_ssd``'s references to fp32 rounding (the summation order differs; decays are
+differences of cumulative log-decays, as in mamba_ssm). The dots run on tensor cores without giving that up:
+C_i . B_j is a dot of the int8 codes (int32, exact) times the two scales, and every fp32 dot uses
+``DOT_PRECISION = "tf32x3"`` (each operand split into a TF32 head and tail, three TF32 products: ~fp32 accuracy, where
+one TF32 dot would round each operand to 10 mantissa bits). ``"ieee"`` (fp32 FMA units, no tensor cores) is what the
+first int8 Mamba2-2.7b prefill ran with (742 ms against mamba_ssm's 66 ms, RESULTS.md).
 
 Prefill, chunk length T, nc = ceil(L / T) chunks (the last one padded: masked loads, nothing stored past L):
     1. ``_dt_cumsum_kernel``     dt = softplus(dt + dt_bias) and a_cum = cumsum_t(dt A) per chunk   -> (b, h, nc, T)
@@ -41,6 +43,8 @@ import triton.language as tl
 
 from qmamba.quant.dual_scale import DualScale, check_dual_mask
 
+# every fp32 tl.dot: three TF32 tensor-core products per dot, ~fp32 accurate (see the top of this file)
+DOT_PRECISION = tl.constexpr("tf32x3")
 # the largest d_state whose (rows x d_state) C tile the scan kernel keeps whole in registers
 MAX_D_STATE = 256
 
@@ -155,7 +159,7 @@ def _chunk_state_kernel(qx_ptr, x_scale_ptr, x_out_ptr, x_mask_ptr, qB_ptr, B_sc
         xT = (xT * dt[None, :]) * tl.exp(a_end - ac)[None, :]  # discretized input, decayed to the chunk's end
         Bv = tl.load(B_base + l[:, None] * s_B_l + n[None, :] * s_B_n, mask=valid[:, None] & nmask[None, :],
                      other=0).to(tl.float32) * B_scale  # (K, N_blk)
-        acc += tl.dot(xT, Bv, input_precision="ieee")
+        acc += tl.dot(xT, Bv, input_precision=DOT_PRECISION)
     off = pid.to(tl.int64) * (P * N) + p[:, None] * N + n[None, :]  # (b, nc, h, p, n) layout
     tl.store(states_ptr + off, acc, mask=pmask[:, None] & nmask[None, :])
 
@@ -209,7 +213,7 @@ def _chunk_scan_kernel(qx_ptr, x_scale_ptr, x_out_ptr, x_mask_ptr, qB_ptr, B_sca
     valid_m = (m < chunk_size) & (lm < L)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < P
-    n = tl.arange(0, BLOCK_N)  # all of d_state
+    n = tl.arange(0, BLOCK_N)  # all of d_state (>= 32: the int8 dot's least K)
     nmask = n < N
     x_scale = tl.load(x_scale_ptr + h * s_xs_h)
     x_out = _x_outlier_scale(x_out_ptr, h, s_xo_h, X_ENC)
@@ -220,13 +224,14 @@ def _chunk_scan_kernel(qx_ptr, x_scale_ptr, x_out_ptr, x_mask_ptr, qB_ptr, B_sca
     m_base = x_mask_ptr + b.to(tl.int64) * s_m_b + h * s_m_h
     B_base = qB_ptr + b.to(tl.int64) * s_B_b + g * s_B_g
     acum_m = tl.load(acum_ptr + row + m, mask=m < chunk_size, other=0.0)
-    Cv = tl.load(qC_ptr + b.to(tl.int64) * s_C_b + g * s_C_g + lm[:, None] * s_C_l + n[None, :] * s_C_n,
-                 mask=valid_m[:, None] & nmask[None, :], other=0).to(tl.float32) * C_scale  # (M, N)
+    qCv = tl.load(qC_ptr + b.to(tl.int64) * s_C_b + g * s_C_g + lm[:, None] * s_C_l + n[None, :] * s_C_n,
+                  mask=valid_m[:, None] & nmask[None, :], other=0)  # (M, N) int8 codes
+    Cv = qCv.to(tl.float32) * C_scale
 
     # the state entering the chunk, decayed to each row: exp(a_cum[i]) C_i . S
     St = tl.load(states_ptr + pid.to(tl.int64) * (P * N) + p[None, :] * N + n[:, None],
                  mask=nmask[:, None] & pmask[None, :], other=0.0)  # (N, P_blk) = S^T
-    acc = tl.dot(Cv, St, input_precision="ieee") * tl.exp(acum_m)[:, None]  # (M, P_blk)
+    acc = tl.dot(Cv, St, input_precision=DOT_PRECISION) * tl.exp(acum_m)[:, None]  # (M, P_blk)
 
     # inside the chunk, causal: columns up to this row block's last row
     hi = tl.minimum((pid_m + 1) * BLOCK_M, chunk_size)
@@ -234,9 +239,10 @@ def _chunk_scan_kernel(qx_ptr, x_scale_ptr, x_out_ptr, x_mask_ptr, qB_ptr, B_sca
         t = k + tl.arange(0, BLOCK_K)
         lt = c * chunk_size + t
         valid_k = (t < chunk_size) & (lt < L)
-        Bt = tl.load(B_base + lt[None, :] * s_B_l + n[:, None] * s_B_n, mask=nmask[:, None] & valid_k[None, :],
-                     other=0).to(tl.float32) * B_scale  # (N, K) = B^T
-        cb = tl.dot(Cv, Bt, input_precision="ieee")  # (M, K): C_i . B_j
+        qBt = tl.load(B_base + lt[None, :] * s_B_l + n[:, None] * s_B_n, mask=nmask[:, None] & valid_k[None, :],
+                      other=0)  # (N, K) = B^T, int8 codes
+        # C_i . B_j of the codes, exact in int32 (int8 tensor cores), then the two scales
+        cb = tl.dot(qCv, qBt, out_dtype=tl.int32).to(tl.float32) * (C_scale * B_scale)  # (M, K)
         acum_k = tl.load(acum_ptr + row + t, mask=t < chunk_size, other=0.0)
         dt_k = tl.load(dt_ptr + row + t, mask=t < chunk_size, other=0.0)
         causal = m[:, None] >= t[None, :]
@@ -246,7 +252,7 @@ def _chunk_scan_kernel(qx_ptr, x_scale_ptr, x_out_ptr, x_mask_ptr, qB_ptr, B_sca
         xmask = valid_k[:, None] & pmask[None, :]
         xk = _x_values(tl.load(x_base + lt[:, None] * s_x_l + p[None, :] * s_x_p, mask=xmask, other=0),
                        x_scale, x_out, m_base + lt[:, None] * s_m_l, p[None, :], s_m_p, xmask, X_ENC, KNEE)  # (K, P_blk)
-        acc += tl.dot(cb, xk, input_precision="ieee")
+        acc += tl.dot(cb, xk, input_precision=DOT_PRECISION)
 
     if HAS_D:
         xmask = valid_m[:, None] & pmask[None, :]
@@ -449,7 +455,7 @@ def ssd_chunk_scan_int8_triton(qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C
         *qC.stride(), s_Cs,
         s_D_h, s_D_p,
         *y.stride(),
-        HAS_D=D is not None, X_ENC=X_ENC, KNEE=KNEE, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=_pow2(N))
+        HAS_D=D is not None, X_ENC=X_ENC, KNEE=KNEE, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=_pow2(N, 32))
     return (y, final) if return_final_states else y
 
 
