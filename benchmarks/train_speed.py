@@ -24,8 +24,9 @@ from qmamba import MambaLM, preset, set_backend
 from qmamba.quant import numerics
 
 
-def time_steps(model, ids, args, device) -> tuple[float, float]:
-    """(ms per step, peak GiB) of forward + backward + AdamW on ``model``."""
+def time_steps(model, ids, args, device, label: str = "") -> tuple[float, float]:
+    """(ms per step, peak GiB) of forward + backward + AdamW on ``model``; with ``--profile``, then the costliest ops
+    of one more (untimed) step."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
 
@@ -49,6 +50,10 @@ def time_steps(model, ids, args, device) -> tuple[float, float]:
         torch.cuda.synchronize()
     ms = (time.perf_counter() - start) / args.steps * 1e3
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    if args.profile and device == "cuda":
+        from latency import print_profile  # benchmarks/ is this script's directory
+
+        print_profile(step, f"one training step, {label}", args.profile)
     return ms, peak
 
 
@@ -65,6 +70,8 @@ def main() -> None:
     ap.add_argument("--torch-fake-quant", action="store_true",
                     help="with --recipe: also time the fake-quant step with fake-quant in torch ops (the fused "
                          "Triton kernels off, every other op as --backend), side by side in the same run")
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="also print torch.profiler's ROWS costliest ops of one (untimed) step of each run (GPU)")
     args = ap.parse_args()
     if args.torch_fake_quant and not args.recipe:
         ap.error("--torch-fake-quant needs --recipe")
@@ -90,7 +97,7 @@ def main() -> None:
         if label.endswith("in torch ops"):
             numerics.use_fused_fake_quant = lambda backend, x, op, layout_problem: False
         try:
-            ms, peak = time_steps(m.train(), ids, args, device)
+            ms, peak = time_steps(m.train(), ids, args, device, label)
         finally:
             numerics.use_fused_fake_quant = fused_dispatch
         times[label] = ms
