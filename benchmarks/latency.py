@@ -147,7 +147,8 @@ def cfg_name(cfg) -> str:
 
 
 def print_profile(fn, title: str, rows: int) -> None:
-    """The ``rows`` costliest ops of one (warmed-up) call of ``fn`` by GPU time, from torch.profiler: where the
+    """The ``rows`` costliest ops of one (warmed-up) call of ``fn`` by GPU time, from torch.profiler, then its ``rows``
+    costliest Python functions by own host time (cProfile, one more call): where the
     time goes before any kernel is changed."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -157,6 +158,18 @@ def print_profile(fn, title: str, rows: int) -> None:
         torch.cuda.synchronize()
     print(f"--- profile: {title}", flush=True)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60), flush=True)
+    # the host side of one more call: when the CPU time above exceeds the GPU time, the Python frames that spend it
+    import cProfile
+    import io
+    import pstats
+
+    host = cProfile.Profile()
+    host.runcall(fn)
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(rows)
+    print(f"--- host profile (cProfile, by own time): {title}", flush=True)
+    print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[-6000:], flush=True)
 
 
 def measure(engine, cfg, args, bandwidth: float) -> dict:
