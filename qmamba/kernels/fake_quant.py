@@ -13,7 +13,6 @@ them.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -61,15 +60,9 @@ def supported(x: torch.Tensor, scale: torch.Tensor) -> bool:
     return unsupported(x, scale) is None
 
 
-def on_device_of(x: torch.Tensor):
-    """Launch context for a Triton kernel on x's GPU: Triton launches on the current device, which need not be x's
-    (a model on cuda:1 in a process whose current device is cuda:0). Nothing to do for CPU tensors (interpreter)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _block() -> int:
     from qmamba.kernels.triton.fake_quant import BLOCK, INTERPRET_BLOCK
-    from qmamba.kernels.triton.w8a8_gemm import interpreting
+    from qmamba.kernels.triton.launch import interpreting
 
     return INTERPRET_BLOCK if interpreting() else BLOCK
 
@@ -90,6 +83,8 @@ class FusedFakeQuantize(torch.autograd.Function):
         import triton
 
         from qmamba.kernels.triton.fake_quant import _fake_quant_fwd_kernel
+
+        from qmamba.kernels.triton.launch import on_device_of
 
         qmin, qmax = qrange(bits)
         inner, ns = scale_layout(x, scale)
@@ -112,6 +107,8 @@ class FusedFakeQuantize(torch.autograd.Function):
         import triton
 
         from qmamba.kernels.triton.fake_quant import _lsq_bwd_kernel, _ste_bwd_kernel
+
+        from qmamba.kernels.triton.launch import on_device_of
 
         qmin, qmax = ctx.qrange
         g = grad_out.to(ctx.x_dtype).contiguous()
@@ -151,6 +148,8 @@ class FusedDualFakeQuantize(torch.autograd.Function):
 
         from qmamba.kernels.triton.fake_quant import _dual_fake_quant_fwd_kernel
 
+        from qmamba.kernels.triton.launch import on_device_of
+
         inner, ns = scale_layout(x, s_in)
         keep_inside = ctx.needs_input_grad[0]
         xc, out, inside, n, block = _forward_buffers(x, keep_inside)
@@ -169,6 +168,8 @@ class FusedDualFakeQuantize(torch.autograd.Function):
         import triton
 
         from qmamba.kernels.triton.fake_quant import _ste_bwd_kernel
+
+        from qmamba.kernels.triton.launch import on_device_of
 
         (inside,) = ctx.saved_tensors
         g = grad_out.contiguous()

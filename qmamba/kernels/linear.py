@@ -88,8 +88,9 @@ def w8a8_gemm(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale
     ``config`` (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) override the defaults (autotuned on CUDA)."""
     check_w8a8_args("w8a8_gemm", qx, x_scale, qw, w_scale, bias, out_dtype, out_scale)
     from qmamba.kernels.triton import w8a8_gemm as tk  # lazy: Triton only when used
+    from qmamba.kernels.triton.launch import interpreting
 
-    if not qx.is_cuda and not tk.interpreting():
+    if not qx.is_cuda and not interpreting():
         raise RuntimeError("w8a8_gemm: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before "
                            "triton is imported, for CPU tests); use qmamba.ops.w8a8_linear(backend='torch') here")
     lead = qx.shape[:-1]

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qmamba.kernels.triton.launch import interpreting, on_device_of
+
 
 @triton.jit
 def _butterfly(y, ROWS: tl.constexpr, B: tl.constexpr, H: tl.constexpr):
@@ -53,9 +55,6 @@ def _fwht_kernel(x_ptr, y_ptr, rows, scale, B: tl.constexpr, LOG_B: tl.constexpr
 
 def _launch(x: torch.Tensor, b: int, reverse: bool) -> torch.Tensor:
     """x (contiguous, b | numel) -> fp32 of x's shape: the transform (or its backward) over rows of b."""
-    from qmamba.kernels.fake_quant import on_device_of
-    from qmamba.kernels.triton.w8a8_gemm import interpreting
-
     y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     rows = x.numel() // b
     if rows == 0:

@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qmamba.kernels.triton.launch import on_device_of
+
 from qmamba.quant.dual_scale import DualScale, check_dual_mask
 
 # every fp32 tl.dot: three TF32 tensor-core products per dot, ~fp32 accurate (see the top of this file)
@@ -421,41 +423,42 @@ def ssd_chunk_scan_int8_triton(qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C
     states = torch.empty(Bsz, nchunks, H, P, N, **f32)  # chunk states, then the states entering each chunk
     dummy = D_f  # any fp32 tensor for pointers a constexpr flag leaves unread
 
-    BLOCK_H = 16
-    _dt_cumsum_kernel[(Bsz * nchunks, triton.cdiv(H, BLOCK_H))](
-        qdt, dt_s, bias if bias is not None else dummy, A_f, dt_c, acum,
-        L, H, nchunks, T,
-        qdt.stride(0), qdt.stride(1), qdt.stride(2), s_dts,
-        HAS_DT_BIAS=bias is not None, DT_SOFTPLUS=bool(dt_softplus), BLOCK_T=_pow2(T, 1), BLOCK_H=BLOCK_H)
+    with on_device_of(qx):
+        BLOCK_H = 16
+        _dt_cumsum_kernel[(Bsz * nchunks, triton.cdiv(H, BLOCK_H))](
+            qdt, dt_s, bias if bias is not None else dummy, A_f, dt_c, acum,
+            L, H, nchunks, T,
+            qdt.stride(0), qdt.stride(1), qdt.stride(2), s_dts,
+            HAS_DT_BIAS=bias is not None, DT_SOFTPLUS=bool(dt_softplus), BLOCK_T=_pow2(T, 1), BLOCK_H=BLOCK_H)
 
-    BP, BN, BK = min(64, _pow2(P)), min(64, _pow2(N)), min(64, _pow2(T))
-    _chunk_state_kernel[(Bsz * nchunks * H, triton.cdiv(P, BP), triton.cdiv(N, BN))](
-        qx, x_s, x_o, x_m, qB, B_s, dt_c, acum, states,
-        L, H, P, N, nchunks, T, H // G,
-        *qx.stride(), s_xs, s_xo,
-        *s_m,
-        *qB.stride(), s_Bs,
-        X_ENC=X_ENC, KNEE=KNEE, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BK)
+        BP, BN, BK = min(64, _pow2(P)), min(64, _pow2(N)), min(64, _pow2(T))
+        _chunk_state_kernel[(Bsz * nchunks * H, triton.cdiv(P, BP), triton.cdiv(N, BN))](
+            qx, x_s, x_o, x_m, qB, B_s, dt_c, acum, states,
+            L, H, P, N, nchunks, T, H // G,
+            *qx.stride(), s_xs, s_xo,
+            *s_m,
+            *qB.stride(), s_Bs,
+            X_ENC=X_ENC, KNEE=KNEE, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BK)
 
-    init = initial_states if initial_states is not None else final
-    BLOCK = min(1024, _pow2(P * N))
-    _state_passing_kernel[(Bsz * H, triton.cdiv(P * N, BLOCK))](
-        states, acum, init, final,
-        H, N, P * N, nchunks, T,
-        *init.stride(),
-        HAS_INIT=initial_states is not None, BLOCK=BLOCK)
+        init = initial_states if initial_states is not None else final
+        BLOCK = min(1024, _pow2(P * N))
+        _state_passing_kernel[(Bsz * H, triton.cdiv(P * N, BLOCK))](
+            states, acum, init, final,
+            H, N, P * N, nchunks, T,
+            *init.stride(),
+            HAS_INIT=initial_states is not None, BLOCK=BLOCK)
 
-    BM, BK, BP = min(64, _pow2(T)), min(32, _pow2(T)), min(64, _pow2(P))
-    _chunk_scan_kernel[(Bsz * nchunks * H, triton.cdiv(T, BM), triton.cdiv(P, BP))](
-        qx, x_s, x_o, x_m, qB, B_s, qC, C_s, D_f, dt_c, acum, states, y,
-        L, H, P, N, nchunks, T, H // G,
-        *qx.stride(), s_xs, s_xo,
-        *s_m,
-        *qB.stride(), s_Bs,
-        *qC.stride(), s_Cs,
-        s_D_h, s_D_p,
-        *y.stride(),
-        HAS_D=D is not None, X_ENC=X_ENC, KNEE=KNEE, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=_pow2(N, 32))
+        BM, BK, BP = min(64, _pow2(T)), min(32, _pow2(T)), min(64, _pow2(P))
+        _chunk_scan_kernel[(Bsz * nchunks * H, triton.cdiv(T, BM), triton.cdiv(P, BP))](
+            qx, x_s, x_o, x_m, qB, B_s, qC, C_s, D_f, dt_c, acum, states, y,
+            L, H, P, N, nchunks, T, H // G,
+            *qx.stride(), s_xs, s_xo,
+            *s_m,
+            *qB.stride(), s_Bs,
+            *qC.stride(), s_Cs,
+            s_D_h, s_D_p,
+            *y.stride(),
+            HAS_D=D is not None, X_ENC=X_ENC, KNEE=KNEE, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=_pow2(N, 32))
     return (y, final) if return_final_states else y
 
 
@@ -491,17 +494,18 @@ def ssd_step_int8_triton(state, qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, 
     y = torch.empty(Bsz, H, P, dtype=out_dtype, device=device)
     # small P blocks: batch-1 decode still spreads over many programs
     BP = min(16, triton.next_power_of_2(P))
-    _step_kernel[(Bsz, H, triton.cdiv(P, BP))](
-        state, qx, x_s, x_o, x_m, qdt, dt_s, bias if bias is not None else D_f, A_f, qB, B_s, qC, C_s, D_f, y,
-        P, N, H // G,
-        *state.stride(),
-        *qx.stride(), s_xs, s_xo,
-        *s_m,
-        *qdt.stride(), s_dts,
-        *qB.stride(), s_Bs,
-        *qC.stride(), s_Cs,
-        s_D_h, s_D_p,
-        *y.stride(),
-        HAS_D=D is not None, HAS_DT_BIAS=bias is not None, DT_SOFTPLUS=bool(dt_softplus),
-        X_ENC=X_ENC, KNEE=KNEE, BLOCK_P=BP, BLOCK_N=triton.next_power_of_2(N))
+    with on_device_of(qx):
+        _step_kernel[(Bsz, H, triton.cdiv(P, BP))](
+            state, qx, x_s, x_o, x_m, qdt, dt_s, bias if bias is not None else D_f, A_f, qB, B_s, qC, C_s, D_f, y,
+            P, N, H // G,
+            *state.stride(),
+            *qx.stride(), s_xs, s_xo,
+            *s_m,
+            *qdt.stride(), s_dts,
+            *qB.stride(), s_Bs,
+            *qC.stride(), s_Cs,
+            s_D_h, s_D_p,
+            *y.stride(),
+            HAS_D=D is not None, HAS_DT_BIAS=bias is not None, DT_SOFTPLUS=bool(dt_softplus),
+            X_ENC=X_ENC, KNEE=KNEE, BLOCK_P=BP, BLOCK_N=triton.next_power_of_2(N))
     return y

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qmamba.kernels.triton.launch import interpreting, on_device_of
+
 # 1.5 * 2**23: for |v| <= 2**22, (v + C) - C is v rounded half-to-even in fp32 (rint), written out because
 # libdevice's rint has no interpreter twin; the two adds are never folded (no fast-math reassociation in Triton).
 _RINT_MAGIC = tl.constexpr(12582912.0)
@@ -193,11 +195,6 @@ _gemm_tuned = triton.autotune(configs=_triton_configs(), key=["M_BUCKET", "N", "
                               cache_results=True)(_gemm_fixed)
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels in its Python interpreter (``TRITON_INTERPRET=1``, read by Triton)."""
-    return bool(triton.knobs.runtime.interpret)
-
-
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -259,20 +256,21 @@ def w8a8_gemm(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: 
                  OUT_DTYPE=_TORCH_TO_TL[out_dtype], SPLIT_K=split_k, GROUP_M=GROUP_M)
     if config is None and (interpreting() or not x.is_cuda):
         config = INTERPRET_CONFIG
-    if config is None:
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
-        _gemm_tuned[grid](*args, **flags, enable_fp_fusion=False)
-    else:
-        bm, bn, bk, nw, ns = config
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split_k)
-        _gemm_fixed[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns,
-                          enable_fp_fusion=False)
-    if split_k > 1:
-        bm, bn = 32, 128
-        _split_k_epilogue_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-            part, out, x_scale, w_scale, bias if bias is not None else x_scale, out_scale if requant else x_scale,
-            M, N, out.stride(0), out.stride(1), W_PER_CHANNEL=w_per_channel, HAS_BIAS=bias is not None,
-            REQUANT=requant, OUT_DTYPE=_TORCH_TO_TL[out_dtype], SPLIT_K=split_k, BLOCK_M=bm, BLOCK_N=bn,
-            num_warps=4, enable_fp_fusion=False)
+    with on_device_of(x):
+        if config is None:
+            def grid(meta):
+                return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
+            _gemm_tuned[grid](*args, **flags, enable_fp_fusion=False)
+        else:
+            bm, bn, bk, nw, ns = config
+            grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split_k)
+            _gemm_fixed[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns,
+                              enable_fp_fusion=False)
+        if split_k > 1:
+            bm, bn = 32, 128
+            _split_k_epilogue_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+                part, out, x_scale, w_scale, bias if bias is not None else x_scale, out_scale if requant else x_scale,
+                M, N, out.stride(0), out.stride(1), W_PER_CHANNEL=w_per_channel, HAS_BIAS=bias is not None,
+                REQUANT=requant, OUT_DTYPE=_TORCH_TO_TL[out_dtype], SPLIT_K=split_k, BLOCK_M=bm, BLOCK_N=bn,
+                num_warps=4, enable_fp_fusion=False)
     return out
