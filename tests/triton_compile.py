@@ -109,7 +109,8 @@ def compile_launches(path: str, compiled: set | None = None) -> list[str]:
             compiled.add(key)
             triton.compile(src, target=GPUTarget(*TARGET), options=options)
         except Exception as e:  # the compiler's message is the finding: report it, with the launch that hit it
-            consts = {k: v[1] for k, v in launch["args"].items() if k.isupper() and len(v) > 1}  # the constexprs
+            # the upper-case arguments: this project's constexprs (the launch's fn may be what failed to load)
+            consts = {k: v[1] for k, v in launch["args"].items() if k.isupper() and len(v) > 1}
             message = str(e).strip().splitlines()
             failures.append(f"{launch['module']}.{launch['kernel']} {consts}: {type(e).__name__}: "
                             + " | ".join(message[-6:]))

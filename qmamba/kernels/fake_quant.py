@@ -83,7 +83,6 @@ class FusedFakeQuantize(torch.autograd.Function):
         import triton
 
         from qmamba.kernels.triton.fake_quant import _fake_quant_fwd_kernel
-
         from qmamba.kernels.triton.launch import on_device_of
 
         qmin, qmax = qrange(bits)
@@ -107,7 +106,6 @@ class FusedFakeQuantize(torch.autograd.Function):
         import triton
 
         from qmamba.kernels.triton.fake_quant import _lsq_bwd_kernel, _ste_bwd_kernel
-
         from qmamba.kernels.triton.launch import on_device_of
 
         qmin, qmax = ctx.qrange
@@ -147,7 +145,6 @@ class FusedDualFakeQuantize(torch.autograd.Function):
         import triton
 
         from qmamba.kernels.triton.fake_quant import _dual_fake_quant_fwd_kernel
-
         from qmamba.kernels.triton.launch import on_device_of
 
         inner, ns = scale_layout(x, s_in)
@@ -168,7 +165,6 @@ class FusedDualFakeQuantize(torch.autograd.Function):
         import triton
 
         from qmamba.kernels.triton.fake_quant import _ste_bwd_kernel
-
         from qmamba.kernels.triton.launch import on_device_of
 
         (inside,) = ctx.saved_tensors

@@ -5,10 +5,11 @@ references of ``qmamba.ops.int8_ssd``, at the shapes of mamba2-130m (24 heads) a
 Batch 8 x 2048 at 80 heads is kept: its fp32 reference peaks at a few GB (the (b, h, chunks, 256, 256) decay tiles).
 
 Tolerances (max |kernel - reference| over max |reference|, outputs y and fp32 states):
-    GPU_RTOL = 1e-4   fp32 output. Both sides compute in fp32 (the reference with TF32 off, the kernels with exact int8 dots and
-                      tf32x3 fp32 dots); they differ by summation order (256-step chunks, d_state 128, up to 8 chunks of state
-                      passing), by decays formed as differences of cumulative log-decays (|a_cum| ~ 100 in a chunk:
-                      ~1e-5 relative) and by Triton's approximate exp / log (ex2.approx / lg2.approx). Expect ~1e-6.
+    GPU_RTOL = 1e-4   fp32 output. Both sides compute in fp32 (the reference with TF32 off, the kernels with exact
+                      int8 dots and tf32x3 fp32 dots); they differ by summation order (256-step chunks, d_state 128,
+                      up to 8 chunks of state passing), by decays formed as differences of cumulative log-decays
+                      (|a_cum| ~ 100 in a chunk: ~1e-5 relative) and by Triton's approximate exp / log (ex2.approx /
+                      lg2.approx). Expect ~1e-6.
     BF16_RTOL = 1e-2  bf16 output: one bf16 rounding (<= 2**-8 of an element) on top.
 Decode steps are also checked under CUDA-graph capture (bit-identical to eager), and the dispatchers against the
 kernels (bit-identical: the kernels are deterministic, no atomics).

@@ -42,7 +42,6 @@ import triton
 import triton.language as tl
 
 from qmamba.kernels.triton.launch import on_device_of
-
 from qmamba.quant.dual_scale import DualScale, check_dual_mask
 
 # every fp32 tl.dot: three TF32 tensor-core products per dot, ~fp32 accurate (see the top of this file)
