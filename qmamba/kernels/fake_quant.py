@@ -14,6 +14,7 @@ them.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -22,9 +23,10 @@ from qmamba.quant.numerics import lsq_backward, qrange
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def scale_layout(x: torch.Tensor, scale: torch.Tensor) -> tuple[int, int] | None:
+def scale_layout(x: torch.Tensor, scale: torch.Tensor, order: tuple[int, ...] | None = None) -> tuple[int, int] | None:
     """(INNER, NS) of a scale that broadcasts against x: the kernels read element i's scale at (i // INNER) % NS of
-    x's contiguous layout. (1, 1) per-tensor; None when the scale varies along more than one axis."""
+    x's elements in ``order`` (its dims outermost first; default: as they are, the contiguous layout). (1, 1)
+    per-tensor; None when the scale varies along more than one axis."""
     if scale.numel() == 1:
         return 1, 1
     if scale.ndim > x.ndim:
@@ -34,7 +36,84 @@ def scale_layout(x: torch.Tensor, scale: torch.Tensor) -> tuple[int, int] | None
     if len(axes) != 1 or shape[axes[0]] != x.shape[axes[0]]:
         return None
     a = axes[0]
-    return math.prod(x.shape[a + 1:]), shape[a]
+    order = tuple(range(x.ndim)) if order is None else order
+    return math.prod(x.shape[d] for d in order[order.index(a) + 1:]), shape[a]
+
+
+class Layout(NamedTuple):
+    """How the kernels walk a tensor without copying it: its dims in memory order (outermost first), and element i
+    of that order at (i // cols) * row_stride + i % cols (rows of ``cols`` contiguous elements)."""
+
+    order: tuple[int, ...]
+    cols: int
+    row_stride: int
+
+    @property
+    def strided(self) -> bool:
+        return self.row_stride != self.cols
+
+
+def _row_stride(t: torch.Tensor, order: tuple[int, ...], cols: int) -> int | None:
+    """t's row stride when its elements in ``order`` are rows of ``cols`` contiguous elements at one stride, else
+    None."""
+    dims = [(t.shape[d], t.stride(d)) for d in order if t.shape[d] != 1]
+    inner, i = 1, len(dims) - 1
+    while i >= 0 and inner < cols:
+        if dims[i][1] != inner:
+            return None
+        inner *= dims[i][0]
+        i -= 1
+    if inner != cols:
+        return None
+    if i < 0:
+        return cols
+    row_stride = span = dims[i][1]
+    while i >= 0:
+        if dims[i][1] != span:
+            return None
+        span *= dims[i][0]
+        i -= 1
+    return row_stride if row_stride >= cols else None
+
+
+def memory_layout(x: torch.Tensor) -> Layout | None:
+    """x's ``Layout``: dims by decreasing stride (size-1 dims first: they move no address), the longest contiguous
+    run of inner dims as the columns. A contiguous x is one row; a slice of the last dim of a contiguous tensor (the
+    halves of in_proj's output), and any transpose of it, are rows with a gap. None where the kernels cannot walk x
+    (overlapping or irregular strides): copy it first."""
+    order = tuple(sorted(range(x.ndim), key=lambda d: (x.shape[d] != 1, -x.stride(d), d)))
+    dims = [(x.shape[d], x.stride(d)) for d in order if x.shape[d] != 1]
+    if not dims:
+        return Layout(order, max(x.numel(), 1), max(x.numel(), 1))
+    if dims[-1][1] != 1:  # no contiguous run (a column of a matrix): rows of one element
+        row_stride = _row_stride(x, order, 1)
+        return None if row_stride is None else Layout(order, 1, row_stride)
+    cols, i = dims[-1][0], len(dims) - 2
+    while i >= 0 and dims[i][1] == cols:
+        cols *= dims[i][0]
+        i -= 1
+    row_stride = _row_stride(x, order, cols)
+    return None if row_stride is None else Layout(order, cols, row_stride)
+
+
+def walkable(t: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, int]:
+    """(t, its row stride) in ``layout`` (t has the shape of the tensor the layout is of); a copy of t dense in the
+    layout's order when t's own strides do not fit it (a gradient in another layout)."""
+    rs = _row_stride(t, layout.order, layout.cols)
+    if rs is not None:
+        return t, rs
+    return dense_in(t.shape, layout.order, t.dtype, t.device).copy_(t), layout.cols
+
+
+def dense_in(shape, order: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """An empty tensor of ``shape`` whose elements lie densely in ``order`` (the layout torch's elementwise ops give
+    their output for an input in that order)."""
+    if all(shape[d] == 1 or d == i for i, d in enumerate(order)):  # dims in their own order: contiguous
+        return torch.empty(shape, dtype=dtype, device=device)
+    inverse = [0] * len(order)
+    for i, d in enumerate(order):
+        inverse[d] = i
+    return torch.empty([shape[d] for d in order], dtype=dtype, device=device).permute(inverse)
 
 
 def unsupported(x: torch.Tensor, *scales: torch.Tensor) -> str | None:
@@ -68,15 +147,29 @@ def _block() -> int:
 
 
 def _forward_buffers(x: torch.Tensor, keep_inside: bool):
-    """(x contiguous, out like it, the STE's int8 flags or a stand-in pointer when none are kept, numel, block)."""
-    xc = x.contiguous()
-    out = torch.empty_like(xc)
-    inside = torch.empty(xc.shape, dtype=torch.int8, device=x.device) if keep_inside else out
-    return xc, out, inside, xc.numel(), _block()
+    """(x, or a contiguous copy where the kernels cannot walk it; its Layout; out dense in that layout's order (x's
+    shape); the STE's int8 flags likewise, or a stand-in pointer when none are kept; numel; block)."""
+    layout = memory_layout(x)
+    if layout is None:
+        x = x.contiguous()
+        layout = memory_layout(x)
+    out = dense_in(x.shape, layout.order, x.dtype, x.device)
+    inside = dense_in(x.shape, layout.order, torch.int8, x.device) if keep_inside else out
+    return x, layout, out, inside, x.numel(), _block()
+
+
+def _fp32_flat(scale: torch.Tensor) -> torch.Tensor:
+    """The scale as the kernels read it (contiguous fp32, any shape): the tensor itself when it already is one (a
+    Triton launch reads the data pointer; no op is dispatched), else a converted copy."""
+    if scale.dtype == torch.float32 and scale.is_contiguous():
+        return scale
+    return scale.detach().float().contiguous()
 
 
 class FusedFakeQuantize(torch.autograd.Function):
-    """``numerics._FakeQuantize`` through the Triton kernels (the caller checked ``unsupported(x, scale)``)."""
+    """``numerics._FakeQuantize`` through the Triton kernels (the caller checked ``unsupported(x, scale)``). x is read
+    where it lies (``memory_layout``); the output and gradient are dense in x's memory order, as torch's elementwise
+    ops make them."""
 
     @staticmethod
     def forward(ctx, x, scale, bits):
@@ -86,54 +179,118 @@ class FusedFakeQuantize(torch.autograd.Function):
         from qmamba.kernels.triton.launch import on_device_of
 
         qmin, qmax = qrange(bits)
-        inner, ns = scale_layout(x, scale)
-        s32 = scale.detach().float().reshape(-1).contiguous()
+        s32 = _fp32_flat(scale)
         learn = ctx.needs_input_grad[1]
         keep_inside = not learn and ctx.needs_input_grad[0]  # the STE's flags, only when a gradient will want them
-        xc, out, inside, n, block = _forward_buffers(x, keep_inside)
+        x, layout, out, inside, n, block = _forward_buffers(x, keep_inside)
+        inner, ns = scale_layout(x, scale, layout.order)
         if n:
             with on_device_of(x):
                 _fake_quant_fwd_kernel[(triton.cdiv(n, block),)](
-                    xc, s32, out, inside, n, inner, ns, PER_TENSOR=ns == 1, QMIN=qmin, QMAX=qmax,
-                    WRITE_INSIDE=keep_inside, OUT_BF16=x.dtype == torch.bfloat16, BLOCK_SIZE=block,
-                    enable_fp_fusion=False)
-        ctx.qrange, ctx.x_dtype, ctx.scale_shape, ctx.per_tensor = (qmin, qmax), x.dtype, scale.shape, ns == 1
-        ctx.save_for_backward(*((xc, scale) if learn else (inside,) if keep_inside else ()))
-        return out.view(x.shape)
+                    x, s32, out, inside, n, inner, ns, layout.cols, layout.row_stride, PER_TENSOR=ns == 1,
+                    QMIN=qmin, QMAX=qmax, STRIDED=layout.strided, WRITE_INSIDE=keep_inside,
+                    OUT_BF16=x.dtype == torch.bfloat16, BLOCK_SIZE=block, enable_fp_fusion=False)
+        ctx.qrange, ctx.x_dtype, ctx.per_tensor, ctx.layout = (qmin, qmax), x.dtype, ns == 1, layout
+        ctx.save_for_backward(*((x, scale) if learn else (inside,) if keep_inside else ()))
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         import triton
 
-        from qmamba.kernels.triton.fake_quant import _lsq_bwd_kernel, _ste_bwd_kernel
+        from qmamba.kernels.triton.fake_quant import _lsq_bwd_kernel
         from qmamba.kernels.triton.launch import on_device_of
 
+        g = grad_out if grad_out.dtype == ctx.x_dtype else grad_out.to(ctx.x_dtype)
+        if not ctx.needs_input_grad[1]:
+            return (_ste_backward(ctx, g) if ctx.needs_input_grad[0] else None), None, None
         qmin, qmax = ctx.qrange
-        g = grad_out.to(ctx.x_dtype).contiguous()
-        n, block = g.numel(), _block()
-        grid = (triton.cdiv(n, block),) if n else None
-        grad_x = grad_scale = None
-        if ctx.needs_input_grad[1]:
-            x, scale = ctx.saved_tensors
-            if not ctx.per_tensor:  # learned per-channel scale: the reference backward
-                return (*lsq_backward(x, scale, g, qmin, qmax, ctx.needs_input_grad[0], ctx.x_dtype), None)
-            want_x = ctx.needs_input_grad[0]
-            grad_x = torch.empty_like(g) if want_x else None
-            part = torch.zeros(max(grid[0], 1) if grid else 1, dtype=torch.float32, device=g.device)
-            if n:
-                with on_device_of(g):
-                    _lsq_bwd_kernel[grid](x, scale.detach().float().reshape(-1), g, grad_x if want_x else g, part, n,
-                                          QMIN=qmin, QMAX=qmax, WRITE_GX=want_x, BLOCK_SIZE=block,
-                                          enable_fp_fusion=False)
-            lsq_gain = 1.0 / math.sqrt(n / max(scale.numel(), 1) * qmax) if n else 0.0
-            grad_scale = (part.sum() * lsq_gain).to(scale.dtype).reshape(ctx.scale_shape)
-        elif ctx.needs_input_grad[0]:
-            (inside,) = ctx.saved_tensors
-            grad_x = torch.empty_like(g)
-            if n:
-                with on_device_of(g):
-                    _ste_bwd_kernel[grid](g, inside, grad_x, n, BLOCK_SIZE=block)
-        return grad_x, grad_scale, None
+        x, scale = ctx.saved_tensors
+        if not ctx.per_tensor:  # learned per-channel scale: the reference backward
+            return (*lsq_backward(x, scale, g, qmin, qmax, ctx.needs_input_grad[0], ctx.x_dtype), None)
+        n, block, layout = g.numel(), _block(), ctx.layout
+        if not n:
+            return (torch.zeros_like(g) if ctx.needs_input_grad[0] else None), torch.zeros_like(scale), None
+        want_x = ctx.needs_input_grad[0]
+        g, g_rs = walkable(g, layout)
+        grad_x = dense_in(g.shape, layout.order, g.dtype, g.device) if want_x else None
+        grid = (triton.cdiv(n, block),)
+        # every program writes its slot (no zero fill); each partial sum is already times the LSQ gain
+        part = torch.empty(grid[0], dtype=torch.float32, device=g.device)
+        with on_device_of(g):
+            _lsq_bwd_kernel[grid](x, _fp32_flat(scale), g, grad_x if want_x else g, part, n,
+                                  1.0 / math.sqrt(n / scale.numel() * qmax), layout.cols, layout.row_stride, g_rs,
+                                  QMIN=qmin, QMAX=qmax, STRIDED=layout.strided or g_rs != layout.cols,
+                                  WRITE_GX=want_x, BLOCK_SIZE=block, enable_fp_fusion=False)
+        grad_scale = part.sum() if grid[0] > 1 else part.view(())
+        if grad_scale.dtype != scale.dtype:
+            grad_scale = grad_scale.to(scale.dtype)
+        return grad_x, (grad_scale if scale.ndim == 0 else grad_scale.view(scale.shape)), None
+
+
+def absmax_rows(x: torch.Tensor, granularity) -> int | None:
+    """The row length K when ``granularity`` gives x one absmax scale per row of K contiguous elements (per-channel
+    along axis 0 of a contiguous x: a weight's output channels), else None."""
+    from qmamba.quant.granularity import PerChannel
+
+    if not isinstance(granularity, PerChannel) or x.ndim == 0 or granularity.axis % x.ndim != 0:
+        return None
+    if not x.is_contiguous() or x.dtype not in FLOAT_DTYPES or x.shape[0] == 0:
+        return None
+    return x.numel() // x.shape[0]
+
+
+class FusedAbsmaxFakeQuantize(torch.autograd.Function):
+    """``fake_quantize(x, scale_from_absmax(absmax per row of x), bits)`` in one kernel (the scale is made in it, not
+    by ~10 torch ops before it), the STE backward; x (N, ...) contiguous, one scale per index of axis 0 (the caller
+    checked ``absmax_rows``). The scale is not differentiated (made from x.detach(), as in ``QuantPoint``)."""
+
+    @staticmethod
+    def forward(ctx, x, bits, eps):
+        import triton
+
+        from qmamba.kernels.triton.fake_quant import _absmax_fake_quant_fwd_kernel
+        from qmamba.kernels.triton.launch import on_device_of
+
+        qmin, qmax = qrange(bits)
+        keep_inside = ctx.needs_input_grad[0]
+        xc, ctx.layout, out, inside, n, _ = _forward_buffers(x, keep_inside)  # x contiguous: its layout is one row
+        rows = x.shape[0]
+        k = n // rows
+        block = min(triton.next_power_of_2(k), _block())
+        if n:
+            with on_device_of(x):
+                _absmax_fake_quant_fwd_kernel[(rows,)](
+                    xc, out, inside, k, EPS=eps, QMIN=qmin, QMAX=qmax, WRITE_INSIDE=keep_inside,
+                    OUT_BF16=x.dtype == torch.bfloat16, BLOCK_K=block, num_warps=max(1, min(4, block // 256)),
+                    enable_fp_fusion=False)
+        ctx.save_for_backward(*((inside,) if keep_inside else ()))
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        g = grad_out if grad_out.dtype == ctx.x_dtype else grad_out.to(ctx.x_dtype)
+        return _ste_backward(ctx, g), None, None
+
+
+def _ste_backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+    """grad where the saved ``inside`` flags are set, else 0: one kernel."""
+    import triton
+
+    from qmamba.kernels.triton.fake_quant import _ste_bwd_kernel
+    from qmamba.kernels.triton.launch import on_device_of
+
+    (inside,) = ctx.saved_tensors
+    layout = ctx.layout
+    g, g_rs = walkable(grad_out, layout)
+    grad_x = dense_in(g.shape, layout.order, g.dtype, g.device)  # the flags' layout
+    n, block = g.numel(), _block()
+    if n:
+        with on_device_of(g):
+            _ste_bwd_kernel[(triton.cdiv(n, block),)](g, inside, grad_x, n, layout.cols, g_rs,
+                                                      STRIDED=g_rs != layout.cols, BLOCK_SIZE=block)
+    return grad_x
 
 
 class FusedDualFakeQuantize(torch.autograd.Function):
@@ -147,31 +304,19 @@ class FusedDualFakeQuantize(torch.autograd.Function):
         from qmamba.kernels.triton.fake_quant import _dual_fake_quant_fwd_kernel
         from qmamba.kernels.triton.launch import on_device_of
 
-        inner, ns = scale_layout(x, s_in)
         keep_inside = ctx.needs_input_grad[0]
-        xc, out, inside, n, block = _forward_buffers(x, keep_inside)
+        x, ctx.layout, out, inside, n, block = _forward_buffers(x, keep_inside)
+        inner, ns = scale_layout(x, s_in, ctx.layout.order)
         if n:
             with on_device_of(x):
                 _dual_fake_quant_fwd_kernel[(triton.cdiv(n, block),)](
-                    xc, s_in.detach().float().reshape(-1).contiguous(), s_out.detach().float().reshape(-1).contiguous(),
-                    out, inside, n, inner, ns, PER_TENSOR=ns == 1, PIECEWISE=encoding == "piecewise",
-                    KNEE=float(knee), WRITE_INSIDE=keep_inside, OUT_BF16=x.dtype == torch.bfloat16, BLOCK_SIZE=block,
-                    enable_fp_fusion=False)
+                    x, _fp32_flat(s_in), _fp32_flat(s_out), out, inside, n, inner, ns, ctx.layout.cols,
+                    ctx.layout.row_stride, PER_TENSOR=ns == 1, PIECEWISE=encoding == "piecewise", KNEE=float(knee),
+                    STRIDED=ctx.layout.strided, WRITE_INSIDE=keep_inside, OUT_BF16=x.dtype == torch.bfloat16,
+                    BLOCK_SIZE=block, enable_fp_fusion=False)
         ctx.save_for_backward(*((inside,) if keep_inside else ()))
-        return out.view(x.shape)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        import triton
-
-        from qmamba.kernels.triton.fake_quant import _ste_bwd_kernel
-        from qmamba.kernels.triton.launch import on_device_of
-
-        (inside,) = ctx.saved_tensors
-        g = grad_out.contiguous()
-        grad_x = torch.empty_like(g)
-        n, block = g.numel(), _block()
-        if n:
-            with on_device_of(g):
-                _ste_bwd_kernel[(triton.cdiv(n, block),)](g, inside, grad_x, n, BLOCK_SIZE=block)
-        return grad_x, None, None, None, None
+        return _ste_backward(ctx, grad_out), None, None, None, None

@@ -17,7 +17,7 @@ from torch import nn
 
 from qmamba.ops.int8_quantize import quantize_int8
 from qmamba.quant.dual_scale import dual_dequantize, dual_fake_quantize, dual_quantize, unpack_mask
-from qmamba.quant.numerics import dequantize, fake_quantize, quantize, scale_from_absmax
+from qmamba.quant.numerics import dequantize, fake_quantize, fake_quantize_absmax, quantize, scale_from_absmax
 from qmamba.quant.observers import DualScaleObserver, make_observer
 from qmamba.quant.recipe import QuantSpec
 
@@ -156,7 +156,11 @@ class QuantPoint(nn.Module):
             return x
         if self.dual is not None:
             return self._dual_fake(x, backend)
-        scale = self.scale_for(x)
+        if self.is_weight and not self.recording and self.forced is None and not self.is_ready():
+            # the weight's own absmax scale, made inside the fused kernel on a GPU (scale_for's ops otherwise)
+            return fake_quantize_absmax(x, self.spec.granularity, self.spec.bits, backend)
+        # a per-tensor scale (0-d) broadcasts as it is: no reshape of a learned scale for autograd to undo
+        scale = self.scale if self.scale.ndim == 0 and self.is_ready() else self.scale_for(x)
         if self.recording:
             self.recorded = quantize(x.detach(), scale.detach(), self.spec.bits)
         if self.forced is not None:  # teacher forcing: downstream ops see the int8 run's codes, not ours

@@ -157,6 +157,24 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int = 8, b
     return _FakeQuantize.apply(x, scale, bits)
 
 
+def fake_quantize_absmax(x: torch.Tensor, granularity, bits: int = 8, backend: str = "torch",
+                         eps: float = 1e-8) -> torch.Tensor:
+    """A weight's fake-quant in its own absmax scale: ``fake_quantize(x, s, bits)`` with
+    ``s = scale_from_absmax(granularity.absmax(x.detach()), bits, eps)`` broadcast against x (STE gradient to x, none
+    to s). ``backend`` as in ``fake_quantize``; ``"auto"`` / ``"cuda"`` make s inside one fused kernel
+    (``qmamba.kernels.fake_quant.FusedAbsmaxFakeQuantize``) when x is on a GPU and s is one per row of a contiguous x
+    (per-channel along axis 0: a weight's output channels), instead of ~10 torch ops before the fake-quant kernel.
+    The same values either way."""
+    qrange(bits)
+    if use_fused_fake_quant(backend, x, "fake_quantize_absmax", lambda: None):
+        from qmamba.kernels.fake_quant import FusedAbsmaxFakeQuantize, absmax_rows
+
+        if absmax_rows(x, granularity) is not None:
+            return FusedAbsmaxFakeQuantize.apply(x, bits, float(eps))
+    scale = granularity.broadcast(scale_from_absmax(granularity.absmax(x.detach()), bits, eps), x.dim())
+    return fake_quantize(x, scale, bits, backend)
+
+
 def _unsupported(x: torch.Tensor, *scales: torch.Tensor) -> str | None:
     from qmamba.kernels.fake_quant import unsupported
 

@@ -204,6 +204,88 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     n += 1
     if not same(FusedDualFakeQuantize.apply(x, s, s, "mask", 112), _FakeQuantize.apply(x, s, 8)):
         failures.append(("control",))
+    # x read where it lies (no copy): a slice of the last dim (in_proj's halves), its transpose (conv1d's (B, D, L)),
+    # a transposed contiguous tensor, a middle slice; per-tensor (learned or not) and per-channel scales; the
+    # gradient arriving contiguous, in x's layout, or transposed otherwise. Values, gradients and the output's
+    # layout (dense in x's memory order, as torch's elementwise ops make it) as the reference's
+    from qmamba.kernels.fake_quant import memory_layout
+
+    def same_layout(a, b):  # the strides of every dim that moves an address (a size-1 dim's stride is arbitrary)
+        return all(sa == sb for sa, sb, d in zip(a.stride(), b.stride(), a.shape) if d != 1)
+
+    base = torch.randn(2, 9, 40, generator=torch.Generator().manual_seed(7)) * 0.4
+    views = {"slice": lambda t: t[..., :24], "slice_t": lambda t: t[..., 8:32].transpose(1, 2),
+             "t": lambda t: t.transpose(0, 2), "mid": lambda t: t[:, 2:7], "column": lambda t: t[:, :, 3:4]}
+    for (name, view), dtype, mode, gl in itertools.product(views.items(), [torch.float32, torch.bfloat16],
+                                                           ["tensor", "learn", "channel"], ["contig", "same", "t"]):
+        xb = base.to(dtype)
+        xv = view(xb)
+        assert memory_layout(xv) is not None and not xv.is_contiguous(), name
+        scale = torch.tensor(0.01) if mode != "channel" else \
+            (torch.rand(xv.shape[-1], generator=torch.Generator().manual_seed(1)) * 0.01 + 0.005).reshape(1, 1, -1)
+        res = []
+        for fn in (_FakeQuantize.apply, FusedFakeQuantize.apply):
+            xg = xb.clone().requires_grad_()
+            sg = scale.clone().requires_grad_(mode == "learn")
+            y = fn(view(xg), sg, 8)
+            go = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+            if gl == "same":
+                go = torch.empty_like(y).copy_(go)
+            elif gl == "t":
+                go = go.transpose(0, 1).contiguous().transpose(0, 1)
+            y.backward(go)
+            res.append((y, xg.grad, sg.grad))
+        n += 1
+        (yr, gr, sr_), (yf, gf, sf) = res
+        if not (same(yr, yf) and same_layout(yr, yf)):
+            failures.append(("strided forward", name, str(dtype), mode, gl, yr.stride(), yf.stride()))
+        elif not same(gr, gf):
+            failures.append(("strided grad_x", name, str(dtype), mode, gl))
+        elif mode == "learn" and not abs(float(sr_) - float(sf)) <= 1e-6 * max(1.0, abs(float(sr_))):
+            failures.append(("strided grad_scale", name, str(dtype), gl, float(sr_), float(sf)))
+    for (name, view), enc in itertools.product(views.items(), ["mask", "piecewise"]):
+        res = []
+        for fn in (_DualFakeQuantize.apply, FusedDualFakeQuantize.apply):
+            xg = (base * 3).clone().requires_grad_()
+            y = fn(view(xg), torch.tensor(0.005), torch.tensor(0.03), enc, 112)
+            y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)))
+            res.append((y, xg.grad))
+        n += 1
+        if not (same(res[0][0], res[1][0]) and same_layout(res[0][0], res[1][0]) and same(res[0][1], res[1][1])):
+            failures.append(("strided dual", name, enc))
+
+    # a weight's fake-quant in its own per-row absmax scale, the scale made inside the kernel: rows shorter than a
+    # block, several blocks with a tail, conv1d's (C, 1, W); an all-zero row (the eps floor), a NaN row, inf, -0
+    from qmamba.kernels.fake_quant import FusedAbsmaxFakeQuantize, absmax_rows
+    from qmamba.quant.granularity import PerChannel
+    from qmamba.quant.numerics import scale_from_absmax
+    per_row = PerChannel(axis=0)
+    for xs, dtype, bits in itertools.product([(5, 30), (5, 150), (6, 1, 4)],
+                                             [torch.float32, torch.float16, torch.bfloat16], [8, 4]):
+        g = torch.Generator().manual_seed(n)
+        x = torch.randn(xs, generator=g) * 0.05
+        rows = x.view(xs[0], -1)
+        rows[1] = 0.0
+        rows[2, 0], rows[2, 1] = -0.0, rows[2, 1] * 40  # one large element: every other code small
+        if dtype == torch.float32:
+            rows[3, 1] = float("nan")
+            rows[4, 2] = float("inf")
+        x = x.to(dtype)
+        assert absmax_rows(x, per_row) == x.numel() // xs[0]
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        scale = per_row.broadcast(scale_from_absmax(per_row.absmax(x.detach()), bits), x.dim())
+        yr = _FakeQuantize.apply(xr, scale, bits)
+        yf = FusedAbsmaxFakeQuantize.apply(xf, bits, 1e-8)
+        n += 1
+        if not same(yr, yf):
+            bad = (~((yr.float() == yf.float()) | (yr.isnan() & yf.isnan()))).nonzero()[:3].tolist()
+            failures.append(("absmax forward", xs, str(dtype), bits, bad))
+            continue
+        go = torch.randn(xs, generator=g).to(dtype)
+        yr.backward(go)
+        yf.backward(go)
+        if not same(xr.grad, xf.grad):
+            failures.append(("absmax grad_x", xs, str(dtype), bits))
     print("cases", n, "failures", failures)
     assert not failures, failures
 """)
