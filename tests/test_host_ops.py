@@ -1,0 +1,41 @@
+"""benchmarks/host_ops.py on CPU: the host work the fused fake-quant path adds to a training step, counted with its
+Triton launches dry (see that file). A regression guard on counts, not times: before the absmax-in-kernel weights,
+strided inputs and the leaner LSQ backward, the QAT step of these models added ~37 aten ops per quantization point;
+now under 10."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import host_ops  # noqa: E402
+
+
+@pytest.mark.parametrize("preset_name", ["tiny", "tiny-mamba2"])
+def test_fakequant_step_adds_few_host_ops(preset_name):
+    r = host_ops.count(preset_name, "qat_w8a8", device="cpu")
+    assert r["dry"] and r["points"] > 0
+    added = sum(r["fakequant"].values()) - sum(r["fp"].values())
+    assert 0 < added <= 12 * r["points"], (added, r["points"])
+    # one launch forward and one backward a point (a weight's scale made in its kernel), plus the Hadamard
+    # rotations of out_proj's input and weight, each way
+    launches = r["launches"]
+    assert launches["_absmax_fake_quant_fwd_kernel"] > 0
+    assert sum(launches.values()) <= 2 * r["points"] + launches["_fwht_kernel"]
+    # no contiguous copy of an activation before its fake-quant: the kernels read it where it lies
+    assert r["fakequant"]["aten::clone"] - r["fp"].get("aten::clone", 0) <= 2
+
+
+def test_dry_path_restores_everything():
+    import collections
+
+    import qmamba.kernels.triton.fake_quant as tfq
+    import qmamba.ops.backend as backend
+    from qmamba.quant import numerics
+
+    before = (backend.use_triton, numerics._cheap_check, tfq._fake_quant_fwd_kernel)
+    with host_ops.dry_fused_path(collections.Counter()):
+        assert backend.use_triton is not before[0]
+    assert (backend.use_triton, numerics._cheap_check, tfq._fake_quant_fwd_kernel) == before
