@@ -70,6 +70,34 @@ def test_fused_fake_quant_equals_torch(x_shape, s_shape, dtype, learn):
             assert abs(float(grads[0][1]) - float(grads[1][1])) <= _bound(x, scale, go, 8)
 
 
+@pytest.mark.parametrize("view", ["half", "half_t", "t"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("learn", [False, True])
+def test_fused_fake_quant_reads_strided_x(view, dtype, learn):
+    """x read where it lies (in_proj's half of (8, 1024, 2 * 5120), its (B, D, L) transpose, a transposed
+    contiguous tensor): values, STE gradient and the output layout as the torch ops'; a learned scale's gradient within
+    the summation-order bound. The gradient arrives contiguous (another layout than x's for the transposes)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    base = (torch.randn(8, 1024, 10240, device="cuda", generator=g) * 3.0).to(dtype)
+    pick = {"half": lambda t: t[..., :5120], "half_t": lambda t: t[..., 5120:].transpose(1, 2),
+            "t": lambda t: t[:, :, :64].contiguous().transpose(0, 2)}[view]
+    scale = torch.tensor(0.03, device="cuda")
+    outs = []
+    for backend in ("torch", "cuda"):
+        xb = base.clone().requires_grad_()
+        si = scale.clone().requires_grad_(learn)
+        y = fake_quantize(pick(xb), si, 8, backend=backend)
+        go = torch.randn(y.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)).to(dtype)
+        y.backward(go)
+        outs.append((y, xb.grad, si.grad, go))
+    (yr, gr, sr_, go), (yf, gf, sf, _) = outs
+    assert _bits_equal(yr, yf)
+    assert all(a == b for a, b, d in zip(yr.stride(), yf.stride(), yr.shape) if d != 1)
+    assert _bits_equal(gr, gf)
+    if learn:
+        assert abs(float(sr_) - float(sf)) <= _bound(pick(base), scale, go, 8)
+
+
 @pytest.mark.parametrize("w_shape", [(10240, 2560), (2560, 5120), (192, 5120), (5120, 160), (5120, 1, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_absmax_fake_quant_equals_torch(w_shape, dtype):
