@@ -187,6 +187,10 @@ def measure(engine, cfg, args, bandwidth: float) -> dict:
         ttft = cuda_time_ms(one_prefill, reps=args.reps)
         if args.profile:
             print_profile(one_prefill, f"{cfg_name(cfg)} / {engine.__name__}: one prefill", args.profile)
+        if args.profile_decode:
+            steps = lambda: [step() for _ in range(10)]  # noqa: E731
+            print_profile(steps, f"{cfg_name(cfg)} / {engine.__name__}: 10 decode steps, not graphed (Calls / 10 = "
+                          "launches a step)", args.profile_decode)
         graph = capture(step)
         tpot = cuda_time_ms(graph.replay, reps=args.reps, inner=args.replays)
     peak = torch.cuda.max_memory_allocated() - base
@@ -204,6 +208,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--replays", type=int, default=50, help="graph replays per timed batch (TPOT)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--profile-decode", type=int, default=0, metavar="ROWS",
+                    help="also print torch.profiler's ROWS costliest ops of 10 decode steps per engine (not timed)")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="also print torch.profiler's ROWS costliest ops of one prefill per engine (not timed)")
     args = ap.parse_args()
