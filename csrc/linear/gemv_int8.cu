@@ -5,6 +5,10 @@
 //   acc[m, n] = sum_k x[m, k] w[n, k]                              int32, exact
 //   out[m, n] = float(acc) * (x_scale * w_scale[n]) (+ bias[n])     fp32, every op rounded (no FMA contraction)
 //   y = out rounded to out_dtype; with out_scale: q = clamp(rint(y * (1 / out_scale[n])), -128, 127)
+//   out_scale: one scale per column (N), or one per segment of columns (up to kMaxSegments one-element tensors and
+//   the first column of each segment after the first, out_bounds): a layer whose output columns feed several
+//   consumers (in_proj -> conv1d and the scan's z, x_proj -> dt_proj and the scan's B and C) emits each consumer's
+//   codes in its own scale, with no per-column scale tensor to build at every call
 // = qmamba.ops.int8_linear.w8a8_linear_ref, bit for bit.
 //
 // Memory bound: the weight is read exactly once, with 16-byte streaming loads. A block owns kRows output rows; its
@@ -15,12 +19,29 @@
 
 #include <cuda_runtime.h>
 
+#include <climits>
+
 namespace qmamba {
 namespace {
 
 constexpr int kRows = 4;      // output rows (weight rows) per block
 constexpr int kMaxWarps = 8;  // warps per block splitting K
 constexpr int kMaxM = 8;      // rows of x: one-token decoding of up to 8 sequences
+constexpr int kMaxSegments = 4;  // out_scale segments (one-element scales) of a requantized output
+
+// The requant scale of each output column: per column, or one per segment of columns (bound[i]: the first column of
+// segment i + 1; unused bounds are INT_MAX).
+struct OutScales {
+  const float* s[kMaxSegments];
+  int bound[kMaxSegments - 1];
+  bool per_column;
+};
+
+__device__ __forceinline__ float out_scale_at(const OutScales& os, int n) {
+  if (os.per_column) return os.s[0][n];
+  const int seg = (n >= os.bound[0]) + (n >= os.bound[1]) + (n >= os.bound[2]);
+  return os.s[seg][0];
+}
 
 __device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {
   acc = __dp4a(a.x, b.x, acc);
@@ -44,7 +65,7 @@ template <int MT, typename T, bool REQUANT>
 __global__ void __launch_bounds__(kMaxWarps * 32, 2)  // <= 128 registers: no spills for 8 rows
 w8a8_gemv_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w, int M, int N, int K,
                  const float* __restrict__ x_scale, const float* __restrict__ w_scale, bool w_per_channel,
-                 const float* __restrict__ bias, const float* __restrict__ out_scale, void* __restrict__ out) {
+                 const float* __restrict__ bias, const OutScales out_scale, void* __restrict__ out) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int warps = blockDim.x >> 5;
@@ -122,7 +143,7 @@ w8a8_gemv_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w, int
   if (bias != nullptr) v = __fadd_rn(v, bias[n]);
   const int64_t idx = static_cast<int64_t>(m) * N + n;
   if constexpr (REQUANT) {
-    static_cast<int8_t*>(out)[idx] = quantize_rn(round_through<T>(v), __fdiv_rn(1.0f, out_scale[n]));
+    static_cast<int8_t*>(out)[idx] = quantize_rn(round_through<T>(v), __fdiv_rn(1.0f, out_scale_at(out_scale, n)));
   } else {
     store_out<T>(static_cast<T*>(out) + idx, v);
   }
@@ -141,25 +162,26 @@ int sm_count(int device) {
 
 template <int MT, typename T>
 void launch(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w, const at::Tensor& w_scale,
-            const float* bias, const float* out_scale, at::Tensor& out, int warps, cudaStream_t stream) {
+            const float* bias, const OutScales* out_scale, at::Tensor& out, int warps, cudaStream_t stream) {
   const int M = x.size(0), K = x.size(1), N = w.size(0);
   const dim3 grid((N + kRows - 1) / kRows), block(warps * 32);
   const bool per_channel = w_scale.numel() > 1;
+  const OutScales none{};
   if (out_scale != nullptr) {
     w8a8_gemv_kernel<MT, T, true><<<grid, block, 0, stream>>>(
         x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), M, N, K, x_scale.data_ptr<float>(), w_scale.data_ptr<float>(),
-        per_channel, bias, out_scale, out.data_ptr());
+        per_channel, bias, *out_scale, out.data_ptr());
   } else {
     w8a8_gemv_kernel<MT, T, false><<<grid, block, 0, stream>>>(
         x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), M, N, K, x_scale.data_ptr<float>(), w_scale.data_ptr<float>(),
-        per_channel, bias, out_scale, out.data_ptr());
+        per_channel, bias, none, out.data_ptr());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
 void launch_m(int M, const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w, const at::Tensor& w_scale,
-              const float* bias, const float* out_scale, at::Tensor& out, int warps, cudaStream_t stream) {
+              const float* bias, const OutScales* out_scale, at::Tensor& out, int warps, cudaStream_t stream) {
   if (M <= 1) launch<1, T>(x, x_scale, w, w_scale, bias, out_scale, out, warps, stream);
   else if (M <= 2) launch<2, T>(x, x_scale, w, w_scale, bias, out_scale, out, warps, stream);
   else if (M <= 4) launch<4, T>(x, x_scale, w, w_scale, bias, out_scale, out, warps, stream);
@@ -168,7 +190,7 @@ void launch_m(int M, const at::Tensor& x, const at::Tensor& x_scale, const at::T
 
 at::Tensor w8a8_gemv(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w, const at::Tensor& w_scale,
                      const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
-                     const std::optional<at::Tensor>& out_scale) {
+                     at::TensorList out_scale, at::IntArrayRef out_bounds) {
   QMAMBA_CHECK_CUDA(x);
   QMAMBA_CHECK_CUDA(w);
   QMAMBA_CHECK_DTYPE(x, at::kChar);
@@ -200,13 +222,33 @@ at::Tensor w8a8_gemv(const at::Tensor& x, const at::Tensor& x_scale, const at::T
                 "w8a8_gemv: bias must be a contiguous float32 CUDA tensor of N=", N, " elements (pass bias.float())");
     bias_ptr = b.data_ptr<float>();
   }
-  const float* out_scale_ptr = nullptr;
-  if (out_scale.has_value()) {
-    const at::Tensor& s = *out_scale;
-    TORCH_CHECK(s.is_cuda() && s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == N,
-                "w8a8_gemv: out_scale must be a contiguous float32 CUDA tensor of N=", N,
-                " elements (one scale per output column)");
-    out_scale_ptr = s.data_ptr<float>();
+  OutScales scales{};
+  const OutScales* out_scale_ptr = nullptr;
+  if (!out_scale.empty()) {  // empty: the float output
+    const at::TensorList ss = out_scale;
+    const int64_t segs = static_cast<int64_t>(ss.size());
+    TORCH_CHECK(segs <= kMaxSegments && static_cast<int64_t>(out_bounds.size()) == segs - 1,
+                "w8a8_gemv: out_scale must be 1..", kMaxSegments, " tensors with one column bound between each two, "
+                "got ", segs, " scales and ", out_bounds.size(), " bounds");
+    scales.per_column = segs == 1 && N > 1 && ss[0].numel() == N;
+    for (int64_t i = 0; i < segs; ++i) {
+      const at::Tensor& t = ss[i];
+      TORCH_CHECK(t.is_cuda() && t.device() == x.device() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                      (t.numel() == 1 || (scales.per_column && t.numel() == N)),
+                  "w8a8_gemv: out_scale must be one contiguous float32 tensor of N=", N, " elements (one scale per "
+                  "output column) or one-element float32 tensors (one per segment of columns), on ", x.device());
+      scales.s[i] = t.data_ptr<float>();
+    }
+    for (int64_t i = segs; i < kMaxSegments; ++i) scales.s[i] = scales.s[0];
+    int64_t prev = 0;
+    for (int i = 0; i < kMaxSegments - 1; ++i) {
+      const int64_t b = i < segs - 1 ? out_bounds[i] : INT_MAX;
+      TORCH_CHECK(i >= segs - 1 || (b > prev && b < N), "w8a8_gemv: out_bounds must increase strictly within "
+                  "(0, N=", N, "), got ", out_bounds);
+      scales.bound[i] = static_cast<int>(b);
+      prev = b;
+    }
+    out_scale_ptr = &scales;
   }
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
               "w8a8_gemv: out_dtype must be float32, float16 or bfloat16 (the activation dtype), got ", out_dtype);
@@ -242,7 +284,7 @@ at::Tensor w8a8_gemv(const at::Tensor& x, const at::Tensor& x_scale, const at::T
 
 TORCH_LIBRARY_FRAGMENT(qmamba, m) {
   m.def("w8a8_gemv(Tensor x, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias, ScalarType out_dtype, "
-        "Tensor? out_scale) -> Tensor");
+        "Tensor[] out_scale, int[] out_bounds) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qmamba, CUDA, m) { m.impl("w8a8_gemv", &qmamba::w8a8_gemv); }

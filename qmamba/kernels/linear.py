@@ -4,8 +4,8 @@
     w8a8_gemv  CUDA GEMV (csrc/linear/gemv_int8.cu, ``torch.ops.qmamba.w8a8_gemv``): decode, M = 1..8, K % 16 == 0
 
 Both take qx (..., K) int8, a one-element fp32 x_scale, qw (N, K) int8, w_scale (1 or N elements), bias (N,) or None,
-the output (activation) dtype, and an optional per-column out_scale (N,) that makes them return int8 codes; they
-return (..., N). Scales and bias are passed to the kernels as fp32 (``.float()`` is free when they already are), and
+the output (activation) dtype, and an optional per-column out_scale (N,) that makes them return int8 codes (the GEMV
+also takes one one-element scale per segment of columns, ``out_columns`` their column counts); they return (..., N). Scales and bias are passed to the kernels as fp32 (``.float()`` is free when they already are), and
 never read on the host, so decode steps can be captured in CUDA graphs. The Triton GEMM autotunes on the first call
 of each (M bucket, N, K): run one warm-up step before capturing a graph that contains it. Arguments are checked in
 Python first (``check_w8a8_args`` / ``check_gemv_args``, metadata only: see ``qmamba.kernels.checks``).
@@ -13,6 +13,7 @@ Python first (``check_w8a8_args`` / ``check_gemv_args``, metadata only: see ``qm
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -27,7 +28,7 @@ GEMV_MAX_K = INT32_LIMIT // (128 * 128) - 1
 
 
 def check_w8a8_args(op: str, qx, x_scale, qw, w_scale, bias=None, out_dtype: torch.dtype = torch.float32,
-                    out_scale=None) -> tuple[int, int, int]:
+                    out_scale=None, out_columns=None) -> tuple[int, int, int]:
     """The argument contract shared by the GEMM and the GEMV, on metadata only (CPU tensors work); raises
     TypeError / ValueError naming the fix. Returns (M, N, K), M = prod(qx.shape[:-1])."""
     require_int8(op, "qx", qx, layout="(..., K)")
@@ -41,19 +42,23 @@ def check_w8a8_args(op: str, qx, x_scale, qw, w_scale, bias=None, out_dtype: tor
     if bias is not None:
         require_numel(op, "bias", bias, N, f"N = {N} elements")
     require_out_dtype(op, out_dtype)
-    if out_scale is not None:
+    if out_columns is not None:
+        from qmamba.ops.int8_linear import check_out_segments
+
+        check_out_segments(op, out_scale, out_columns, N)
+    elif out_scale is not None:
         require_numel(op, "out_scale", out_scale, N, f"one scale per output column, N = {N} elements (repeat a "
-                      "per-tensor scale over its columns)")
+                      "per-tensor scale over its columns, or pass one per segment with out_columns)")
     return math.prod(qx.shape[:-1]), N, K
 
 
 def check_gemv_args(qx, x_scale, qw, w_scale, bias=None, out_dtype: torch.dtype = torch.float32,
-                    out_scale=None) -> tuple[int, int, int]:
+                    out_scale=None, out_columns=None) -> tuple[int, int, int]:
     """Everything ``torch.ops.qmamba.w8a8_gemv`` requires (besides contiguity and 16-byte alignment, which
     ``w8a8_gemv`` arranges itself), on metadata only; raises TypeError / ValueError naming the fix. Returns
     (M, N, K)."""
     op = "w8a8_gemv"
-    M, N, K = check_w8a8_args(op, qx, x_scale, qw, w_scale, bias, out_dtype, out_scale)
+    M, N, K = check_w8a8_args(op, qx, x_scale, qw, w_scale, bias, out_dtype, out_scale, out_columns)
     if not 1 <= M <= GEMV_MAX_ROWS:
         raise ValueError(f"{op}: x must have 1..{GEMV_MAX_ROWS} rows (tokens), got {M}; use the GEMM "
                          "(qmamba.kernels.linear.w8a8_gemm) for more")
@@ -101,20 +106,29 @@ def w8a8_gemm(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale
 
 def w8a8_gemv(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
               bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-              out_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """CUDA GEMV for 1..8 rows (tokens): (..., K) x (N, K) -> (..., N) ``out_dtype`` (int8 with ``out_scale``).
+              out_scale: torch.Tensor | None = None, out_columns=None) -> torch.Tensor:
+    """CUDA GEMV for 1..8 rows (tokens): (..., K) x (N, K) -> (..., N) ``out_dtype`` (int8 with ``out_scale``:
+    (N,) per column, or with ``out_columns`` a list of one-element scales, one per segment of that many columns).
     K must be a multiple of 16 (16-byte weight loads). All tensors on one GPU (scales are not moved)."""
-    check_gemv_args(qx, x_scale, qw, w_scale, bias, out_dtype, out_scale)
+    check_gemv_args(qx, x_scale, qw, w_scale, bias, out_dtype, out_scale, out_columns)
     from qmamba.kernels import load
 
     load()
-    require_cuda("w8a8_gemv", "qx", qx, x_scale=x_scale, qw=qw, w_scale=w_scale, bias=bias, out_scale=out_scale)
+    segments = list(out_scale) if out_columns is not None else []
+    require_cuda("w8a8_gemv", "qx", qx, x_scale=x_scale, qw=qw, w_scale=w_scale, bias=bias,
+                 out_scale=None if out_columns is not None else out_scale,
+                 **{f"out_scale[{i}]": s for i, s in enumerate(segments)})
     lead = qx.shape[:-1]
-    x2, xs, w, ws, b, os_ = _prep(qx, x_scale, qw, w_scale, bias, out_scale)
+    x2, xs, w, ws, b, os_ = _prep(qx, x_scale, qw, w_scale, bias, None if out_columns is not None else out_scale)
+    if out_columns is not None:
+        scales = [s.float().reshape(1) for s in segments]
+        bounds = [int(c) for c in itertools.accumulate(out_columns)][:-1]
+    else:
+        scales, bounds = ([] if os_ is None else [os_]), []
     # 16-byte vector loads need 16-byte aligned rows: a view at an odd offset gets a fresh copy
     if x2.data_ptr() % 16:
         x2 = x2.clone()
     if w.data_ptr() % 16:
         w = w.clone()
-    out = torch.ops.qmamba.w8a8_gemv(x2, xs, w, ws, b, out_dtype, os_)  # (M, N)
+    out = torch.ops.qmamba.w8a8_gemv(x2, xs, w, ws, b, out_dtype, scales, bounds)  # (M, N)
     return out.reshape(*lead, w.shape[0])

@@ -23,6 +23,8 @@ class Block(nn.Module):
     """Pre-norm residual block: residual += hidden; hidden = mixer(norm(residual)). The residual stream is carried
     separately (in fp32 when ``residual_in_fp32``) as in mamba_ssm."""
 
+    emit_codes = True  # int8: hand in_proj its codes from the fused pre-norm when it takes them; False: float norm
+
     def __init__(self, cfg: MambaConfig):
         super().__init__()
         self.residual_in_fp32 = cfg.residual_in_fp32
@@ -30,18 +32,33 @@ class Block(nn.Module):
         self.mixer = MIXERS[cfg.layer](cfg)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None, cache: LayerCache | None = None):
-        residual = hidden if residual is None else hidden + residual
-        if self.residual_in_fp32:
-            residual = residual.float()
-        normed = self.norm(residual.to(self.norm.weight.dtype))
+        normed, residual = self._pre_norm(hidden, residual, step=False)
         hidden = self.mixer(normed) if cache is None else self.mixer(normed, cache)  # with a cache: prefill
         return hidden, residual
 
     def step(self, hidden: torch.Tensor, residual: torch.Tensor | None, cache: LayerCache):  # (B, d_model) each
+        normed, residual = self._pre_norm(hidden, residual, step=True)
+        return self.mixer.step(normed, cache), residual
+
+    def _pre_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None, step: bool):
+        """(the mixer's input, the new residual). In int8 mode, where the mixer's in_proj reads its input as codes
+        (``QuantLinear.takes_codes``), the residual add, the RMSNorm and in_proj's quantize run as one op
+        (``ops.add_rmsnorm_quant``: one kernel on a GPU, the same math as the three ops below, DESIGN §3) and the
+        mixer gets ``Codes``; elsewhere the float norm output."""
+        in_proj = getattr(self.mixer, "in_proj", None)
+        if self.emit_codes and hasattr(in_proj, "takes_codes") and in_proj.takes_codes("input"):
+            from qmamba.ops.int8_norm import add_rmsnorm_quant
+            from qmamba.qnn.codes import Codes
+
+            scale = in_proj.input_scale(hidden, step)
+            codes, residual = add_rmsnorm_quant(hidden, residual, self.norm.weight, self.norm.eps, scale,
+                                                self.residual_in_fp32, backend=self.norm.backend)
+            shape = hidden.shape
+            return Codes(codes.reshape(shape), scale, self.norm.weight.dtype), residual.reshape(shape)
         residual = hidden if residual is None else hidden + residual
         if self.residual_in_fp32:
             residual = residual.float()
-        return self.mixer.step(self.norm(residual.to(self.norm.weight.dtype)), cache), residual
+        return self.norm(residual.to(self.norm.weight.dtype)), residual
 
 
 @dataclass(eq=False)

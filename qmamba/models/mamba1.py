@@ -64,9 +64,12 @@ class Mamba1Mixer(nn.Module):
 
     def step(self, hidden: torch.Tensor, cache: LayerCache) -> torch.Tensor:  # (B, d_model) -> (B, d_model)
         """``forward`` on one token, advancing ``cache`` in place."""
-        x, z = linear_step(self.in_proj, hidden).chunk(2, dim=-1)  # (B, di) each
+        # each linear hands its consumers their int8 codes where they take them (int8 mode), else float slices
+        di, n = self.d_inner, self.d_state
+        x, z = linear_step(self.in_proj, hidden, ((self.conv1d, "input", di), (self.scan, "z", di)))  # (B, di) each
         x, u = self.conv1d.step(x, cache.conv_state, consumers=self.conv_consumers())
-        dt, B, C = linear_step(self.x_proj, x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = linear_step(self.dt_proj, dt)  # (B, di)
+        dt, B, C = linear_step(self.x_proj, x, ((self.dt_proj, "input", self.dt_rank), (self.scan, "B", n),
+                                                (self.scan, "C", n)))
+        (delta,) = linear_step(self.dt_proj, dt, ((self.scan, "delta", di),))  # (B, di)
         y = self.scan.step(cache.ssm_state, u, delta, self.A_log, B, C, self.D, z)
         return linear_step(self.out_proj, y)

@@ -199,10 +199,14 @@ class LayerCache:
     ssm_state: torch.Tensor
 
 
-def linear_step(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def linear_step(layer: nn.Module, x: torch.Tensor, consumers=None):
     """A linear layer on one token: its ``step`` where it has one (the quantized twin's, free of host syncs), else
-    its forward."""
-    return layer.step(x) if hasattr(layer, "step") else layer(x)
+    its forward. With ``consumers`` ((part, point, columns) splitting the output's columns in order): a list, one
+    output per consumer (int8 codes where the quantized twin emits them, else column slices of the float output)."""
+    if hasattr(layer, "step"):
+        return layer.step(x) if consumers is None else layer.step(x, consumers)
+    y = layer(x)
+    return y if consumers is None else list(y.split([c for _, _, c in consumers], dim=-1))
 
 
 PARTS = (CausalConv1d, SelectiveScan, SSDScan, RMSNorm, RMSNormGated)

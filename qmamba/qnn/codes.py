@@ -35,6 +35,17 @@ class Codes:
     def shape(self) -> torch.Size:
         return self.q.shape
 
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.q.is_cuda
+
+    def dim(self) -> int:
+        return self.q.dim()
+
     def transpose(self, dim0: int, dim1: int) -> Codes:
         """The same codes with two dims swapped (a view), as ``Tensor.transpose``. A mask is packed along the last
         dim, so codes with one cannot be transposed."""

@@ -212,6 +212,20 @@ class QuantTwin:
         return dequantize(quantize(w, s, qw.spec.bits), s).to(w.dtype)  # = qw.fake(w)
 
 
+class NegExpMemo:
+    """A = -exp(A_log) in fp32 for the int8 scans, made once per value of A_log instead of at every call (two
+    kernels a layer and a decode step otherwise): remade when A_log is replaced, moved, or changed in place (its
+    version counter). No gradient flows through it (the int8 scans have none)."""
+
+    def _neg_exp(self, A_log: torch.Tensor) -> torch.Tensor:
+        key = (A_log.data_ptr(), A_log._version, A_log.device, A_log.shape)
+        if getattr(self, "_neg_exp_key", None) != key:
+            with torch.no_grad():
+                self._neg_exp_value = -torch.exp(A_log.detach().float())
+            self._neg_exp_key = key
+        return self._neg_exp_value
+
+
 def scale_without_sync(qp: QuantPoint, x: torch.Tensor) -> torch.Tensor:
     """``qp.scale_for(x)`` minus its readiness check, which reads a tensor on the host."""
     if qp.is_weight and x.dtype != torch.int8:  # weights are converted (scale stored) iff stored as int8
@@ -244,6 +258,14 @@ class QuantLinear(QuantTwin, nn.Linear):
         rotated input is quantized after its Hadamard transform, so it needs the float tensor)."""
         return (point == "input" and self._takes_codes_at(point) and self.q("weight") is not None
                 and not self.rotated)
+
+    def input_scale(self, x: torch.Tensor, step: bool = False) -> torch.Tensor:
+        """The input point's per-tensor scale (0-d fp32), for a producer that quantizes this layer's input itself
+        and hands it ``Codes`` (only when ``takes_codes("input")``); ``step``: without the host sync of the
+        readiness check on a GPU (a one-token step, see ``_step_scale``)."""
+        qi = self.q("input")
+        scale = self._step_scale(qi, x) if step else qi.scale_for(x)
+        return scale.detach().reshape(())
 
     @property
     def rotated(self) -> bool:
@@ -283,8 +305,17 @@ class QuantLinear(QuantTwin, nn.Linear):
         return w8a8_linear(qx, sx.reshape(()), wq, sw.reshape(-1) if sw.numel() > 1 else sw.reshape(()), self.bias,
                            out_dtype=dtype, backend=self.backend)
 
-    def step(self, x: torch.Tensor) -> torch.Tensor:  # (B, K) -> (B, N)
-        """``forward`` on one token, free of host syncs (see ``QuantTwin._step_scale``)."""
+    # ---- codes for the consumers of the output's columns (``step`` with ``consumers``): one GEMV emits each
+    # consumer's codes in its own scale (``w8a8_linear`` with segment out_scales)
+    emit_codes = True  # hand consumers their codes when they all take them; False: always the float output
+
+    def step(self, x: torch.Tensor, consumers=None):  # (B, K) -> (B, N)
+        """``forward`` on one token, free of host syncs (see ``QuantTwin._step_scale``). With ``consumers``, a list
+        of (part, point, columns) splitting the output's N columns in order: a list of each consumer's int8
+        ``Codes`` when this layer runs integer and every consumer takes codes (one GEMV emits them all), else the
+        float output's column slices."""
+        if consumers is not None:
+            return self._step_for(x, consumers)
         qi, qw = self.q("input"), self.q("weight")
         dtype = x.dtype
         if isinstance(x, Codes):
@@ -301,6 +332,23 @@ class QuantLinear(QuantTwin, nn.Linear):
             qx, sx = self._step_codes("input", x)
             return self._int8_linear(qx, sx, *self._step_int8_weight(qw), dtype)
         return F.linear(self._step_act("input", x).to(dtype), self._step_weight(qw).to(dtype), self.bias)
+
+
+    def _step_for(self, x: torch.Tensor, consumers) -> list:
+        columns = [c for _, _, c in consumers]
+        qi, qw = self.q("input"), self.q("weight")
+        integer = (self.emit_codes and self.qmode == "int8" and qi is not None and qw is not None
+                   and not self.rotated and isinstance(qi.spec.granularity, PerTensor)
+                   and all(isinstance(part, QuantTwin) and part.takes_codes(point) for part, point, _ in consumers))
+        if not integer:
+            return list(self.step(x).split(columns, dim=-1))
+        qx, sx = (x.q, x.scale) if isinstance(x, Codes) else self._step_codes("input", x)
+        wq, sw = self._step_int8_weight(qw)
+        scales = [part._step_scale(part.q(point), qx).detach() for part, point, _ in consumers]
+        q = w8a8_linear(qx, sx.reshape(()), wq, sw.reshape(-1) if sw.numel() > 1 else sw.reshape(()), self.bias,
+                        out_dtype=x.dtype, out_scale=[s.reshape(()) for s in scales], out_columns=columns,
+                        backend=self.backend)
+        return [Codes(c, s, x.dtype) for c, s in zip(q.split(columns, dim=-1), scales)]
 
 
 class QuantCausalConv1d(QuantTwin, CausalConv1d):
@@ -345,6 +393,10 @@ class QuantCausalConv1d(QuantTwin, CausalConv1d):
     # (fakequant: dequantized codes).
     def _integer(self) -> bool:
         return self.qmode == "int8" and self.q("input") is not None and self.q("weight") is not None
+
+    def takes_codes(self, point: str) -> bool:
+        """The input as codes when the conv runs integer (it sums int8 codes)."""
+        return point == "input" and self._integer() and self._takes_codes_at(point)
 
     def state_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.int8 if self._integer() else dtype
@@ -425,7 +477,7 @@ class QuantCausalConv1d(QuantTwin, CausalConv1d):
                                   backend=self.backend)
 
 
-class QuantSelectiveScan(QuantTwin, SelectiveScan):
+class QuantSelectiveScan(NegExpMemo, QuantTwin, SelectiveScan):
     """Mamba1 scan with quantized u, delta, B, C, z (A_log, D stay fp32). Channel counts come from the mixer."""
 
     POINTS = {p: (False, lambda m: m.d_inner) for p in ("u", "delta", "z")} | \
@@ -438,8 +490,8 @@ class QuantSelectiveScan(QuantTwin, SelectiveScan):
         return self.qmode == "int8" and all(p in self.quant_points for p in self.POINTS)
 
     def takes_codes(self, point: str) -> bool:
-        """u as codes (dual-scale ones included) when the scan runs from codes."""
-        return point == "u" and self._integer() and self._takes_codes_at(point)
+        """Any input as codes (a dual-scale u included) when the scan runs from codes."""
+        return point in self.POINTS and self._integer() and self._takes_codes_at(point)
 
     def forward(self, u, delta, A_log, B, C, D, z):
         if self._integer():
@@ -458,7 +510,7 @@ class QuantSelectiveScan(QuantTwin, SelectiveScan):
         which dequantizes to u's dtype as ``_in`` does and runs the fp32 scan). ssm_state <- the last state if given."""
         qu, su, u_dual, u_mask = self._dual_codes("u", u)
         codes = [c for p, t in (("delta", delta), ("B", B), ("C", C), ("z", z)) for c in self._codes(p, t)]
-        A = -torch.exp(A_log.float())
+        A = self._neg_exp(A_log)
         out = selective_scan_int8(qu, su, *codes[:2], A, *codes[2:6], D.float(), *codes[6:], delta_softplus=True,
                                   out_dtype=u.dtype, return_last_state=ssm_state is not None, backend=self.backend,
                                   u_dual=u_dual, u_mask=u_mask)
@@ -481,14 +533,14 @@ class QuantSelectiveScan(QuantTwin, SelectiveScan):
         """int8 step from codes and scales (scale None: that input is float; u_dual / u_mask: a dual-scale u). The
         torch backend dequantizes the codes to ``dtype`` and runs the float step, as ``forward`` does."""
         if all(s is not None for s in (su, sdelta, sB, sC, sz)):
-            return selective_scan_int8_update(state, qu, su, qdelta, sdelta, -torch.exp(A_log.float()), qB, sB, qC, sC,
+            return selective_scan_int8_update(state, qu, su, qdelta, sdelta, self._neg_exp(A_log), qB, sB, qC, sC,
                                               D.float(), qz, sz, delta_softplus=True, out_dtype=dtype,
                                               backend=self.backend, u_dual=u_dual, u_mask=u_mask)
         u, delta, B, C, z = (_deq(q, s, dtype) for q, s in ((qu, su), (qdelta, sdelta), (qB, sB), (qC, sC), (qz, sz)))
         return super().step(state, u, delta, A_log, B, C, D, z)
 
 
-class QuantSSDScan(QuantTwin, SSDScan):
+class QuantSSDScan(NegExpMemo, QuantTwin, SSDScan):
     """Mamba2 scan with quantized x (per head), dt, B, C (per SSD group)."""
 
     POINTS = {"x": (False, lambda m: m.nheads), "dt": (False, lambda m: m.nheads),
@@ -517,7 +569,7 @@ class QuantSSDScan(QuantTwin, SSDScan):
         reference). ssm_state <- the final state if given."""
         qx, sx, x_dual, x_mask = self._dual_codes("x", x)
         codes = [c for p, t in (("dt", dt), ("B", B), ("C", C)) for c in self._codes(p, t)]
-        A = -torch.exp(A_log.float())
+        A = self._neg_exp(A_log)
         out = ssd_chunk_scan_int8(qx, sx, *codes[:2], A, *codes[2:], self.chunk_size, D=D, dt_bias=dt_bias,
                                   dt_softplus=True, out_dtype=x.dtype, return_final_states=ssm_state is not None,
                                   backend=self.backend, x_dual=x_dual, x_mask=x_mask)
@@ -540,7 +592,7 @@ class QuantSSDScan(QuantTwin, SSDScan):
         """int8 step from codes and scales (scale None: that input is float; x_dual / x_mask: a dual-scale x); the
         torch backend dequantizes to ``dtype`` and runs the float step."""
         if all(s is not None for s in (sx, sdt, sB, sC)):
-            return ssd_step_int8(state, qx, sx, qdt, sdt, -torch.exp(A_log.float()), qB, sB, qC, sC, D=D, dt_bias=dt_bias,
+            return ssd_step_int8(state, qx, sx, qdt, sdt, self._neg_exp(A_log), qB, sB, qC, sC, D=D, dt_bias=dt_bias,
                                  dt_softplus=True, out_dtype=dtype, backend=self.backend, x_dual=x_dual, x_mask=x_mask)
         x, dt, B, C = (_deq(q, s, dtype) for q, s in ((qx, sx), (qdt, sdt), (qB, sB), (qC, sC)))
         return super().step(state, x, dt, A_log, B, C, D, dt_bias)

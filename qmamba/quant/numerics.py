@@ -258,6 +258,9 @@ def int8_linear_ref(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: to
 
 
 def scale_from_absmax(absmax: torch.Tensor, bits: int = 8, eps: float = 1e-8) -> torch.Tensor:
-    """Symmetric scale ``max(absmax, eps) / qmax`` in fp32 (eps keeps an all-zero tensor's scale > 0)."""
+    """Symmetric scale ``max(absmax, eps) / qmax`` in fp32 (eps keeps an all-zero tensor's scale > 0), an IEEE
+    division on every device: torch on a GPU divides by a Python number as a product with its reciprocal (1 ulp off
+    the quotient for some absmax), so qmax enters as a 0-d tensor on absmax's device (a fill, no host copy)."""
     _, qmax = qrange(bits)
-    return absmax.float().clamp_min(eps) / qmax
+    a = absmax.float().clamp_min(eps)
+    return a / a.new_full((), float(qmax))

@@ -1,4 +1,5 @@
-"""On a CUDA GPU, the int8 Mamba1 mixer with its conv1d kernel handing x_proj and the scan their codes
+"""On a CUDA GPU, the int8 Mamba1 mixer with its conv1d kernel handing x_proj and the scan their codes, and in
+decode steps in_proj / x_proj / dt_proj handing the conv, dt_proj and the scan theirs (one GEMV each),
 (``qmamba.qnn.codes``; single-scale u, dual-scale u in the mask and piecewise encodings) against the same model with
 each consumer quantizing the conv's float output itself (``emit_codes = False``): forward, prefill and decode steps,
 eager and captured in a CUDA graph. The conv kernel's codes are the quantize kernel's codes of its float output
@@ -15,7 +16,7 @@ from qmamba import MambaLM, preset
 from qmamba.generation import DecodeGraph, generate
 from qmamba.qnn import calibrate, prepare, set_mode
 from qmamba.qnn.codes import Codes
-from qmamba.qnn.modules import QuantCausalConv1d
+from qmamba.qnn.modules import QuantCausalConv1d, QuantLinear
 from qmamba.quant.recipe import load_recipe
 
 pytestmark = pytest.mark.gpu
@@ -41,8 +42,11 @@ def _model(group: str, dtype: torch.dtype) -> MambaLM:
 
 
 def _emit(model, on: bool) -> None:
+    """The conv and the decode step's linears (in_proj, x_proj, dt_proj: GEMV segment out_scales) hand codes, or
+    not. The blocks' fused pre-norm stays on in both: its kernel's mean may round 1 LSB off the unfused norm's
+    (tests/gpu/test_gpu_kernel_norm.py), so it is not part of this bit-for-bit comparison."""
     for m in model.modules():
-        if isinstance(m, QuantCausalConv1d):
+        if isinstance(m, (QuantCausalConv1d, QuantLinear)):
             m.emit_codes = on
 
 

@@ -170,6 +170,34 @@ def test_gemv_out_dtypes_and_scales(shape_name, per_channel, out_dtype, requant)
         assert_float_close(out, ref)
 
 
+SEGMENTS = {  # the decode step's linears emitting their consumers' codes: column counts per consumer
+    "2.8b.in_proj": [5120, 5120],          # conv1d input, scan z
+    "2.8b.x_proj": [160, 16, 16],          # dt_proj input, scan B, scan C
+    "2.8b.dt_proj": [5120],                # scan delta (one per-tensor scale)
+    "130m.x_proj": [48, 16, 16],
+    "130m.in_proj": [1000, 536, 1000, 536],  # four segments, bounds off the 4-row blocks
+}
+
+
+@pytest.mark.parametrize("lead", [(1,), (8,)], ids=lambda l: f"B{l[0]}")
+@pytest.mark.parametrize("shape_name", list(SEGMENTS))
+def test_gemv_segment_out_scales(shape_name, lead):
+    """One one-element scale per segment of columns (``out_columns``): the same codes as the per-column scale
+    they stand for, bit for bit (same epilogue, only where the scale is read differs), and >= 99.9 % / 1 LSB
+    against the reference."""
+    qx, sx, qw, sw, bias = _inputs(shape_name, lead)
+    cols = SEGMENTS[shape_name]
+    y = w8a8_linear_ref(qx, sx, qw, sw, bias).reshape(-1, qw.shape[0]).float()
+    scales = [(seg.std() / (25 + 5 * i)).clamp_min(1e-6) for i, seg in enumerate(y.split(cols, dim=-1))]
+    per_column = torch.cat([s.reshape(1).expand(c) for s, c in zip(scales, cols)]).contiguous()
+    q = klinear.w8a8_gemv(qx, sx, qw, sw, bias, torch.float16, scales, cols)
+    assert torch.equal(q, klinear.w8a8_gemv(qx, sx, qw, sw, bias, torch.float16, per_column))
+    assert_codes_agree(q, w8a8_linear_ref(qx, sx, qw, sw, bias, torch.float16, scales, cols))
+    assert torch.equal(w8a8_linear(qx, sx, qw, sw, bias, torch.float16, scales, backend="cuda", out_columns=cols), q)
+    with pytest.raises(ValueError, match="summing to N"):
+        klinear.w8a8_gemv(qx, sx, qw, sw, bias, torch.float16, scales, [c + 1 for c in cols])
+
+
 @pytest.mark.parametrize("shape_name", ["2.8b.in_proj", "130m.dt_proj", "2.8b.x_proj"])
 def test_float_outputs_are_bit_exact(shape_name):
     """The design claim behind the tolerances: both kernels reproduce the reference's fp32 epilogue exactly."""

@@ -78,6 +78,27 @@ def test_requant_rounds_through_out_dtype():
     assert not torch.equal(q32, q16)
 
 
+def test_segment_out_scales_equal_the_per_column_scale():
+    """One scale per segment of columns (``out_columns``) gives the codes of the per-column scale it stands for;
+    bad segments are refused naming the fix."""
+    g = torch.Generator().manual_seed(4)
+    qx = torch.randint(-128, 128, (3, 64), dtype=torch.int8, generator=g)
+    qw = torch.randint(-128, 128, (40, 64), dtype=torch.int8, generator=g)
+    sx, sw = torch.tensor(0.01), torch.rand(40, generator=g) * 1e-3 + 1e-4
+    scales, cols = [torch.tensor(0.01), torch.tensor([0.03]), torch.tensor(0.002)], [20, 12, 8]
+    per_column = torch.cat([s.reshape(1).expand(c) for s, c in zip(scales, cols)])
+    q = w8a8_linear_ref(qx, sx, qw, sw, None, torch.float16, scales, cols)
+    assert q.dtype == torch.int8
+    assert torch.equal(q, w8a8_linear_ref(qx, sx, qw, sw, None, torch.float16, per_column))
+    assert torch.equal(w8a8_linear(qx, sx, qw, sw, None, torch.float16, scales, out_columns=cols), q)
+    with pytest.raises(ValueError, match="summing to N=40"):
+        w8a8_linear_ref(qx, sx, qw, sw, None, torch.float16, scales, [20, 12, 9])
+    with pytest.raises(ValueError, match="one-element tensors"):
+        w8a8_linear_ref(qx, sx, qw, sw, None, torch.float16, per_column, cols)
+    with pytest.raises(ValueError, match="1..4 positive column counts"):
+        w8a8_linear_ref(qx, sx, qw, sw, None, torch.float16, [torch.tensor(0.01)] * 5, [8] * 5)
+
+
 def test_rejects_bad_arguments():
     qx, sx, qw, sw, bias = _case()
     with pytest.raises(ValueError, match="x_scale"):

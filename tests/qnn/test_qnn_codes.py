@@ -117,7 +117,7 @@ def test_rotated_or_float_consumer_gets_the_float_output():
         assert isinstance(mixer.conv1d(x, mixer.conv_consumers())[0], Codes)
         # out_proj's input is Hadamard-rotated in this recipe: it needs the float tensor to rotate
         assert not mixer.out_proj.takes_codes("input") and mixer.x_proj.takes_codes("input")
-        assert not mixer.x_proj.takes_codes("weight") and not mixer.scan.takes_codes("delta")
+        assert not mixer.x_proj.takes_codes("weight") and mixer.scan.takes_codes("delta")
         outs = mixer.conv1d(x, ((mixer.x_proj, "input"), (mixer.out_proj, "input")))
         assert all(isinstance(o, torch.Tensor) for o in outs)
 
@@ -132,3 +132,91 @@ def test_codes_transpose_and_errors():
     masked = Codes(q, torch.ones(()), torch.float32, mask=torch.zeros(2, 3, 1, dtype=torch.uint8))
     with pytest.raises(ValueError, match="cannot be transposed"):
         masked.transpose(1, 2)
+
+
+def _blocks_emit(model, on: bool):
+    for layer in model.backbone.layers:
+        layer.emit_codes = on
+
+
+@pytest.mark.parametrize("preset, recipe", [("tiny", "quamba_w8a8"), ("tiny-mamba2", "quamba2_w8a8"),
+                                            ("tiny", "dual_scale_treatment_mamba1.yaml")])
+def test_pre_norm_hands_in_proj_its_codes_bit_for_bit(preset, recipe, monkeypatch):
+    """int8: each block's residual add + RMSNorm + in_proj's quantize run as one op (``add_rmsnorm_quant``), and
+    in_proj takes its codes: forward, prefill and decode give the same logits, bit for bit, as the float norm with
+    in_proj quantizing its input itself; in_proj's own quantize is not called."""
+    torch.manual_seed(0)
+    cfg = qmamba.preset(preset)
+    spec = load_recipe(str(RECIPES / recipe)) if recipe.endswith(".yaml") else recipe
+    model = prepare(MambaLM(cfg).eval(), spec)
+    calibrate(model, [_ids(seed=s) for s in (10, 11)], progress=False)
+    set_mode(model, "int8")
+    x = _ids(seed=5)
+    assert all(layer.mixer.in_proj.takes_codes("input") for layer in model.backbone.layers)
+    with torch.no_grad():
+        _blocks_emit(model, False)
+        plain, plain_dec = model(x), _decode(model, x)
+        _blocks_emit(model, True)
+
+        def refuse(*args, **kw):
+            raise AssertionError("in_proj quantized its input although the pre-norm handed it codes")
+
+        for layer in model.backbone.layers:
+            for name in ("quantize", "codes"):
+                monkeypatch.setattr(layer.mixer.in_proj.q("input"), name, refuse)
+        fused, fused_dec = model(x), _decode(model, x)
+    assert torch.equal(fused, plain)
+    assert all(torch.equal(a, b) for a, b in zip(fused_dec, plain_dec))
+
+
+def _linears_emit(model, on: bool):
+    for layer in model.backbone.layers:
+        for name in ("in_proj", "x_proj", "dt_proj"):
+            getattr(layer.mixer, name).emit_codes = on
+
+
+@pytest.mark.parametrize("group", ["baseline", "treatment"])
+def test_linears_hand_their_consumers_codes_in_decode_bit_for_bit(group, monkeypatch):
+    """int8 Mamba1 decode: in_proj emits the conv's input and the scan's z codes, x_proj dt_proj's input and the
+    scan's B and C, dt_proj the scan's delta, each in its consumer's scale (one ``w8a8_linear`` with segment
+    out_scales); the steps' logits equal, bit for bit, those of each consumer quantizing the float slice itself,
+    and no consumer quantizes anything."""
+    model = _model(RECIPES / f"dual_scale_{group}_mamba1.yaml")
+    x = _ids(seed=5)
+    mixer = model.backbone.layers[0].mixer
+    assert mixer.conv1d.takes_codes("input") and all(mixer.scan.takes_codes(p) for p in ("z", "delta", "B", "C"))
+    with torch.no_grad():
+        _linears_emit(model, False)
+        plain_dec = _decode(model, x)
+        _linears_emit(model, True)
+
+        def refuse(*args, **kw):
+            raise AssertionError("a consumer quantized a linear's float output although the linear handed it codes")
+
+        for layer in model.backbone.layers:
+            m = layer.mixer
+            for point in (m.conv1d.q("input"), m.dt_proj.q("input"), *(m.scan.q(p) for p in ("z", "delta", "B", "C"))):
+                monkeypatch.setattr(point, "codes", refuse)
+        # the prefill (forward) still quantizes the float outputs itself: allow it there, forbid it in the steps
+        cache = model.allocate_cache(x.shape[0])
+        monkeypatch.undo()
+        fused_dec = [model.prefill(x, cache)]
+        for layer in model.backbone.layers:
+            m = layer.mixer
+            for point in (m.conv1d.q("input"), m.dt_proj.q("input"), *(m.scan.q(p) for p in ("z", "delta", "B", "C"))):
+                monkeypatch.setattr(point, "codes", refuse)
+        g = torch.Generator().manual_seed(3)
+        for _ in range(4):
+            fused_dec.append(model.step(torch.randint(0, 256, (x.shape[0],), generator=g), cache))
+    assert all(torch.equal(a, b) for a, b in zip(fused_dec, plain_dec))
+
+
+def test_linear_step_with_consumers_on_float_layers_gives_column_slices():
+    model = _model(RECIPES / "dual_scale_baseline_mamba1.yaml")
+    mixer = model.backbone.layers[0].mixer
+    set_mode(model, "fp")
+    h = torch.randn(2, mixer.in_proj.in_features)
+    with torch.no_grad():
+        x, z = mixer.in_proj.step(h, ((mixer.conv1d, "input", mixer.d_inner), (mixer.scan, "z", mixer.d_inner)))
+        y = mixer.in_proj.step(h)
+    assert isinstance(x, torch.Tensor) and torch.equal(torch.cat([x, z], -1), y)
