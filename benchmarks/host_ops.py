@@ -1,15 +1,20 @@
 """Host work of one training step: the aten ops and Triton launches the host dispatches for forward + backward, fp vs
 fakequant (QAT) on the same model and batch. The QAT step on a GPU is launch-bound (benchmarks/RESULTS.md): every op
 the host dispatches costs microseconds whether or not it moves data, so this count is what the fused fake-quant path
-has to keep small.
+has to keep small. ``--int8``: the same for the int8 model's prefill (what TTFT waits on: the int8 prefill is
+host-bound too) and one decode step, per layer, with the ops that read a tensor on the host (a GPU sync each).
 
     python benchmarks/host_ops.py --preset house-mamba1 --recipe qat_w8a8            # any machine
     python benchmarks/host_ops.py --preset house-mamba1 --recipe qat_w8a8 --top 30   # + the ops the QAT step adds
+    python benchmarks/host_ops.py --preset mamba-130m --recipe quamba_w8a8 --int8 --top 20
 
 On a GPU the step runs as it is (the fused kernels where ``backend`` picks them). On a CPU machine the fused
 fake-quant and Hadamard path is forced (the dispatch that would pick it on a GPU answers yes) and each Triton launch
 is counted instead of run ("dry": the values are garbage, so the scale checks that read values are off): the counts
 are those of the GPU path's host side, without a GPU. Counts, not times: the GPU's per-op cost is in RESULTS.md.
+With ``--int8`` on a CPU machine qmamba's CUDA ops (``torch.ops.qmamba.*``) and int8 Triton kernels are dry the
+same way: the wrappers run their checks and conversions as on a GPU, then each op is counted and returns an empty
+result of its shape (``dry_int8_kernels``).
 """
 
 from __future__ import annotations
@@ -66,6 +71,154 @@ def dry_fused_path(launches: collections.Counter):
             setattr(mod, k, v)
 
 
+def _channel_last(b: int, d: int, L: int, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(b, L, d, dtype=dtype, device=like.device).transpose(1, 2)
+
+
+def _dry_conv(x, x_scale, w, w_scale, bias, silu, out_dtype, out_scales, dual_index, *dual):
+    b, d, L = x.shape
+    outs = [_channel_last(b, d, L, torch.int8, x) for _ in out_scales] or [_channel_last(b, d, L, out_dtype, x)]
+    return outs + ([_channel_last(b, d, (L + 7) // 8, torch.uint8, x)] if dual_index >= 0 else [])
+
+
+def _dry_conv_update(x, conv_state, x_scale, w, w_scale, bias, silu, out_dtype, out_scales, dual_index, *dual):
+    outs = [torch.empty_like(x) for _ in out_scales] or [torch.empty(x.shape, dtype=out_dtype, device=x.device)]
+    return outs + ([torch.empty(x.shape, dtype=torch.uint8, device=x.device)] if dual_index >= 0 else [])
+
+
+def _dry_norm(hidden, residual, weight, eps, in_scale, residual_in_fp32):
+    rows = (-1, hidden.shape[-1])
+    out = torch.float32 if residual_in_fp32 else (
+        hidden.dtype if residual is None else torch.promote_types(hidden.dtype, residual.dtype))
+    return [torch.empty(hidden.shape, dtype=torch.int8, device=hidden.device).reshape(rows),
+            torch.empty(hidden.shape, dtype=out, device=hidden.device).reshape(rows)]
+
+
+def _dry_scan(u, *args):  # args[13]: out_dtype; B is args[4] (batch, N, L)
+    b, d, L = u.shape
+    return [_channel_last(b, d, L, args[13], u), torch.empty(b, d, args[4].shape[1], device=u.device)]
+
+
+# qmamba's CUDA ops (csrc/, registered as torch.ops.qmamba.*) on a CPU machine: an empty result of the op's shape
+DRY_OPS = {
+    "quantize_int8": lambda x, scale, axis, bits: torch.empty(x.shape, dtype=torch.int8, device=x.device),
+    "hadamard_quantize": lambda x, scale, bits: torch.empty(x.shape, dtype=torch.int8, device=x.device),
+    "conv1d_int8": _dry_conv,
+    "conv1d_int8_update": _dry_conv_update,
+    "add_rmsnorm_quant": _dry_norm,
+    "w8a8_gemv": lambda x, xs, w, ws, bias, out_dtype, scales, bounds: torch.empty(
+        x.shape[0], w.shape[0], dtype=torch.int8 if len(scales) else out_dtype, device=x.device),
+    "selective_scan_int8": _dry_scan,
+    "selective_scan_int8_update": lambda state, u, *args: torch.empty(u.shape, dtype=args[13], device=u.device),
+}
+
+
+class _CountedOp:
+    def __init__(self, name: str, fn, launches: collections.Counter):
+        self.name, self.fn, self.launches = name, fn, launches
+
+    def __call__(self, *args):
+        self.launches[self.name] += 1
+        return self.fn(*args)
+
+
+@contextlib.contextmanager
+def dry_int8_kernels(launches: collections.Counter):
+    """On CPU tensors: the int8 ops pick qmamba's kernels as on a GPU (``use_kernels`` says yes, ``load`` and
+    ``require_cuda`` pass), each ``torch.ops.qmamba`` op and int8 Triton launch is counted and returns an empty result
+    of its shape (``DRY_OPS``), and the fused fake-quant / Hadamard path is dry as in ``dry_fused_path``; everything
+    restored on exit."""
+    import sys
+
+    import qmamba.kernels.build as build
+    import qmamba.kernels.checks as checks
+    import qmamba.kernels.conv1d  # noqa: F401  (every wrapper imported, so the loop below patches it)
+    import qmamba.kernels.hadamard  # noqa: F401
+    import qmamba.kernels.linear  # noqa: F401
+    import qmamba.kernels.norm  # noqa: F401
+    import qmamba.kernels.quantize  # noqa: F401
+    import qmamba.kernels.selective_scan  # noqa: F401
+    import qmamba.kernels.triton.ssd_int8 as tssd
+    import qmamba.kernels.triton.w8a8_gemm as tgemm
+    import qmamba.kernels.triton.launch as launch
+    import qmamba.ops.backend as backend
+
+    # interpreting: the Triton wrappers take CPU tensors as under TRITON_INTERPRET=1 (small blocks; launches counted)
+    real = {"use_kernels": backend.use_kernels, "load": build.load, "require_cuda": checks.require_cuda,
+            "interpreting": launch.interpreting}
+
+    def use_kernels(b, tensor, op):
+        return backend.validate_backend(b) != "torch"
+
+    fakes = {"use_kernels": use_kernels, "load": lambda *a, **k: None, "require_cuda": lambda *a, **k: None,
+             "interpreting": lambda: True}
+    saved = []
+    for mod in [m for name, m in sys.modules.items() if name.startswith("qmamba") and m is not None]:
+        for k, v in real.items():
+            if getattr(mod, k, None) is v:
+                saved.append((mod, k, v))
+                setattr(mod, k, fakes[k])
+    for mod in (tssd, tgemm):
+        for k in dir(mod):
+            if k.endswith("_kernel") or k in ("_gemm_fixed", "_gemm_tuned"):
+                saved.append((mod, k, getattr(mod, k)))
+                setattr(mod, k, _CountedLaunch(k, launches))
+    ns = torch.ops.qmamba
+    try:
+        for name, fn in DRY_OPS.items():
+            setattr(ns, name, _CountedOp(name, fn, launches))
+        with dry_fused_path(launches):
+            yield
+    finally:
+        for name in DRY_OPS:
+            if name in ns.__dict__:
+                delattr(ns, name)
+        for mod, k, v in saved:
+            setattr(mod, k, v)
+
+
+# ops that read a tensor's value on the host: on a GPU each waits for every kernel queued before it
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
+
+
+def int8_count(preset_name: str, recipe: str, batch: int = 1, prompt: int = 64, device: str | None = None) -> dict:
+    """{"prefill": aten ops of one prefill of ``prompt`` tokens, "step": of one decode step, "prefill_launches" /
+    "step_launches": qmamba kernel calls (dry) or None, "layers", "dry"} of the int8 model as benchmarks/latency.py
+    builds it (calibrated on random tokens, converted, float leftovers fp16), after a warm-up of each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from latency import fp16_float_leftovers_
+    from qmamba import MambaLM, preset
+    from qmamba.generation import InferenceCache
+    from qmamba.qnn import calibrate, convert, prepare, set_mode
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = MambaLM(preset(preset_name)).to(device).eval()
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
+    prepare(model, recipe)
+    with torch.no_grad():
+        calibrate(model, [ids], progress=False)
+    convert(model)
+    set_mode(model, "int8")
+    fp16_float_leftovers_(model)
+    cache = InferenceCache.allocate(model, batch=batch, device=device, dtype=torch.float16)
+    token = ids[:, -1]
+    dry = device == "cpu"
+    result = {"layers": model.config.n_layer, "dry": dry}
+    launches: collections.Counter = collections.Counter()
+    with dry_int8_kernels(launches) if dry else contextlib.nullcontext(), torch.no_grad():
+        for what, fn in (("prefill", lambda: model.prefill(ids, cache)), ("step", lambda: model.step(token, cache))):
+            fn()  # warm-up: lazy imports, first-call caches, the GEMM's autotuning
+            launches.clear()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            result[what] = collections.Counter({e.key: e.count for e in prof.key_averages()
+                                                if e.key.startswith("aten::")})
+            result[f"{what}_launches"] = collections.Counter(launches) if dry else None
+    return result
+
+
 def step_ops(model, ids, precision: str = "bf16", launches: collections.Counter | None = None) -> collections.Counter:
     """The aten ops (by name, nested ones included) of one forward + backward of ``model`` on ``ids`` (after one
     untimed warm-up step; ``launches``, a dry path's counter, is cleared after it too)."""
@@ -117,7 +270,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=8, help="the counts do not depend on it (no op loops over time)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     ap.add_argument("--top", type=int, default=0, metavar="N", help="also list the N ops the fakequant step adds most")
+    ap.add_argument("--int8", action="store_true",
+                    help="count the int8 model's prefill (--seq-len tokens) and one decode step instead")
     args = ap.parse_args()
+    if args.int8:
+        return print_int8(args)
     r = count(args.preset, args.recipe, args.batch, args.seq_len, args.precision)
     fp, fq = sum(r["fp"].values()), sum(r["fakequant"].values())
     where = "cpu, fused path dry (launches counted, not run)" if r["dry"] else torch.cuda.get_device_name()
@@ -130,6 +287,22 @@ def main() -> None:
         added = collections.Counter({k: v - r["fp"].get(k, 0) for k, v in r["fakequant"].items()})
         for name, n in added.most_common(args.top):
             print(f"{n:8d}  {name}")
+
+
+def print_int8(args) -> None:
+    r = int8_count(args.preset, args.recipe, args.batch, args.seq_len)
+    where = "cpu, qmamba's kernels dry (calls counted, not run)" if r["dry"] else torch.cuda.get_device_name()
+    print(f"{args.preset} {args.recipe} int8, batch {args.batch}, on {where}; {r['layers']} layers")
+    for what in ("prefill", "step"):
+        ops, n = r[what], r["layers"]
+        syncs = sum(ops.get(k, 0) for k in SYNC_OPS)
+        line = f"{what:8s} aten ops {sum(ops.values()):7,} ({sum(ops.values()) / n:6.1f} a layer)  host reads {syncs}"
+        if r[f"{what}_launches"] is not None:
+            k = r[f"{what}_launches"]
+            line += f"  kernels {sum(k.values())} ({sum(k.values()) / n:.1f} a layer: {dict(k)})"
+        print(line)
+        for name, c in ops.most_common(args.top):
+            print(f"    {c:7d}  {name}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,10 @@ from qmamba.quant.numerics import quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 FP_RTOL, FP_ATOL = 1e-4, 1e-5
-QUANT_REL = 5e-3
+# prefill + steps vs forward, relative to the logits: int8 runs integer sums (exact: 0 measured); fakequant's steps
+# sum the conv window in another order than the forward's float conv, so a code can flip downstream (tiny qat_w8a8
+# measured 0.0049-0.0050 on one CPU, 0 on others); either stays well below what quantization changes (>= 0.026)
+QUANT_REL = {"int8": 5e-3, "converted": 5e-3, "fakequant": 1e-2}
 
 # (preset, overrides, recipe): Mamba1 per-tensor (rotated out_proj), Mamba2 per-head x and per-group B / C with two
 # groups, and the QAT recipe (per-channel weights, learnable scales) on both mixers
@@ -129,6 +132,7 @@ def test_ssd_scan_prefill_then_steps_across_chunks():
 def _conv_inputs(model, ids):
     """The first conv1d twin and the input it sees in a forward of ``ids``."""
     conv = model.backbone.layers[0].mixer.conv1d
+    model.backbone.layers[0].mixer.in_proj.emit_codes = False  # in_proj hands the conv its float output, to see
     seen = []
     handle = conv.register_forward_hook(lambda m, args, out: seen.append(args[0]))
     with torch.no_grad():
@@ -179,9 +183,10 @@ def test_prefill_then_step_matches_forward(name, overrides, recipe, mode):
             torch.testing.assert_close(pre, ref[:, :P], rtol=FP_RTOL, atol=FP_ATOL)
             torch.testing.assert_close(steps, ref[:, P:], rtol=FP_RTOL, atol=FP_ATOL)
         else:
-            assert _rel(pre, ref[:, :P]) <= QUANT_REL and _rel(steps, ref[:, P:]) <= QUANT_REL, (P, mode)
+            tol = QUANT_REL[mode]
+            assert _rel(pre, ref[:, :P]) <= tol and _rel(steps, ref[:, P:]) <= tol, (P, mode)
     if mode in ("fakequant", "int8"):  # the tolerance is well below what quantization changes
-        assert _rel(_prefill_then_steps(set_mode(model, "fp"), ids, 17)[1], steps) > 3 * QUANT_REL
+        assert _rel(_prefill_then_steps(set_mode(model, "fp"), ids, 17)[1], steps) > 2.5 * QUANT_REL[mode]
 
 
 def test_prefill_replaces_what_the_cache_held():
@@ -353,8 +358,8 @@ def test_timings_and_decode_graph_on_cpu():
     with torch.no_grad():
         ref = model(out)
     last = decoder.prefill(out[:, :4])
-    assert last.shape == (2, ref.shape[-1]) and _rel(last, ref[:, 3]) <= QUANT_REL
-    assert _rel(decoder.step(out[:, 4]), ref[:, 4]) <= QUANT_REL
+    assert last.shape == (2, ref.shape[-1]) and _rel(last, ref[:, 3]) <= QUANT_REL["int8"]
+    assert _rel(decoder.step(out[:, 4]), ref[:, 4]) <= QUANT_REL["int8"]
 
 
 def test_model_generate_uses_the_cache_unless_the_context_window_cuts():

@@ -39,3 +39,34 @@ def test_dry_path_restores_everything():
     with host_ops.dry_fused_path(collections.Counter()):
         assert backend.use_triton is not before[0]
     assert (backend.use_triton, numerics._cheap_check, tfq._fake_quant_fwd_kernel) == before
+
+
+@pytest.mark.parametrize("preset_name, recipe, prefill_kernels, step_kernels",
+                         [("tiny", "quamba_w8a8", 8, 8), ("tiny-mamba2", "quamba2_w8a8", 12, 9)])
+def test_int8_prefill_and_step_kernels_a_layer(preset_name, recipe, prefill_kernels, step_kernels):
+    """The int8 model's host side with qmamba's kernels dry: no op reads a tensor on the host, and the kernels a
+    layer launches (Mamba1: pre-norm, 4 linears, conv, scan, out_proj's rotation; no separate quantize: each
+    producer emits its consumers' codes; Mamba2: x / B / C still quantized from the conv's float output)."""
+    r = host_ops.int8_count(preset_name, recipe, prompt=64, device="cpu")
+    assert r["dry"]
+    n = r["layers"]
+    for what, expected in (("prefill", prefill_kernels), ("step", step_kernels)):
+        assert not any(r[what].get(k, 0) for k in host_ops.SYNC_OPS), what
+        launches = r[f"{what}_launches"]
+        assert sum(launches.values()) == expected * n, (what, dict(launches))
+    if preset_name == "tiny":
+        assert "quantize_int8" not in r["prefill_launches"] and "quantize_int8" not in r["step_launches"]
+
+
+def test_dry_int8_kernels_restore_everything():
+    import collections
+
+    import qmamba.kernels.linear as klinear
+    import qmamba.ops.int8_linear as olinear
+    import torch
+
+    before = (olinear.use_kernels, klinear.require_cuda)
+    with host_ops.dry_int8_kernels(collections.Counter()):
+        assert olinear.use_kernels is not before[0] and "w8a8_gemv" in torch.ops.qmamba.__dict__
+    assert (olinear.use_kernels, klinear.require_cuda) == before
+    assert "w8a8_gemv" not in torch.ops.qmamba.__dict__

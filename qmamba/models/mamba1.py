@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from qmamba.config import MambaConfig
-from qmamba.models.parts import CausalConv1d, LayerCache, SelectiveScan, linear_step
+from qmamba.models.parts import CausalConv1d, LayerCache, SelectiveScan, linear_forward, linear_step
 
 
 def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, floor: float) -> torch.Tensor:
@@ -43,14 +43,18 @@ class Mamba1Mixer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         """With ``cache`` (prefill), also fill it: the conv's last d_conv inputs and the scan's final state."""
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, L, di) each
+        # each linear hands its consumers their int8 codes where they take them (int8 mode: one GEMM emits them,
+        # no quantize pass of its float output), else column slices of its float output
+        di, n = self.d_inner, self.d_state
+        x, z = linear_forward(self.in_proj, hidden, ((self.conv1d, "input", di), (self.scan, "z", di)))  # (B, L, di)
         # the conv's output (B, di, L) feeds x_proj and the scan (as u); in int8 mode each may get its own codes
         x, consumers = x.transpose(1, 2), self.conv_consumers()
         x, u = (self.conv1d(x, consumers=consumers) if cache is None
                 else self.conv1d.prefill(x, cache.conv_state, consumers=consumers))
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = self.dt_proj(dt).transpose(1, 2)  # (B, di, L)
-        args = (u, delta, self.A_log, B.transpose(1, 2), C.transpose(1, 2), self.D, z.transpose(1, 2))
+        dt, B, C = linear_forward(self.x_proj, x.transpose(1, 2), ((self.dt_proj, "input", self.dt_rank),
+                                                                    (self.scan, "B", n), (self.scan, "C", n)))
+        (delta,) = linear_forward(self.dt_proj, dt, ((self.scan, "delta", di),))
+        args = (u, delta.transpose(1, 2), self.A_log, B.transpose(1, 2), C.transpose(1, 2), self.D, z.transpose(1, 2))
         y = self.scan(*args) if cache is None else self.scan.prefill(cache.ssm_state, *args)
         return self.out_proj(y.transpose(1, 2))  # (B, L, d_model)
 

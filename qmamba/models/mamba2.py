@@ -7,7 +7,7 @@ from torch import nn
 
 from qmamba.config import MambaConfig
 from qmamba.models.mamba1 import inverse_softplus_dt
-from qmamba.models.parts import CausalConv1d, LayerCache, RMSNormGated, SSDScan, linear_step
+from qmamba.models.parts import CausalConv1d, LayerCache, RMSNormGated, SSDScan, linear_forward, linear_step
 
 
 class Mamba2Mixer(nn.Module):
@@ -33,7 +33,7 @@ class Mamba2Mixer(nn.Module):
     def forward(self, hidden: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         """With ``cache`` (prefill), also fill it: the conv's last d_conv inputs and the scan's final state."""
         b, L, _ = hidden.shape
-        z, xBC, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        z, xBC, dt = linear_forward(self.in_proj, hidden, self.in_proj_consumers())
         xBC = xBC.transpose(1, 2)
         xBC = (self.conv1d(xBC) if cache is None else self.conv1d.prefill(xBC, cache.conv_state)).transpose(1, 2)
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
@@ -44,6 +44,11 @@ class Mamba2Mixer(nn.Module):
         y = self.norm(y.reshape(b, L, self.d_inner), z)
         return self.out_proj(y)  # (B, L, d_model)
 
+    def in_proj_consumers(self) -> tuple:
+        """in_proj's output columns [z | xBC | dt] and who reads them: in int8 mode, where all three take codes, one
+        GEMM (GEMV in decoding) emits each its codes in its own scale (``QuantLinear.forward``)."""
+        return ((self.norm, "z", self.d_inner), (self.conv1d, "input", self.conv_dim), (self.scan, "dt", self.nheads))
+
     def allocate_cache(self, batch: int, device=None, dtype: torch.dtype = torch.float32) -> LayerCache:
         return LayerCache(self.conv1d.allocate_state(batch, device, dtype),
                           torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device,
@@ -52,7 +57,7 @@ class Mamba2Mixer(nn.Module):
     def step(self, hidden: torch.Tensor, cache: LayerCache) -> torch.Tensor:  # (B, d_model) -> (B, d_model)
         """``forward`` on one token, advancing ``cache`` in place."""
         b = hidden.shape[0]
-        z, xBC, dt = linear_step(self.in_proj, hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        z, xBC, dt = linear_step(self.in_proj, hidden, self.in_proj_consumers())
         xBC = self.conv1d.step(xBC, cache.conv_state)  # (B, conv_dim)
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         y = self.scan.step(cache.ssm_state, x.reshape(b, self.nheads, self.headdim), dt, self.A_log,

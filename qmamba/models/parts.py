@@ -209,6 +209,15 @@ def linear_step(layer: nn.Module, x: torch.Tensor, consumers=None):
     return y if consumers is None else list(y.split([c for _, _, c in consumers], dim=-1))
 
 
+def linear_forward(layer: nn.Module, x: torch.Tensor, consumers):
+    """``linear_step``'s twin for a whole sequence (..., K): a list, one output per consumer ((part, point, columns)
+    splitting the output's columns in order): int8 codes where the quantized twin emits them (one GEMM), else column
+    slices (views) of the float output."""
+    if hasattr(layer, "emit_codes"):  # the quantized twin (qmamba.qnn.QuantLinear)
+        return layer(x, consumers=consumers)
+    return list(layer(x).split([c for _, _, c in consumers], dim=-1))
+
+
 PARTS = (CausalConv1d, SelectiveScan, SSDScan, RMSNorm, RMSNormGated)
 
 

@@ -46,6 +46,14 @@ class Codes:
     def dim(self) -> int:
         return self.q.dim()
 
+    def __getitem__(self, index) -> Codes:
+        """A slice of the codes (a view, as ``Tensor.__getitem__``), e.g. the conv's last K inputs for its decoding
+        state. Only per-tensor codes without packed flags: a per-channel scale or a mask would need the same slice."""
+        if self.mask is not None or self.scale.numel() != 1:
+            raise ValueError("Codes[...]: only codes with one per-tensor scale and no packed outlier flags can be "
+                             "sliced; slice the float activation instead")
+        return replace(self, q=self.q[index])
+
     def transpose(self, dim0: int, dim1: int) -> Codes:
         """The same codes with two dims swapped (a view), as ``Tensor.transpose``. A mask is packed along the last
         dim, so codes with one cannot be transposed."""

@@ -80,7 +80,8 @@ class QuantTwin:
         return self.weight
 
     def q(self, point: str) -> QuantPoint | None:
-        return self.quant_points[point] if point in self.quant_points else None
+        # read past nn.Module's attribute lookup: every op asks for its points several times a call (host time)
+        return self._modules["quant_points"]._modules.get(point)
 
     def _int8_weight(self, qw: QuantPoint) -> tuple[torch.Tensor, torch.Tensor]:
         """The int8 weight codes and their scale (stored after convert, else quantized on the fly)."""
@@ -138,6 +139,9 @@ class QuantTwin:
         qp = self.q(point)
         if qp is None or x is None:
             return x
+        if isinstance(x, Codes):  # int8 mode, handed on by the producer (only when takes_codes(point))
+            qp.record(x.q)
+            return _deq(x.q, x.scale, x.dtype)  # what roundtrip gives for the float tensor they stand for
         qp.observe(x)
         if self.qmode == "fakequant":
             return qp.fake(x, self.backend)
@@ -275,7 +279,12 @@ class QuantLinear(QuantTwin, nn.Linear):
     def weight_to_quantize(self) -> torch.Tensor:
         return ops.hadamard_transform(self.weight, self.backend) if self.rotated else self.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, consumers=None) -> torch.Tensor:
+        """With ``consumers``, a list of (part, point, columns) splitting the output's N columns in order: each
+        consumer's int8 ``Codes`` when this layer runs integer and every consumer takes codes (one GEMM emits them
+        all, ``w8a8_linear`` with segment out_scales), else the float output's column slices."""
+        if consumers is not None:
+            return self._output_for(x, consumers, step=False)
         qi, qw = self.q("input"), self.q("weight")
         dtype = x.dtype
         if isinstance(x, Codes):  # a producer quantized the input for us (only when takes_codes("input"))
@@ -315,7 +324,7 @@ class QuantLinear(QuantTwin, nn.Linear):
         ``Codes`` when this layer runs integer and every consumer takes codes (one GEMV emits them all), else the
         float output's column slices."""
         if consumers is not None:
-            return self._step_for(x, consumers)
+            return self._output_for(x, consumers, step=True)
         qi, qw = self.q("input"), self.q("weight")
         dtype = x.dtype
         if isinstance(x, Codes):
@@ -334,17 +343,29 @@ class QuantLinear(QuantTwin, nn.Linear):
         return F.linear(self._step_act("input", x).to(dtype), self._step_weight(qw).to(dtype), self.bias)
 
 
-    def _step_for(self, x: torch.Tensor, consumers) -> list:
-        columns = [c for _, _, c in consumers]
+    def _emits_codes_for(self, consumers) -> bool:
+        """Whether this layer hands ``consumers`` their codes: int8 mode, per-tensor input and weight quantized, no
+        rotation, and every consumer takes codes at its point."""
         qi, qw = self.q("input"), self.q("weight")
-        integer = (self.emit_codes and self.qmode == "int8" and qi is not None and qw is not None
-                   and not self.rotated and isinstance(qi.spec.granularity, PerTensor)
-                   and all(isinstance(part, QuantTwin) and part.takes_codes(point) for part, point, _ in consumers))
-        if not integer:
-            return list(self.step(x).split(columns, dim=-1))
-        qx, sx = (x.q, x.scale) if isinstance(x, Codes) else self._step_codes("input", x)
-        wq, sw = self._step_int8_weight(qw)
-        scales = [part._step_scale(part.q(point), qx).detach() for part, point, _ in consumers]
+        return (self.emit_codes and self.qmode == "int8" and qi is not None and qw is not None and not self.rotated
+                and isinstance(qi.spec.granularity, PerTensor)
+                and all(isinstance(part, QuantTwin) and part.takes_codes(point) for part, point, _ in consumers))
+
+    def _output_for(self, x: torch.Tensor, consumers, step: bool) -> list:
+        """``forward`` / ``step`` (``step``) with consumers: see ``forward``."""
+        columns = [c for _, _, c in consumers]
+        if not self._emits_codes_for(consumers):
+            y = self.step(x) if step else self(x)
+            return list(y.split(columns, dim=-1))
+        qw = self.q("weight")
+        if step:
+            qx, sx = (x.q, x.scale) if isinstance(x, Codes) else self._step_codes("input", x)
+            wq, sw = self._step_int8_weight(qw)
+            scales = [part._step_scale(part.q(point), qx).detach() for part, point, _ in consumers]
+        else:
+            qx, sx = self._codes("input", x)
+            wq, sw = self._int8_weight(qw)
+            scales = [part.q(point).scale_for(qx).detach() for part, point, _ in consumers]
         q = w8a8_linear(qx, sx.reshape(()), wq, sw.reshape(-1) if sw.numel() > 1 else sw.reshape(()), self.bias,
                         out_dtype=x.dtype, out_scale=[s.reshape(()) for s in scales], out_columns=columns,
                         backend=self.backend)
@@ -487,7 +508,7 @@ class QuantSelectiveScan(NegExpMemo, QuantTwin, SelectiveScan):
     def _integer(self) -> bool:
         """int8 mode with every input quantized: the scan runs from codes (the int8 kernel on a GPU), a dual-scale u
         as its codes, outlier scale and flags."""
-        return self.qmode == "int8" and all(p in self.quant_points for p in self.POINTS)
+        return self.qmode == "int8" and all(self.q(p) is not None for p in self.POINTS)
 
     def takes_codes(self, point: str) -> bool:
         """Any input as codes (a dual-scale u included) when the scan runs from codes."""
@@ -550,7 +571,11 @@ class QuantSSDScan(NegExpMemo, QuantTwin, SSDScan):
     def _integer(self) -> bool:
         """int8 mode with every input quantized: the scan runs from codes (the Triton int8 kernel on a GPU), a
         dual-scale x as its codes, outlier scale and flags."""
-        return self.qmode == "int8" and all(p in self.quant_points for p in self.POINTS)
+        return self.qmode == "int8" and all(self.q(p) is not None for p in self.POINTS)
+
+    def takes_codes(self, point: str) -> bool:
+        """Any per-tensor input as codes when the scan runs from codes (quamba2_w8a8: dt)."""
+        return point in self.POINTS and self._integer() and self._takes_codes_at(point)
 
     def forward(self, x, dt, A_log, B, C, D, dt_bias):
         if self._integer():
@@ -602,6 +627,10 @@ class QuantRMSNormGated(QuantTwin, RMSNormGated):
     """Mamba2's gated norm with a quantized gate z."""
 
     POINTS = {"z": (False, lambda m: m.weight.shape[0])}
+
+    def takes_codes(self, point: str) -> bool:
+        """The gate as codes in int8 mode (the norm reads their dequantized values, as it reads z's roundtrip)."""
+        return point == "z" and self._takes_codes_at(point)
 
     def forward(self, x, z=None):
         return super().forward(x, self._in("z", z))

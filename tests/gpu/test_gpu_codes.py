@@ -1,5 +1,6 @@
-"""On a CUDA GPU, the int8 Mamba1 mixer with its conv1d kernel handing x_proj and the scan their codes, and in
-decode steps in_proj / x_proj / dt_proj handing the conv, dt_proj and the scan theirs (one GEMV each),
+"""On a CUDA GPU, the int8 Mamba1 mixer with its conv1d kernel handing x_proj and the scan their codes, and
+in_proj / x_proj / dt_proj handing the conv, dt_proj and the scan theirs (one GEMM each on a sequence, one GEMV each
+in decode steps), the int8 Mamba2 in_proj handing the gated norm, the conv and the scan theirs (z, xBC, dt),
 (``qmamba.qnn.codes``; single-scale u, dual-scale u in the mask and piecewise encodings) against the same model with
 each consumer quantizing the conv's float output itself (``emit_codes = False``): forward, prefill and decode steps,
 eager and captured in a CUDA graph. The conv kernel's codes are the quantize kernel's codes of its float output
@@ -82,3 +83,27 @@ def test_graph_steps_equal_eager_steps_with_codes(group):
         a, b = graphed.step(tok), eager.step(tok)
         assert torch.equal(a, b)
         tok = a.argmax(-1)
+
+
+@pytest.mark.parametrize("recipe", ["quamba2_w8a8", "dual_scale_treatment_mamba2.yaml"])
+def test_mamba2_in_proj_codes_equal_float_handoff(recipe):
+    """Mamba2: in_proj's GEMM (prefill) and GEMV (decode) emit z, xBC and dt codes in three segment scales; the
+    same logits and tokens as each consumer quantizing its float slice, eager and graphed."""
+    torch.manual_seed(0)
+    model = MambaLM(preset("tiny-mamba2", d_model=128, n_layer=2, ngroups=2)).cuda().eval()
+    prepare(model, load_recipe(str(RECIPES / recipe)) if recipe.endswith(".yaml") else recipe)
+    with torch.no_grad():
+        calibrate(model, [_ids(4, 128, 1), _ids(4, 128, 2)], progress=False)
+    set_mode(model.half(), "int8")
+    x = _ids(3, 77, 5)
+    in_projs = [layer.mixer.in_proj for layer in model.backbone.layers]
+    with torch.no_grad():
+        for m in in_projs:
+            m.emit_codes = False
+        plain = model(x)
+        plain_tokens = generate(model, x[:, :12], 16, cuda_graph=False)
+        for m in in_projs:
+            m.emit_codes = True
+        assert torch.equal(model(x), plain)
+        assert torch.equal(generate(model, x[:, :12], 16, cuda_graph=False), plain_tokens)
+        assert torch.equal(generate(model, x[:, :12], 16, cuda_graph=True), plain_tokens)

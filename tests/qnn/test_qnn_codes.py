@@ -176,18 +176,18 @@ def _linears_emit(model, on: bool):
 
 
 @pytest.mark.parametrize("group", ["baseline", "treatment"])
-def test_linears_hand_their_consumers_codes_in_decode_bit_for_bit(group, monkeypatch):
-    """int8 Mamba1 decode: in_proj emits the conv's input and the scan's z codes, x_proj dt_proj's input and the
-    scan's B and C, dt_proj the scan's delta, each in its consumer's scale (one ``w8a8_linear`` with segment
-    out_scales); the steps' logits equal, bit for bit, those of each consumer quantizing the float slice itself,
-    and no consumer quantizes anything."""
+def test_linears_hand_their_consumers_codes_bit_for_bit(group, monkeypatch):
+    """int8 Mamba1 forward, prefill and decode: in_proj emits the conv's input and the scan's z codes, x_proj
+    dt_proj's input and the scan's B and C, dt_proj the scan's delta, each in its consumer's scale (one
+    ``w8a8_linear`` with segment out_scales: the GEMM on a sequence, the GEMV on a token); the logits equal, bit for
+    bit, those of each consumer quantizing the float slice itself, and no consumer quantizes anything."""
     model = _model(RECIPES / f"dual_scale_{group}_mamba1.yaml")
     x = _ids(seed=5)
     mixer = model.backbone.layers[0].mixer
     assert mixer.conv1d.takes_codes("input") and all(mixer.scan.takes_codes(p) for p in ("z", "delta", "B", "C"))
     with torch.no_grad():
         _linears_emit(model, False)
-        plain_dec = _decode(model, x)
+        plain, plain_dec = model(x), _decode(model, x)
         _linears_emit(model, True)
 
         def refuse(*args, **kw):
@@ -196,18 +196,43 @@ def test_linears_hand_their_consumers_codes_in_decode_bit_for_bit(group, monkeyp
         for layer in model.backbone.layers:
             m = layer.mixer
             for point in (m.conv1d.q("input"), m.dt_proj.q("input"), *(m.scan.q(p) for p in ("z", "delta", "B", "C"))):
-                monkeypatch.setattr(point, "codes", refuse)
-        # the prefill (forward) still quantizes the float outputs itself: allow it there, forbid it in the steps
-        cache = model.allocate_cache(x.shape[0])
-        monkeypatch.undo()
-        fused_dec = [model.prefill(x, cache)]
+                for name in ("quantize", "codes"):
+                    monkeypatch.setattr(point, name, refuse)
+        fused, fused_dec = model(x), _decode(model, x)
+    assert torch.equal(fused, plain)
+    assert all(torch.equal(a, b) for a, b in zip(fused_dec, plain_dec))
+
+
+@pytest.mark.parametrize("recipe", ["quamba2_w8a8", "dual_scale_treatment_mamba2.yaml"])
+def test_mamba2_in_proj_hands_z_xbc_dt_their_codes_bit_for_bit(recipe, monkeypatch):
+    """int8 Mamba2 forward, prefill and decode: in_proj emits the gated norm's z, the conv's input (xBC) and the
+    scan's dt codes, each in its consumer's per-tensor scale (one ``w8a8_linear`` with three segment scales); the
+    logits equal, bit for bit, those of each consumer quantizing its float slice itself, and none of them does."""
+    torch.manual_seed(0)
+    spec = load_recipe(str(RECIPES / recipe)) if recipe.endswith(".yaml") else recipe
+    model = prepare(MambaLM(qmamba.preset("tiny-mamba2", ngroups=2)).eval(), spec)
+    calibrate(model, [_ids(seed=s) for s in (10, 11)], progress=False)
+    set_mode(model, "int8")
+    x = _ids(seed=5)
+    for layer in model.backbone.layers:
+        m = layer.mixer
+        assert all(part.takes_codes(point) for part, point, _ in m.in_proj_consumers())
+    with torch.no_grad():
         for layer in model.backbone.layers:
-            m = layer.mixer
-            for point in (m.conv1d.q("input"), m.dt_proj.q("input"), *(m.scan.q(p) for p in ("z", "delta", "B", "C"))):
-                monkeypatch.setattr(point, "codes", refuse)
-        g = torch.Generator().manual_seed(3)
-        for _ in range(4):
-            fused_dec.append(model.step(torch.randint(0, 256, (x.shape[0],), generator=g), cache))
+            layer.mixer.in_proj.emit_codes = False
+        plain, plain_dec = model(x), _decode(model, x)
+        for layer in model.backbone.layers:
+            layer.mixer.in_proj.emit_codes = True
+
+        def refuse(*args, **kw):
+            raise AssertionError("a consumer quantized in_proj's float output although in_proj handed it codes")
+
+        for layer in model.backbone.layers:
+            for part, point, _ in layer.mixer.in_proj_consumers():
+                for name in ("quantize", "codes", "roundtrip"):
+                    monkeypatch.setattr(part.q(point), name, refuse)
+        fused, fused_dec = model(x), _decode(model, x)
+    assert torch.equal(fused, plain)
     assert all(torch.equal(a, b) for a, b in zip(fused_dec, plain_dec))
 
 

@@ -157,6 +157,7 @@ def _tiny_calibrated():
 def test_op_forcing_confines_a_broken_op_to_its_own_output():
     model = _tiny_calibrated()
     conv = model.backbone.layers[0].mixer.conv1d
+    model.backbone.layers[0].mixer.in_proj.emit_codes = False  # the conv gets in_proj's float output, to scale
     # an int8 path that feeds conv1d a scaled input: conv1d.input's codes differ a lot between the modes
     conv.register_forward_pre_hook(lambda m, args: (args[0] * 1.5,) if m.qmode == "int8" else None)
     op = {r.point: r for r in agreement_report(model, _ids(seed=7), forcing="op")}
