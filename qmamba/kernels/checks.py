@@ -114,3 +114,13 @@ def require_cuda(op: str, name: str, ref: torch.Tensor, **others) -> None:
         if t is not None and t.device != ref.device:
             raise RuntimeError(f"{op}: {other} is on {t.device} but {name} is on {ref.device}; move it with "
                                f".to({name}.device)")
+
+
+def fp32_flat(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` as a flat contiguous fp32 tensor on ``device``, the form the kernels read scales, biases and A / D in
+    (by element count and data pointer). ``t`` itself, with no op dispatched, when it already is fp32 there with at
+    most one dim and contiguous (a calibrated or converted model's scales are): each op dispatched costs host time
+    in a prefill."""
+    if t.dtype is torch.float32 and t.dim() <= 1 and t.device == device and t.is_contiguous():
+        return t
+    return t.to(device=device, dtype=torch.float32).reshape(-1).contiguous()

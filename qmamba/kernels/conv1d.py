@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from qmamba.kernels.build import load
-from qmamba.kernels.checks import (INT32_LIMIT, require_channel_scale, require_cuda, require_int8, require_numel,
-                                   require_out_dtype, require_per_tensor_scale, shape_of)
+from qmamba.kernels.checks import (INT32_LIMIT, fp32_flat, require_channel_scale, require_cuda, require_int8,
+                                   require_numel, require_out_dtype, require_per_tensor_scale, shape_of)
 from qmamba.quant.dual_scale import check_out_duals
 
 MAX_TAPS = 4      # csrc kMaxTaps: d_conv of every Mamba model
@@ -28,7 +28,7 @@ def per_tensor_scale(scale, device: torch.device, name: str) -> torch.Tensor:
         scale = torch.tensor(float(scale))
     if scale.numel() != 1:
         raise ValueError(f"{name} must be a per-tensor scale (one element), got shape {tuple(scale.shape)}")
-    return scale.to(device=device, dtype=torch.float32).reshape(1)
+    return fp32_flat(scale, device)
 
 
 def channel_scale(scale, channels: int, device: torch.device, name: str) -> torch.Tensor:
@@ -38,13 +38,13 @@ def channel_scale(scale, channels: int, device: torch.device, name: str) -> torc
     if scale.numel() not in (1, channels):
         raise ValueError(f"{name} must have 1 (per-tensor) or {channels} (per-channel) elements, got shape "
                          f"{tuple(scale.shape)}")
-    return scale.to(device=device, dtype=torch.float32).reshape(-1).contiguous()
+    return fp32_flat(scale, device)
 
 
 def _weight_and_bias(qw: torch.Tensor, bias: torch.Tensor | None, channels: int, device: torch.device):
     qw = qw.to(device).reshape(channels, -1).contiguous()  # (D, K)
     if bias is not None:
-        bias = bias.to(device=device, dtype=torch.float32).reshape(-1).contiguous()  # (D,)
+        bias = fp32_flat(bias, device)  # (D,)
     return qw, bias
 
 

@@ -5,8 +5,9 @@
 
 Both take qx (..., K) int8, a one-element fp32 x_scale, qw (N, K) int8, w_scale (1 or N elements), bias (N,) or None,
 the output (activation) dtype, and an optional per-column out_scale (N,) that makes them return int8 codes (the GEMV
-also takes one one-element scale per segment of columns, ``out_columns`` their column counts); they return (..., N). Scales and bias are passed to the kernels as fp32 (``.float()`` is free when they already are), and
-never read on the host, so decode steps can be captured in CUDA graphs. The Triton GEMM autotunes on the first call
+also takes one one-element scale per segment of columns, ``out_columns`` their column counts); they return (..., N).
+Scales and bias are passed to the kernels as flat fp32 (``fp32_flat``: no op when they already are), and never read
+on the host, so decode steps can be captured in CUDA graphs. The Triton GEMM autotunes on the first call
 of each (M bucket, N, K): run one warm-up step before capturing a graph that contains it. Arguments are checked in
 Python first (``check_w8a8_args`` / ``check_gemv_args``, metadata only: see ``qmamba.kernels.checks``).
 """
@@ -18,8 +19,8 @@ import math
 
 import torch
 
-from qmamba.kernels.checks import (INT32_LIMIT, require_channel_scale, require_cuda, require_int8, require_numel,
-                                   require_out_dtype, require_per_tensor_scale, shape_of)
+from qmamba.kernels.checks import (INT32_LIMIT, fp32_flat, require_channel_scale, require_cuda, require_int8,
+                                   require_numel, require_out_dtype, require_per_tensor_scale, shape_of)
 
 GEMV_MAX_ROWS = 8     # csrc kMaxM: rows (tokens) of one GEMV call
 GEMV_K_MULTIPLE = 16  # 16-byte loads of the weight rows
@@ -77,12 +78,12 @@ def _prep(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: to
           bias: torch.Tensor | None, out_scale: torch.Tensor | None):
     """The kernels' layouts: x (M, K) contiguous, fp32 scales / bias flat and contiguous (arguments checked)."""
     N, K = qw.shape
-    x2 = qx.reshape(math.prod(qx.shape[:-1]), K).contiguous()  # (M, K)
-    xs = x_scale.float().reshape(1)
-    ws = w_scale.float().reshape(-1).contiguous()
-    b = None if bias is None else bias.float().reshape(N).contiguous()
-    os_ = None if out_scale is None else out_scale.float().reshape(N).contiguous()
-    return x2, xs, qw.contiguous(), ws, b, os_
+    x2 = qx if qx.dim() == 2 and qx.is_contiguous() else qx.reshape(math.prod(qx.shape[:-1]), K).contiguous()  # (M, K)
+    dev = qx.device
+    xs, ws = fp32_flat(x_scale, dev), fp32_flat(w_scale, dev)
+    b = None if bias is None else fp32_flat(bias, dev)
+    os_ = None if out_scale is None else fp32_flat(out_scale, dev)
+    return x2, xs, qw if qw.is_contiguous() else qw.contiguous(), ws, b, os_
 
 
 def w8a8_gemm(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from qmamba.kernels.build import load
-from qmamba.kernels.checks import (INT32_LIMIT, require_cuda, require_int8, require_out_dtype,
+from qmamba.kernels.checks import (INT32_LIMIT, fp32_flat, require_cuda, require_int8, require_out_dtype,
                                    require_per_tensor_scale, require_shape, shape_of)
 from qmamba.quant.dual_scale import DualScale, check_dual_mask
 
@@ -25,11 +25,11 @@ def _scale(scale, like: torch.Tensor) -> torch.Tensor:
     """A one-element fp32 tensor on ``like``'s device (arguments checked: the scale is per-tensor)."""
     if not isinstance(scale, torch.Tensor):
         return torch.tensor([float(scale)], dtype=torch.float32, device=like.device)
-    return scale.reshape(1).to(device=like.device, dtype=torch.float32)
+    return fp32_flat(scale, like.device)
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype=torch.float32)
+    return None if t is None or t.dtype is torch.float32 else t.to(dtype=torch.float32)
 
 
 def _check_params(op: str, dim: int, nstate: int, A, D, qz, z_scale, u_shape, z_ndim: int, delta_bias, out_dtype,

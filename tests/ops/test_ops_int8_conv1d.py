@@ -265,9 +265,13 @@ def test_errors_name_the_fix():
 def test_kernel_argument_normalization():
     """The CUDA wrapper's scale handling (runs anywhere: no kernel is called)."""
     s = per_tensor_scale(0.5, torch.device("cpu"), "x_scale")
-    assert s.dtype == torch.float32 and s.shape == (1,) and s.item() == 0.5
+    assert s.dtype == torch.float32 and s.numel() == 1 and s.dim() <= 1 and s.item() == 0.5
     t = torch.tensor([[0.25]], dtype=torch.float64)
     assert per_tensor_scale(t, torch.device("cpu"), "x_scale").shape == (1,)
+    s32 = torch.tensor(0.25)  # already flat fp32 on the device: passed as it is, no op dispatched
+    assert per_tensor_scale(s32, torch.device("cpu"), "x_scale") is s32
+    w5 = torch.ones(5)
+    assert channel_scale(w5, 5, torch.device("cpu"), "w_scale") is w5
     with pytest.raises(ValueError, match="x_scale must be a per-tensor"):
         per_tensor_scale(torch.ones(3), torch.device("cpu"), "x_scale")
     assert channel_scale(torch.ones(5, 1, 1), 5, torch.device("cpu"), "w_scale").shape == (5,)
