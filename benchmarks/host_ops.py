@@ -181,10 +181,12 @@ def dry_int8_kernels(launches: collections.Counter):
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
 
 
-def int8_count(preset_name: str, recipe: str, batch: int = 1, prompt: int = 64, device: str | None = None) -> dict:
+def int8_count(preset_name: str, recipe: str, batch: int = 1, prompt: int = 64, device: str | None = None,
+               reps: int = 20) -> dict:
     """{"prefill": aten ops of one prefill of ``prompt`` tokens, "step": of one decode step, "prefill_launches" /
-    "step_launches": qmamba kernel calls (dry) or None, "layers", "dry"} of the int8 model as benchmarks/latency.py
-    builds it (calibrated on random tokens, converted, float leftovers fp16), after a warm-up of each."""
+    "step_launches": qmamba kernel calls (dry) or None, "prefill_host_ms" / "step_host_ms": the least host time of
+    ``reps`` calls of the backbone (the layers, without the lm_head), "layers", "dry"} of the int8 model as benchmarks/latency.py builds it (calibrated on random
+    tokens, converted, float leftovers fp16), after a warm-up of each."""
     from torch.profiler import ProfilerActivity, profile
 
     from latency import fp16_float_leftovers_
@@ -216,7 +218,26 @@ def int8_count(preset_name: str, recipe: str, batch: int = 1, prompt: int = 64, 
             result[what] = collections.Counter({e.key: e.count for e in prof.key_averages()
                                                 if e.key.startswith("aten::")})
             result[f"{what}_launches"] = collections.Counter(launches) if dry else None
+            # the host time of the layers: the backbone without the lm_head (a float GEMM that a dry run computes)
+            body = (lambda: model.backbone(ids, cache)) if what == "prefill" else (
+                lambda: model.backbone.step(token, cache))
+            result[f"{what}_host_ms"] = _min_host_ms(body, reps, device)
     return result
+
+
+def _min_host_ms(fn, reps: int, device: str) -> float:
+    """The least host time of ``reps`` calls of ``fn`` (the least: the machine's own noise only adds), in ms; on a
+    GPU the host returns before the kernels finish, so this is the time to dispatch, not to run."""
+    import time
+
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return best * 1e3
 
 
 def step_ops(model, ids, precision: str = "bf16", launches: collections.Counter | None = None) -> collections.Counter:
@@ -296,7 +317,8 @@ def print_int8(args) -> None:
     for what in ("prefill", "step"):
         ops, n = r[what], r["layers"]
         syncs = sum(ops.get(k, 0) for k in SYNC_OPS)
-        line = f"{what:8s} aten ops {sum(ops.values()):7,} ({sum(ops.values()) / n:6.1f} a layer)  host reads {syncs}"
+        line = (f"{what:8s} host {r[f'{what}_host_ms'] / n:.3f} ms a layer  aten ops {sum(ops.values()):7,} "
+                f"({sum(ops.values()) / n:6.1f} a layer)  host reads {syncs}")
         if r[f"{what}_launches"] is not None:
             k = r[f"{what}_launches"]
             line += f"  kernels {sum(k.values())} ({sum(k.values()) / n:.1f} a layer: {dict(k)})"

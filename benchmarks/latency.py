@@ -20,6 +20,7 @@ mamba_ssm's ``MambaLMHeadModel`` runs in fp16 with its own inference cache (caus
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import statistics
@@ -172,6 +173,24 @@ def print_profile(fn, title: str, rows: int) -> None:
     print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[-6000:], flush=True)
 
 
+def host_syncs(fn) -> list[str]:
+    """Where one (warmed-up) call of ``fn`` makes the host wait for the GPU: torch's CUDA sync debug mode warns at
+    each synchronizing call (a value read on the host, a blocking copy, a stream sync); returns "file:line: message"
+    of each, the Python frame that made it. A prefill that syncs cannot overlap its host work with its kernels."""
+    import warnings
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in caught
+            if "synchroniz" in str(w.message).lower()]
+
+
 def measure(engine, cfg, args, bandwidth: float) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -185,6 +204,11 @@ def measure(engine, cfg, args, bandwidth: float) -> dict:
             prefill(ids)
         one_prefill = functools.partial(prefill, ids)
         ttft = cuda_time_ms(one_prefill, reps=args.reps)
+        if args.sync_check:
+            syncs = host_syncs(one_prefill)
+            print(f"{cfg_name(cfg)} / {engine.__name__}: one prefill makes {len(syncs)} host syncs", flush=True)
+            for where, n in collections.Counter(syncs).most_common(8):
+                print(f"    {n:4d}  {where}", flush=True)
         if args.profile:
             print_profile(one_prefill, f"{cfg_name(cfg)} / {engine.__name__}: one prefill", args.profile)
         if args.profile_decode:
@@ -212,6 +236,8 @@ def main() -> None:
                     help="also print torch.profiler's ROWS costliest ops of 10 decode steps per engine (not timed)")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="also print torch.profiler's ROWS costliest ops of one prefill per engine (not timed)")
+    ap.add_argument("--sync-check", action="store_true",
+                    help="also count the host syncs of one prefill per engine (torch's CUDA sync debug mode)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/latency.py needs a CUDA GPU")
