@@ -126,8 +126,8 @@ class _CountedOp:
 def dry_int8_kernels(launches: collections.Counter):
     """On CPU tensors: the int8 ops pick qmamba's kernels as on a GPU (``use_kernels`` says yes, ``load`` and
     ``require_cuda`` pass), each ``torch.ops.qmamba`` op and int8 Triton launch is counted and returns an empty result
-    of its shape (``DRY_OPS``), and the fused fake-quant / Hadamard path is dry as in ``dry_fused_path``; everything
-    restored on exit."""
+    of its shape (``DRY_OPS``), so are the float norms' mamba_ssm Triton kernels (``qmamba.ops.norm``), and the fused
+    fake-quant / Hadamard path is dry as in ``dry_fused_path``; everything restored on exit."""
     import sys
 
     import qmamba.kernels.build as build
@@ -163,6 +163,23 @@ def dry_int8_kernels(launches: collections.Counter):
             if k.endswith("_kernel") or k in ("_gemm_fixed", "_gemm_tuned"):
                 saved.append((mod, k, getattr(mod, k)))
                 setattr(mod, k, _CountedLaunch(k, launches))
+    # the float norms run mamba_ssm's Triton kernels on a GPU (qmamba.ops.norm): counted and empty here as well
+    import types
+
+    import qmamba.ops.norm as onorm
+
+    def norm_launch(name):
+        def fn(x, *args, **kwargs):
+            launches[name] += 1
+            return torch.empty_like(x)
+        return fn
+
+    stubs = {"mamba_ssm.ops.triton.layer_norm": types.SimpleNamespace(rms_norm_fn=norm_launch("mamba_ssm rms_norm")),
+             "mamba_ssm.ops.triton.layernorm_gated": types.SimpleNamespace(
+                 rmsnorm_fn=norm_launch("mamba_ssm gated rmsnorm"))}
+    saved += [(onorm, "use_fast_path", onorm.use_fast_path), (onorm, "try_import", onorm.try_import)]
+    onorm.use_fast_path = lambda b, tensor, module, op: backend.validate_backend(b) != "torch"
+    onorm.try_import = stubs.get
     ns = torch.ops.qmamba
     try:
         for name, fn in DRY_OPS.items():
@@ -185,8 +202,9 @@ def int8_count(preset_name: str, recipe: str, batch: int = 1, prompt: int = 64, 
                reps: int = 20) -> dict:
     """{"prefill": aten ops of one prefill of ``prompt`` tokens, "step": of one decode step, "prefill_launches" /
     "step_launches": qmamba kernel calls (dry) or None, "prefill_host_ms" / "step_host_ms": the least host time of
-    ``reps`` calls of the backbone (the layers, without the lm_head), "layers", "dry"} of the int8 model as benchmarks/latency.py builds it (calibrated on random
-    tokens, converted, float leftovers fp16), after a warm-up of each."""
+    ``reps`` calls of the backbone (the layers, without the lm_head), "layers", "dry"} of the int8 model as
+    benchmarks/latency.py builds it (calibrated on random tokens, converted, float leftovers fp16), after a warm-up
+    of each."""
     from torch.profiler import ProfilerActivity, profile
 
     from latency import fp16_float_leftovers_

@@ -53,7 +53,8 @@ def test_int8_prefill_and_step_kernels_a_layer(preset_name, recipe, prefill_kern
     for what, expected in (("prefill", prefill_kernels), ("step", step_kernels)):
         assert not any(r[what].get(k, 0) for k in host_ops.SYNC_OPS), what
         launches = r[f"{what}_launches"]
-        assert sum(launches.values()) == expected * n, (what, dict(launches))
+        ours = sum(v for k, v in launches.items() if not k.startswith("mamba_ssm"))  # the float norms: mamba_ssm's
+        assert ours == expected * n, (what, dict(launches))
     if preset_name == "tiny":
         assert "quantize_int8" not in r["prefill_launches"] and "quantize_int8" not in r["step_launches"]
 
