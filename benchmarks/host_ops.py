@@ -138,27 +138,33 @@ def dry_int8_kernels(launches: collections.Counter):
     import qmamba.kernels.norm  # noqa: F401
     import qmamba.kernels.quantize  # noqa: F401
     import qmamba.kernels.selective_scan  # noqa: F401
+    import qmamba.kernels.triton.gated_norm as tgnorm
     import qmamba.kernels.triton.ssd_int8 as tssd
     import qmamba.kernels.triton.w8a8_gemm as tgemm
     import qmamba.kernels.triton.launch as launch
     import qmamba.ops.backend as backend
 
     # interpreting: the Triton wrappers take CPU tensors as under TRITON_INTERPRET=1 (small blocks; launches counted)
+    import qmamba.ops.int8_gated_norm  # noqa: F401  (imported, so the loop below patches its use_triton)
+
     real = {"use_kernels": backend.use_kernels, "load": build.load, "require_cuda": checks.require_cuda,
-            "interpreting": launch.interpreting}
+            "interpreting": launch.interpreting, "use_triton": backend.use_triton}
 
     def use_kernels(b, tensor, op):
         return backend.validate_backend(b) != "torch"
 
+    def use_triton(b, tensor, op, problem=None):
+        return backend.validate_backend(b) != "torch" and (problem() if problem is not None else None) is None
+
     fakes = {"use_kernels": use_kernels, "load": lambda *a, **k: None, "require_cuda": lambda *a, **k: None,
-             "interpreting": lambda: True}
+             "interpreting": lambda: True, "use_triton": use_triton}
     saved = []
     for mod in [m for name, m in sys.modules.items() if name.startswith("qmamba") and m is not None]:
         for k, v in real.items():
             if getattr(mod, k, None) is v:
                 saved.append((mod, k, v))
                 setattr(mod, k, fakes[k])
-    for mod in (tssd, tgemm):
+    for mod in (tssd, tgemm, tgnorm):
         for k in dir(mod):
             if k.endswith("_kernel") or k in ("_gemm_fixed", "_gemm_tuned"):
                 saved.append((mod, k, getattr(mod, k)))

@@ -10,7 +10,8 @@ mkdir -p "$out"
 bash scripts/device_setup.sh 2>&1 | tail -2
 python3 -c "import qmamba.kernels as k; k.load()" 2>&1 | tail -2
 timeout 200 python3 -m pytest -q -m gpu tests/gpu/test_gpu_codes.py tests/gpu/test_gpu_kernel_linear.py \
-  tests/gpu/test_gpu_kernel_norm.py tests/gpu/test_gpu_generation.py > "$out/prefill_gpu_tests.log" 2>&1
+  tests/gpu/test_gpu_kernel_norm.py tests/gpu/test_gpu_kernel_gated_norm.py tests/gpu/test_gpu_kernel_ssd.py \
+  tests/gpu/test_gpu_generation.py > "$out/prefill_gpu_tests.log" 2>&1
 tail -25 "$out/prefill_gpu_tests.log"
 for p in "mamba-130m quamba_w8a8" "mamba2-130m quamba2_w8a8"; do
   set -- $p

@@ -42,11 +42,12 @@ def test_dry_path_restores_everything():
 
 
 @pytest.mark.parametrize("preset_name, recipe, prefill_kernels, step_kernels",
-                         [("tiny", "quamba_w8a8", 8, 8), ("tiny-mamba2", "quamba2_w8a8", 12, 9)])
+                         [("tiny", "quamba_w8a8", 8, 8), ("tiny-mamba2", "quamba2_w8a8", 13, 10)])
 def test_int8_prefill_and_step_kernels_a_layer(preset_name, recipe, prefill_kernels, step_kernels):
     """The int8 model's host side with qmamba's kernels dry: no op reads a tensor on the host, and the kernels a
     layer launches (Mamba1: pre-norm, 4 linears, conv, scan, out_proj's rotation; no separate quantize: each
-    producer emits its consumers' codes; Mamba2: x / B / C still quantized from the conv's float output)."""
+    producer emits its consumers' codes; Mamba2: the same plus the gated norm reading z's codes, with x / B / C
+    still quantized from the conv's float output). Only the final norm is mamba_ssm's."""
     r = host_ops.int8_count(preset_name, recipe, prompt=64, device="cpu")
     assert r["dry"]
     n = r["layers"]
@@ -55,6 +56,7 @@ def test_int8_prefill_and_step_kernels_a_layer(preset_name, recipe, prefill_kern
         launches = r[f"{what}_launches"]
         ours = sum(v for k, v in launches.items() if not k.startswith("mamba_ssm"))  # the float norms: mamba_ssm's
         assert ours == expected * n, (what, dict(launches))
+        assert sum(launches.values()) - ours == 1, dict(launches)  # norm_f
     if preset_name == "tiny":
         assert "quantize_int8" not in r["prefill_launches"] and "quantize_int8" not in r["step_launches"]
 

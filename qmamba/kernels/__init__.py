@@ -16,6 +16,7 @@ Python entry points (each calls ``load()`` itself):
     linear.py          W8A8 linear with the dequant (and optional requant) epilogue fused: GEMM and decode GEMV
     triton/ssd_int8.py int8 Mamba2 SSD chunk scan and its decode step (Triton)
     triton/w8a8_gemm.py  W8A8 GEMM with fused epilogue (Triton)
+    triton/gated_norm.py Mamba2's gated RMSNorm reading its gate as int8 codes (Triton), for int8 mode
     fake_quant.py      fakequant (QAT) in fused Triton kernels (triton/fake_quant.py): single- and dual-scale
                        fake-quant forward + STE / LSQ backward; no build, picked by ``fake_quantize(backend=...)``
     triton/hadamard.py Walsh-Hadamard transform forward + backward for fakequant (``hadamard_transform(backend=)``)

@@ -29,6 +29,7 @@ from qmamba.qnn.codes import Codes
 from qmamba.qnn.point import QuantPoint
 from qmamba.quant.granularity import PerTensor
 from qmamba.ops.int8_conv1d import conv1d_int8, conv1d_int8_update
+from qmamba.ops.int8_gated_norm import gated_rms_norm_from_codes
 from qmamba.ops.int8_hadamard import hadamard_quantize
 from qmamba.ops.int8_linear import w8a8_linear
 from qmamba.ops.int8_selective_scan import selective_scan_int8, selective_scan_int8_update
@@ -633,6 +634,8 @@ class QuantRMSNormGated(QuantTwin, RMSNormGated):
         return point == "z" and self._takes_codes_at(point)
 
     def forward(self, x, z=None):
+        if self.qmode == "int8" and z is not None and self.q("z") is not None:
+            return self._int8_norm(x, *self._codes("z", z), z.dtype)
         return super().forward(x, self._in("z", z))
 
     def step(self, x, z=None):  # (B, D) -> (B, D)
@@ -642,7 +645,15 @@ class QuantRMSNormGated(QuantTwin, RMSNormGated):
 
     def _int8_step(self, x, qz, sz):
         """The norm on one token with the gate as int8 codes (scale None: z is float)."""
-        return super().step(x, _deq(qz, sz, x.dtype))
+        if sz is None:
+            return super().step(x, qz)
+        return self._int8_norm(x, qz, sz, x.dtype)
+
+    def _int8_norm(self, x, qz, sz, z_dtype):
+        """The norm reading the gate's codes: z dequantized to its dtype as ``roundtrip`` gives it, then the gated
+        norm (``ops.int8_gated_norm``: one Triton kernel on a GPU, the torch reference elsewhere)."""
+        return gated_rms_norm_from_codes(x, self.weight, qz, sz, z_dtype, self.eps, self.group_size,
+                                         self.norm_before_gate, backend=self.backend)
 
 
 TWINS: dict[type, type] = {nn.Linear: QuantLinear, CausalConv1d: QuantCausalConv1d, SelectiveScan: QuantSelectiveScan,

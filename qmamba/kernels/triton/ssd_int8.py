@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qmamba.kernels.checks import fp32_flat
 from qmamba.kernels.triton.launch import on_device_of
 from qmamba.quant.dual_scale import DualScale, check_dual_mask
 
@@ -328,7 +329,7 @@ def _scale_arg(name: str, scale: torch.Tensor, channels: int, what: str, device)
     if not isinstance(scale, torch.Tensor) or scale.numel() not in (1, channels):
         shape = tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__
         raise ValueError(f"{name} must be an fp32 tensor with one element or {channels} (one per {what}), got {shape}")
-    s = scale.detach().reshape(-1).to(device=device, dtype=torch.float32).contiguous()
+    s = fp32_flat(scale, device)
     return s, (1 if s.numel() > 1 else 0)
 
 
@@ -352,7 +353,7 @@ def _vec_arg(name: str, v: torch.Tensor | None, H: int, device) -> torch.Tensor 
         return None
     if v.shape != (H,):
         raise ValueError(f"{name} must be ({H},) (one per head), got {tuple(v.shape)}")
-    return v.detach().to(device=device, dtype=torch.float32).contiguous()
+    return fp32_flat(v, device)
 
 
 def _D_arg(D: torch.Tensor | None, H: int, P: int, device):
@@ -361,7 +362,7 @@ def _D_arg(D: torch.Tensor | None, H: int, P: int, device):
         return torch.empty(1, dtype=torch.float32, device=device), 0, 0
     if D.shape not in ((H,), (H, P)):
         raise ValueError(f"D must be ({H},) or ({H}, {P}), got {tuple(D.shape)}")
-    Df = D.detach().to(device=device, dtype=torch.float32).contiguous()
+    Df = fp32_flat(D, device) if D.dim() == 1 else D.to(device=device, dtype=torch.float32).contiguous()
     return (Df, 1, 0) if Df.dim() == 1 else (Df, Df.stride(0), Df.stride(1))
 
 
