@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from qmamba.ops.backend import use_kernels
 from qmamba.ops.ssd import ssd_chunk_scan_ref
 from qmamba.quant.dual_scale import DualScale, check_dual_mask, dequantize_codes
-from qmamba.quant.numerics import dequantize
+from qmamba.quant.numerics import dequantize, quantize
 
 
 def _check_codes(name: str, q: torch.Tensor, ndim: int, shape_doc: str) -> None:
@@ -180,3 +180,27 @@ def ssd_step_int8(state, qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale
 
         return ssd_step_int8_triton(*args, **kwargs)
     return ssd_step_int8_ref(*args, **kwargs)
+
+
+def ssd_step_int8_from_float(state, x, x_scale, qdt, dt_scale, A, B, B_scale, C, C_scale, D=None, dt_bias=None,
+                             dt_softplus=True, out_dtype=torch.float32, backend: str = "auto"):
+    """``ssd_step_int8`` with x (batch, h, p), B and C (batch, g, n) given as the float activations (the conv's output)
+    instead of codes: each is quantized with its scale first (``numerics.quantize``, the codes its quantization point
+    makes), then the step runs on the codes. The Triton kernel quantizes them where it loads them (one launch instead
+    of three quantize kernels and the step; the same codes: the IEEE reciprocal of the scale, the product rounded to
+    fp32, rint, clamp). Single-scale x only."""
+    for name, t in (("x", x), ("B", B), ("C", C)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"ssd_step_int8_from_float: {name} must be the float activation, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}; pass codes to ssd_step_int8 instead")
+    if use_kernels(backend, x, "ssd_step_int8"):
+        from qmamba.kernels.triton.ssd_int8 import ssd_step_int8_triton
+
+        return ssd_step_int8_triton(state, x, x_scale, qdt, dt_scale, A, B, B_scale, C, C_scale, D=D, dt_bias=dt_bias,
+                                    dt_softplus=dt_softplus, out_dtype=out_dtype, float_in=True)
+    h, g = x.shape[1], B.shape[1]
+    qx = quantize(x, _scale("x_scale", x_scale, h, "head", 1, 1))
+    qB = quantize(B, _scale("B_scale", B_scale, g, "group", 1, 1))
+    qC = quantize(C, _scale("C_scale", C_scale, g, "group", 1, 1))
+    return ssd_step_int8_ref(state, qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale, D=D, dt_bias=dt_bias,
+                             dt_softplus=dt_softplus, out_dtype=out_dtype)

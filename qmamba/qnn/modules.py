@@ -33,7 +33,7 @@ from qmamba.ops.int8_gated_norm import gated_rms_norm_from_codes
 from qmamba.ops.int8_hadamard import hadamard_quantize
 from qmamba.ops.int8_linear import w8a8_linear
 from qmamba.ops.int8_selective_scan import selective_scan_int8, selective_scan_int8_update
-from qmamba.ops.int8_ssd import ssd_chunk_scan_int8, ssd_step_int8
+from qmamba.ops.int8_ssd import ssd_chunk_scan_int8, ssd_step_int8, ssd_step_int8_from_float
 from qmamba.quant.dual_scale import DualScale
 from qmamba.quant.numerics import dequantize, quantize, scale_from_absmax
 from qmamba.quant.recipe import QuantSpec
@@ -606,6 +606,13 @@ class QuantSSDScan(NegExpMemo, QuantTwin, SSDScan):
 
     def step(self, state, x, dt, A_log, B, C, D, dt_bias):  # one token: x (B, H, P), dt (B, H), B / C (B, G, N)
         named = (("x", x), ("dt", dt), ("B", B), ("C", C))
+        if self._integer() and self.q("x").dual is None and not any(isinstance(t, Codes) for t in (x, B, C)):
+            # x, B, C as the conv's float output: the step kernel quantizes them as it loads them (one launch)
+            qdt, sdt = self._step_codes("dt", dt, 1)
+            sx, sB, sC = (self._step_scale(self.q(p), t).detach() for p, t in (("x", x), ("B", B), ("C", C)))
+            return ssd_step_int8_from_float(state, x, sx, qdt, sdt, self._neg_exp(A_log), B, sB, C, sC, D=D,
+                                            dt_bias=dt_bias, dt_softplus=True, out_dtype=x.dtype,
+                                            backend=self.backend)
         if self.qmode == "int8":
             qx, sx, x_dual, x_mask = self._step_dual_codes("x", x, 1)
             (qdt, sdt), (qB, sB), (qC, sC) = (self._step_codes(p, t, 1) for p, t in named[1:])

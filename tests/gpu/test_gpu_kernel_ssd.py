@@ -382,3 +382,33 @@ def test_dual_x_dispatchers_pick_the_kernels_on_cuda():
     want = k.ssd_step_int8_triton(s_kernel, **_at(inp, 0))
     assert torch.equal(ssd_step_int8(s_dispatch, **_at(inp, 0), backend="cuda"), want)
     assert torch.equal(s_dispatch, s_kernel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_step_from_float_inputs_is_the_codes_step_bit_for_bit(model, batch, dtype):
+    """float_in: the step kernel fed the conv's float x / B / C (strided views of one xBC row, per-head x and
+    per-group B / C scales) quantizes them as the quantize kernel does: state and output equal, bit for bit, the
+    kernel fed those codes (qmamba.ops.int8_quantize, the CUDA kernel)."""
+    from qmamba.ops.int8_quantize import quantize_int8
+
+    k = _kernels()
+    h, p, g, n = MODELS[model]
+    torch.manual_seed(batch)
+    xbc = (torch.randn(batch, h * p + 2 * g * n, device="cuda") * 2).to(dtype)
+    xbc[0, :4] = torch.tensor([0.0, -0.0, 1e4, -1e4])  # signed zeros and clamped values
+    x, B, C = xbc[:, :h * p].view(batch, h, p), xbc[:, h * p:h * p + g * n].view(batch, g, n), \
+        xbc[:, h * p + g * n:].view(batch, g, n)
+    sx = x.float().abs().amax(dim=(0, 2)) / 127 * 0.8
+    sB, sC = (t.float().abs().amax(dim=(0, 2)) / 127 * 0.8 for t in (B, C))
+    qdt = torch.randint(-100, 100, (batch, h), dtype=torch.int8, device="cuda")
+    common = dict(qdt=qdt, dt_scale=torch.tensor(0.02, device="cuda"), A=-torch.rand(h, device="cuda") * 8 - 1,
+                  D=torch.randn(h, device="cuda"), dt_bias=torch.rand(h, device="cuda") * 0.1)
+    S1 = torch.randn(batch, h, p, n, device="cuda")
+    S2 = S1.clone()
+    y1 = k.ssd_step_int8_triton(S1, x, sx, B_scale=sB, C_scale=sC, qB=B, qC=C, float_in=True, **common)
+    y2 = k.ssd_step_int8_triton(S2, quantize_int8(x, sx, 1, backend="cuda"), sx, B_scale=sB, C_scale=sC,
+                                qB=quantize_int8(B, sB, 1, backend="cuda"), qC=quantize_int8(C, sC, 1, backend="cuda"),
+                                **common)
+    assert torch.equal(y1, y2) and torch.equal(S1, S2)

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 
 from qmamba.models.parts import SSDScan
 from qmamba.ops.int8_ssd import (ssd_chunk_scan_int8, ssd_chunk_scan_int8_ref, ssd_step_int8,
-                                 ssd_step_int8_ref)
+                                 ssd_step_int8_from_float, ssd_step_int8_ref)
 from qmamba.ops.ssd import ssd_chunk_scan_ref
 from qmamba.qnn.modules import QuantSSDScan
 from qmamba.quant.dual_scale import DualScale, dequantize_codes, dual_quantize, outlier_share, unpack_mask
 from qmamba.quant.granularity import PerChannel, PerTensor
-from qmamba.quant.numerics import dequantize
+from qmamba.quant.numerics import dequantize, quantize
 from qmamba.quant.recipe import QuantSpec
 
 REF_RTOL = 2e-5
@@ -601,3 +601,78 @@ def test_triton_dual_x_under_interpreter_matches_reference(interpret):
         assert err_state <= INTERP_RTOL, (name, err_state)
         # the outlier scale was read (x_dual matters), far beyond the tolerance
         assert dual_vs_single > 50 * INTERP_RTOL, (name, dual_vs_single)
+
+
+# ---- the decode step from the conv's float x / B / C (ssd_step_int8_from_float) ----------------------------------
+def _float_step_inputs(b=2, h=4, p=8, g=2, n=16, per_head=True, dtype=torch.float16, seed=0):
+    """Codes-path inputs plus float x / B / C whose codes are those codes: x = (q + u) * s with u in (-0.5, 0.5), and
+    a few exact ties (q + 0.5) * s, values beyond the clamp range, a zero and a negative zero."""
+    torch.manual_seed(seed)
+    inp = _at(_inputs(b, 1, h, p, g, n, per_head=per_head), 0)
+    out = dict(inp)
+    for k, sk, ch in (("qx", "x_scale", h), ("qB", "B_scale", g), ("qC", "C_scale", g)):
+        q = inp[k].float()
+        s = inp[sk].reshape(-1)
+        s = (s.reshape(1, ch, 1) if s.numel() > 1 else s.reshape(()))
+        v = (q + torch.empty(q.shape).uniform_(-0.45, 0.45)) * s
+        flat = v.view(-1)
+        flat[:3] = (torch.tensor([3.5, -7.5, 200.0]) * s.reshape(-1)[0])
+        flat[3:5] = torch.tensor([0.0, -0.0])
+        out[k] = v.to(dtype)
+    return out
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_step_from_float_ref_is_quantize_then_step(per_head, dtype):
+    inp = _float_step_inputs(per_head=per_head, dtype=dtype)
+    S1 = torch.randn(2, 4, 8, 16)
+    S2 = S1.clone()
+    got = ssd_step_int8_from_float(S1, inp["qx"], inp["x_scale"], inp["qdt"], inp["dt_scale"], inp["A"], inp["qB"],
+                                   inp["B_scale"], inp["qC"], inp["C_scale"], D=inp["D"], dt_bias=inp["dt_bias"],
+                                   backend="torch")
+    h, g = 4, 2
+    sx = inp["x_scale"].reshape(1, h, 1) if per_head else inp["x_scale"]
+    sb = inp["B_scale"].reshape(1, g, 1) if per_head else inp["B_scale"]
+    sc = inp["C_scale"].reshape(1, g, 1) if per_head else inp["C_scale"]
+    codes = dict(inp, qx=quantize(inp["qx"], sx), qB=quantize(inp["qB"], sb), qC=quantize(inp["qC"], sc))
+    assert torch.equal(got, ssd_step_int8_ref(S2, **codes))
+    assert torch.equal(S1, S2)
+    with pytest.raises(TypeError, match="float activation"):
+        ssd_step_int8_from_float(S1, codes["qx"], inp["x_scale"], inp["qdt"], inp["dt_scale"], inp["A"], inp["qB"],
+                                 inp["B_scale"], inp["qC"], inp["C_scale"])
+
+
+_INTERP_FLOAT_STEP_SCRIPT = textwrap.dedent('''
+    import os, json, sys
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    import torch
+    sys.path.insert(0, os.getcwd())
+    from tests.ops.test_ops_int8_ssd import _float_step_inputs
+    from qmamba.kernels.triton.ssd_int8 import ssd_step_int8_triton
+    from qmamba.quant.numerics import quantize
+
+    same = {}
+    for per_head in (True, False):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            inp = _float_step_inputs(per_head=per_head, dtype=dtype)
+            h, g = 4, 2
+            sh = lambda s, c: s.reshape(1, c, 1) if s.numel() > 1 else s.reshape(())
+            codes = dict(inp, qx=quantize(inp["qx"], sh(inp["x_scale"], h)),
+                         qB=quantize(inp["qB"], sh(inp["B_scale"], g)), qC=quantize(inp["qC"], sh(inp["C_scale"], g)))
+            S1 = torch.randn(2, 4, 8, 16)
+            S2 = S1.clone()
+            y1 = ssd_step_int8_triton(S1, **inp, float_in=True)
+            y2 = ssd_step_int8_triton(S2, **codes)
+            same[f"{per_head}/{dtype}"] = bool(torch.equal(y1, y2) and torch.equal(S1, S2))
+    print("RESULT " + json.dumps(same))
+''')
+
+
+def test_triton_step_quantizes_float_inputs_as_quantize_does(interpret):
+    """Under the interpreter: the step kernel fed the float x / B / C (float_in) gives, bit for bit, what it gives
+    fed their ``numerics.quantize`` codes (ties to even, clamped values, signed zeros included)."""
+    stdout = interpret(_INTERP_FLOAT_STEP_SCRIPT)
+    line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    results = json.loads(line[len("RESULT "):])
+    assert len(results) == 6 and all(results.values()), results

@@ -43,6 +43,7 @@ import triton.language as tl
 
 from qmamba.kernels.checks import fp32_flat
 from qmamba.kernels.triton.launch import on_device_of
+from qmamba.kernels.triton.w8a8_gemm import _RINT_MAGIC
 from qmamba.quant.dual_scale import DualScale, check_dual_mask
 
 # every fp32 tl.dot: three TF32 tensor-core products per dot, ~fp32 accurate (see the top of this file)
@@ -266,6 +267,16 @@ def _chunk_scan_kernel(qx_ptr, x_scale_ptr, x_out_ptr, x_mask_ptr, qB_ptr, B_sca
 
 
 @triton.jit
+def _quantize_codes(v, s):
+    """int8 codes (as fp32 integers) of fp32 v in scale s: clamp(rint(v * (1 / s)), -128, 127) with the reciprocal
+    in IEEE fp32 (``div_rn``) and the product rounded to fp32 (the clamp between it and the rint's add keeps them
+    from fusing): ``numerics.quantize``'s codes. rint as the add / subtract of 1.5 * 2**23 (exact in the clamped
+    range)."""
+    c = tl.minimum(tl.maximum(v * tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s), -128.0), 127.0)
+    return (c + _RINT_MAGIC) - _RINT_MAGIC
+
+
+@triton.jit
 def _step_kernel(state_ptr, qx_ptr, x_scale_ptr, x_out_ptr, x_mask_ptr, qdt_ptr, dt_scale_ptr, dt_bias_ptr, A_ptr,
                  qB_ptr, B_scale_ptr, qC_ptr, C_scale_ptr, D_ptr, y_ptr,
                  P, N, heads_per_group,
@@ -278,7 +289,8 @@ def _step_kernel(state_ptr, qx_ptr, x_scale_ptr, x_out_ptr, x_mask_ptr, qdt_ptr,
                  s_D_h, s_D_p,
                  s_y_b, s_y_h, s_y_p,
                  HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-                 X_ENC: tl.constexpr, KNEE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                 X_ENC: tl.constexpr, KNEE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                 FLOAT_IN: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     pid_p = tl.program_id(2)
@@ -293,13 +305,20 @@ def _step_kernel(state_ptr, qx_ptr, x_scale_ptr, x_out_ptr, x_mask_ptr, qdt_ptr,
     if DT_SOFTPLUS:
         dt = _softplus(dt)
     dA = tl.exp(dt * tl.load(A_ptr + h))
-    x = _x_values(tl.load(qx_ptr + b * s_x_b + h * s_x_h + p * s_x_p, mask=pmask, other=0),
-                  tl.load(x_scale_ptr + h * s_xs_h), _x_outlier_scale(x_out_ptr, h, s_xo_h, X_ENC),
+    xs = tl.load(x_scale_ptr + h * s_xs_h)
+    Bs = tl.load(B_scale_ptr + g * s_Bs_g)
+    Cs = tl.load(C_scale_ptr + g * s_Cs_g)
+    x_in = tl.load(qx_ptr + b * s_x_b + h * s_x_h + p * s_x_p, mask=pmask, other=0)
+    B_in = tl.load(qB_ptr + b * s_B_b + g * s_B_g + n * s_B_n, mask=nmask, other=0)
+    C_in = tl.load(qC_ptr + b * s_C_b + g * s_C_g + n * s_C_n, mask=nmask, other=0)
+    if FLOAT_IN:  # x, B, C are the conv's float output: their codes made here, as the quantize kernel makes them
+        x_in = _quantize_codes(x_in.to(tl.float32), xs)
+        B_in = _quantize_codes(B_in.to(tl.float32), Bs)
+        C_in = _quantize_codes(C_in.to(tl.float32), Cs)
+    x = _x_values(x_in, xs, _x_outlier_scale(x_out_ptr, h, s_xo_h, X_ENC),
                   x_mask_ptr + b * s_m_b + h * s_m_h, p, s_m_p, pmask, X_ENC, KNEE)  # (P_blk,)
-    Bv = tl.load(qB_ptr + b * s_B_b + g * s_B_g + n * s_B_n, mask=nmask, other=0).to(tl.float32) \
-        * tl.load(B_scale_ptr + g * s_Bs_g)  # (N,)
-    Cv = tl.load(qC_ptr + b * s_C_b + g * s_C_g + n * s_C_n, mask=nmask, other=0).to(tl.float32) \
-        * tl.load(C_scale_ptr + g * s_Cs_g)
+    Bv = B_in.to(tl.float32) * Bs  # (N,)
+    Cv = C_in.to(tl.float32) * Cs
     s_ptr = state_ptr + b * s_S_b + h * s_S_h + p[:, None] * s_S_p + n[None, :] * s_S_n
     smask = pmask[:, None] & nmask[None, :]
     S = tl.load(s_ptr, mask=smask, other=0.0)  # (P_blk, N)
@@ -322,6 +341,15 @@ def _codes(name: str, q: torch.Tensor, ndim: int, shape_doc: str, device) -> Non
         raise ValueError(f"{name} must be int8 codes {shape_doc}, got {q.dtype} {tuple(q.shape)}")
     if q.device != device:
         raise ValueError(f"{name} is on {q.device} but qx is on {device}: move all inputs to one device")
+
+
+def _float_inputs(name: str, t: torch.Tensor, ndim: int, shape_doc: str, device) -> None:
+    """``_codes`` for the float activations of ``float_in`` (the kernel quantizes them)."""
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16) or t.dim() != ndim:
+        raise ValueError(f"{name} must be a float32 / float16 / bfloat16 activation {shape_doc} with float_in, got "
+                         f"{t.dtype} {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but qx is on {device}: move all inputs to one device")
 
 
 def _scale_arg(name: str, scale: torch.Tensor, channels: int, what: str, device) -> tuple[torch.Tensor, int]:
@@ -464,17 +492,22 @@ def ssd_chunk_scan_int8_triton(qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C
 
 def ssd_step_int8_triton(state, qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale, D=None, dt_bias=None,
                          dt_softplus=True, out_dtype=torch.float32, x_dual: DualScale | None = None,
-                         x_mask: torch.Tensor | None = None):
+                         x_mask: torch.Tensor | None = None, float_in: bool = False):
     """The Triton int8 SSD decode step; as ``qmamba.ops.int8_ssd.ssd_step_int8_ref``: updates ``state`` (fp32
     (b, h, p, n), any strides) in place from qx (b, h, p), qdt (b, h), qB / qC (b, g, n) int8 (dual-scale x:
     ``x_dual`` and, for the mask encoding, ``x_mask`` (b, h, ceil(p / 8)) uint8); returns y (b, h, p) in
-    ``out_dtype``. No host sync (nothing reads tensor values on the host): capturable in a CUDA graph."""
+    ``out_dtype``. ``float_in``: qx, qB, qC are the float activations (fp32 / fp16 / bf16, any strides) and the
+    kernel makes their codes as it loads them (``_quantize_codes``; single-scale x): ``ssd_step_int8_from_float``.
+    No host sync (nothing reads tensor values on the host): capturable in a CUDA graph."""
     device = qx.device
-    _codes("qx", qx, 3, "(batch, heads, headdim)", device)
+    inputs = _float_inputs if float_in else _codes
+    inputs("qx", qx, 3, "(batch, heads, headdim)", device)
     Bsz, H, P = qx.shape
     _codes("qdt", qdt, 2, f"(batch, heads) = {(Bsz, H)}", device)
-    _codes("qB", qB, 3, "(batch, groups, d_state)", device)
-    _codes("qC", qC, 3, "(batch, groups, d_state)", device)
+    inputs("qB", qB, 3, "(batch, groups, d_state)", device)
+    inputs("qC", qC, 3, "(batch, groups, d_state)", device)
+    if float_in and x_dual is not None:
+        raise ValueError("ssd_step_int8_triton: float_in quantizes a single-scale x; pass a dual-scale x as codes")
     G, N = qB.shape[1], qB.shape[2]
     if qdt.shape != (Bsz, H) or qB.shape != qC.shape or qB.shape[0] != Bsz or H % G:
         raise ValueError(f"shapes do not fit: qx {tuple(qx.shape)}, qdt {tuple(qdt.shape)} (want {(Bsz, H)}), "
@@ -507,5 +540,5 @@ def ssd_step_int8_triton(state, qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, 
             s_D_h, s_D_p,
             *y.stride(),
             HAS_D=D is not None, HAS_DT_BIAS=bias is not None, DT_SOFTPLUS=bool(dt_softplus),
-            X_ENC=X_ENC, KNEE=KNEE, BLOCK_P=BP, BLOCK_N=triton.next_power_of_2(N))
+            X_ENC=X_ENC, KNEE=KNEE, BLOCK_P=BP, BLOCK_N=triton.next_power_of_2(N), FLOAT_IN=bool(float_in))
     return y
