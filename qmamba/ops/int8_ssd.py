@@ -204,3 +204,27 @@ def ssd_step_int8_from_float(state, x, x_scale, qdt, dt_scale, A, B, B_scale, C,
     qC = quantize(C, _scale("C_scale", C_scale, g, "group", 1, 1))
     return ssd_step_int8_ref(state, qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale, D=D, dt_bias=dt_bias,
                              dt_softplus=dt_softplus, out_dtype=out_dtype)
+
+
+def ssd_chunk_scan_int8_from_float(x, x_scale, qdt, dt_scale, A, B, B_scale, C, C_scale, chunk_size, D=None,
+                                   dt_bias=None, dt_softplus=True, out_dtype=torch.float32, initial_states=None,
+                                   return_final_states=False, backend: str = "auto"):
+    """``ssd_chunk_scan_int8`` with x (batch, L, h, p), B and C (batch, L, g, n) given as the float activations (the
+    conv's output): each is quantized with its scale first (``numerics.quantize``), then the scan runs on the codes.
+    The Triton kernels make the codes as they load them (no quantize kernels; the same codes). Single-scale x only."""
+    for name, t in (("x", x), ("B", B), ("C", C)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"ssd_chunk_scan_int8_from_float: {name} must be the float activation, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}; pass codes to ssd_chunk_scan_int8 instead")
+    kwargs = dict(D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, out_dtype=out_dtype, initial_states=initial_states,
+                  return_final_states=return_final_states)
+    if use_kernels(backend, x, "ssd_chunk_scan_int8"):
+        from qmamba.kernels.triton.ssd_int8 import ssd_chunk_scan_int8_triton
+
+        return ssd_chunk_scan_int8_triton(x, x_scale, qdt, dt_scale, A, B, B_scale, C, C_scale, chunk_size,
+                                          float_in=True, **kwargs)
+    h, g = x.shape[2], B.shape[2]
+    qx = quantize(x, _scale("x_scale", x_scale, h, "head", 2, 1))
+    qB = quantize(B, _scale("B_scale", B_scale, g, "group", 2, 1))
+    qC = quantize(C, _scale("C_scale", C_scale, g, "group", 2, 1))
+    return ssd_chunk_scan_int8_ref(qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale, chunk_size, **kwargs)

@@ -33,7 +33,8 @@ from qmamba.ops.int8_gated_norm import gated_rms_norm_from_codes
 from qmamba.ops.int8_hadamard import hadamard_quantize
 from qmamba.ops.int8_linear import w8a8_linear
 from qmamba.ops.int8_selective_scan import selective_scan_int8, selective_scan_int8_update
-from qmamba.ops.int8_ssd import ssd_chunk_scan_int8, ssd_step_int8, ssd_step_int8_from_float
+from qmamba.ops.int8_ssd import (ssd_chunk_scan_int8, ssd_chunk_scan_int8_from_float, ssd_step_int8,
+                                 ssd_step_int8_from_float)
 from qmamba.quant.dual_scale import DualScale
 from qmamba.quant.numerics import dequantize, quantize, scale_from_absmax
 from qmamba.quant.recipe import QuantSpec
@@ -590,9 +591,28 @@ class QuantSSDScan(NegExpMemo, QuantTwin, SSDScan):
         x, dt, B, C = (self._in(p, t) for p, t in (("x", x), ("dt", dt), ("B", B), ("C", C)))
         return super().prefill(ssm_state, x, dt, A_log, B, C, D, dt_bias)
 
+    def _float_xbc(self, x, B, C) -> bool:
+        """Whether x, B, C go to the int8 kernels as the conv's float output (the kernels quantize them as they load
+        them): single-scale x, none of them codes already, and no one recording or watching their codes."""
+        if self.q("x").dual is not None or any(isinstance(t, Codes) for t in (x, B, C)):
+            return False
+        return not any(qp.recording or qp.watching for qp in (self.q("x"), self.q("B"), self.q("C")))
+
     def _int8_scan(self, ssm_state, x, dt, A_log, B, C, D, dt_bias):
         """The SSD scan from the codes of x, dt, B, C: ``ssd_chunk_scan_int8`` (Triton kernel on a GPU, else the
-        reference). ssm_state <- the final state if given."""
+        reference); x, B, C as floats where ``_float_xbc`` (``ssd_chunk_scan_int8_from_float``: their codes made in
+        the kernels). ssm_state <- the final state if given."""
+        if self._float_xbc(x, B, C):
+            qdt, sdt = self._codes("dt", dt)
+            sx, sB, sC = (self.q(p).scale_for(t).detach() for p, t in (("x", x), ("B", B), ("C", C)))
+            out = ssd_chunk_scan_int8_from_float(x, sx, qdt, sdt, self._neg_exp(A_log), B, sB, C, sC,
+                                                 self.chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True,
+                                                 out_dtype=x.dtype, return_final_states=ssm_state is not None,
+                                                 backend=self.backend)
+            if ssm_state is None:
+                return out
+            ssm_state.copy_(out[1])
+            return out[0]
         qx, sx, x_dual, x_mask = self._dual_codes("x", x)
         codes = [c for p, t in (("dt", dt), ("B", B), ("C", C)) for c in self._codes(p, t)]
         A = self._neg_exp(A_log)
@@ -606,7 +626,7 @@ class QuantSSDScan(NegExpMemo, QuantTwin, SSDScan):
 
     def step(self, state, x, dt, A_log, B, C, D, dt_bias):  # one token: x (B, H, P), dt (B, H), B / C (B, G, N)
         named = (("x", x), ("dt", dt), ("B", B), ("C", C))
-        if self._integer() and self.q("x").dual is None and not any(isinstance(t, Codes) for t in (x, B, C)):
+        if self._integer() and self._float_xbc(x, B, C):
             # x, B, C as the conv's float output: the step kernel quantizes them as it loads them (one launch)
             qdt, sdt = self._step_codes("dt", dt, 1)
             sx, sB, sC = (self._step_scale(self.q(p), t).detach() for p, t in (("x", x), ("B", B), ("C", C)))

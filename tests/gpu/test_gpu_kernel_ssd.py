@@ -412,3 +412,30 @@ def test_step_from_float_inputs_is_the_codes_step_bit_for_bit(model, batch, dtyp
                                 qB=quantize_int8(B, sB, 1, backend="cuda"), qC=quantize_int8(C, sC, 1, backend="cuda"),
                                 **common)
     assert torch.equal(y1, y2) and torch.equal(S1, S2)
+
+
+@pytest.mark.parametrize("L", [33, 1024])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_chunk_scan_from_float_inputs_is_the_codes_scan_bit_for_bit(model, batch, L):
+    """float_in: the chunk kernels fed the conv's float x / B / C (fp16 strided views of one xBC row) quantize them
+    as the quantize kernel does: y and the final state equal, bit for bit, the kernels fed those codes."""
+    from qmamba.ops.int8_quantize import quantize_int8
+
+    k = _kernels()
+    h, p, g, n = MODELS[model]
+    torch.manual_seed(L + batch)
+    xbc = (torch.randn(batch, L, h * p + 2 * g * n, device="cuda") * 2).half()
+    x, B, C = (xbc[..., :h * p].view(batch, L, h, p), xbc[..., h * p:h * p + g * n].view(batch, L, g, n),
+               xbc[..., h * p + g * n:].view(batch, L, g, n))
+    sx = x.float().abs().amax(dim=(0, 1, 3)) / 127 * 0.8
+    sB, sC = (t.float().abs().amax(dim=(0, 1, 3)) / 127 * 0.8 for t in (B, C))
+    common = dict(qdt=torch.randint(-100, 100, (batch, L, h), dtype=torch.int8, device="cuda"),
+                  dt_scale=torch.tensor(0.02, device="cuda"), A=-torch.rand(h, device="cuda") * 8 - 1,
+                  D=torch.randn(h, device="cuda"), dt_bias=torch.rand(h, device="cuda") * 0.1, chunk_size=CHUNK,
+                  return_final_states=True)
+    y1, f1 = k.ssd_chunk_scan_int8_triton(x, sx, qB=B, B_scale=sB, qC=C, C_scale=sC, float_in=True, **common)
+    y2, f2 = k.ssd_chunk_scan_int8_triton(quantize_int8(x, sx, 2, backend="cuda"), sx,
+                                          qB=quantize_int8(B, sB, 2, backend="cuda"), B_scale=sB,
+                                          qC=quantize_int8(C, sC, 2, backend="cuda"), C_scale=sC, **common)
+    assert torch.equal(y1, y2) and torch.equal(f1, f2)

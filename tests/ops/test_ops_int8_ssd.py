@@ -604,7 +604,7 @@ def test_triton_dual_x_under_interpreter_matches_reference(interpret):
 
 
 # ---- the decode step from the conv's float x / B / C (ssd_step_int8_from_float) ----------------------------------
-def _float_step_inputs(b=2, h=4, p=8, g=2, n=16, per_head=True, dtype=torch.float16, seed=0):
+def _xbc_step_inputs(b=2, h=4, p=8, g=2, n=16, per_head=True, dtype=torch.float16, seed=0):
     """Codes-path inputs plus float x / B / C whose codes are those codes: x = (q + u) * s with u in (-0.5, 0.5), and
     a few exact ties (q + 0.5) * s, values beyond the clamp range, a zero and a negative zero."""
     torch.manual_seed(seed)
@@ -625,7 +625,7 @@ def _float_step_inputs(b=2, h=4, p=8, g=2, n=16, per_head=True, dtype=torch.floa
 @pytest.mark.parametrize("per_head", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_step_from_float_ref_is_quantize_then_step(per_head, dtype):
-    inp = _float_step_inputs(per_head=per_head, dtype=dtype)
+    inp = _xbc_step_inputs(per_head=per_head, dtype=dtype)
     S1 = torch.randn(2, 4, 8, 16)
     S2 = S1.clone()
     got = ssd_step_int8_from_float(S1, inp["qx"], inp["x_scale"], inp["qdt"], inp["dt_scale"], inp["A"], inp["qB"],
@@ -648,14 +648,14 @@ _INTERP_FLOAT_STEP_SCRIPT = textwrap.dedent('''
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     import torch
     sys.path.insert(0, os.getcwd())
-    from tests.ops.test_ops_int8_ssd import _float_step_inputs
+    from tests.ops.test_ops_int8_ssd import _xbc_step_inputs
     from qmamba.kernels.triton.ssd_int8 import ssd_step_int8_triton
     from qmamba.quant.numerics import quantize
 
     same = {}
     for per_head in (True, False):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            inp = _float_step_inputs(per_head=per_head, dtype=dtype)
+            inp = _xbc_step_inputs(per_head=per_head, dtype=dtype)
             h, g = 4, 2
             sh = lambda s, c: s.reshape(1, c, 1) if s.numel() > 1 else s.reshape(())
             codes = dict(inp, qx=quantize(inp["qx"], sh(inp["x_scale"], h)),
@@ -673,6 +673,72 @@ def test_triton_step_quantizes_float_inputs_as_quantize_does(interpret):
     """Under the interpreter: the step kernel fed the float x / B / C (float_in) gives, bit for bit, what it gives
     fed their ``numerics.quantize`` codes (ties to even, clamped values, signed zeros included)."""
     stdout = interpret(_INTERP_FLOAT_STEP_SCRIPT)
+    line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    results = json.loads(line[len("RESULT "):])
+    assert len(results) == 6 and all(results.values()), results
+
+
+def _xbc_scan_inputs(b=2, L=37, h=4, p=8, g=2, n=16, per_head=True, dtype=torch.float16, seed=0):
+    """``_xbc_step_inputs`` over L tokens, x / B / C as strided views of one xBC row (as Mamba2 splits them)."""
+    torch.manual_seed(seed)
+    inp = _inputs(b, L, h, p, g, n, per_head=per_head)
+    xbc = torch.zeros(b, L, h * p + 2 * g * n + 3, dtype=dtype)
+    views = {"qx": xbc[..., :h * p].view(b, L, h, p), "qB": xbc[..., h * p:h * p + g * n].view(b, L, g, n),
+             "qC": xbc[..., h * p + g * n:h * p + 2 * g * n].view(b, L, g, n)}
+    for k, sk, ch in (("qx", "x_scale", h), ("qB", "B_scale", g), ("qC", "C_scale", g)):
+        s = inp[sk].reshape(-1)
+        s = s.reshape(1, 1, ch, 1) if s.numel() > 1 else s.reshape(())
+        v = (inp[k].float() + torch.empty(inp[k].shape).uniform_(-0.45, 0.45)) * s
+        v.view(-1)[:2] = torch.tensor([200.0, -0.0]) * s.reshape(-1)[0]
+        views[k].copy_(v.to(dtype))
+    return dict(inp, **views)
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_scan_from_float_ref_is_quantize_then_scan(per_head, dtype):
+    from qmamba.ops.int8_ssd import ssd_chunk_scan_int8_from_float
+
+    inp = _xbc_scan_inputs(per_head=per_head, dtype=dtype)
+    args = {k: inp[k] for k in ("x_scale", "qdt", "dt_scale", "A", "B_scale", "C_scale", "D", "dt_bias")}
+    y, fin = ssd_chunk_scan_int8_from_float(inp["qx"], args.pop("x_scale"), args.pop("qdt"), args.pop("dt_scale"),
+                                            args.pop("A"), inp["qB"], args.pop("B_scale"), inp["qC"],
+                                            args.pop("C_scale"), 16, return_final_states=True, backend="torch",
+                                            **args)
+    sh = (lambda s, c: s.reshape(1, 1, c, 1) if s.numel() > 1 else s.reshape(()))
+    codes = dict(inp, qx=quantize(inp["qx"], sh(inp["x_scale"], 4)), qB=quantize(inp["qB"], sh(inp["B_scale"], 2)),
+                 qC=quantize(inp["qC"], sh(inp["C_scale"], 2)))
+    y_ref, fin_ref = ssd_chunk_scan_int8_ref(**codes, chunk_size=16, return_final_states=True)
+    assert torch.equal(y, y_ref) and torch.equal(fin, fin_ref)
+
+
+_INTERP_FLOAT_SCAN_SCRIPT = textwrap.dedent('''
+    import os, json, sys
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    import torch
+    sys.path.insert(0, os.getcwd())
+    from tests.ops.test_ops_int8_ssd import _xbc_scan_inputs
+    from qmamba.kernels.triton.ssd_int8 import ssd_chunk_scan_int8_triton
+    from qmamba.quant.numerics import quantize
+
+    same = {}
+    for per_head in (True, False):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            inp = _xbc_scan_inputs(per_head=per_head, dtype=dtype)
+            sh = lambda s, c: s.reshape(1, 1, c, 1) if s.numel() > 1 else s.reshape(())
+            codes = dict(inp, qx=quantize(inp["qx"], sh(inp["x_scale"], 4)),
+                         qB=quantize(inp["qB"], sh(inp["B_scale"], 2)), qC=quantize(inp["qC"], sh(inp["C_scale"], 2)))
+            y1, f1 = ssd_chunk_scan_int8_triton(**inp, chunk_size=16, return_final_states=True, float_in=True)
+            y2, f2 = ssd_chunk_scan_int8_triton(**codes, chunk_size=16, return_final_states=True)
+            same[f"{per_head}/{dtype}"] = bool(torch.equal(y1, y2) and torch.equal(f1, f2))
+    print("RESULT " + json.dumps(same))
+''')
+
+
+def test_triton_chunk_scan_quantizes_float_inputs_as_quantize_does(interpret):
+    """Under the interpreter: the chunk kernels fed the float x / B / C (float_in, strided views of one xBC row)
+    give, bit for bit, what they give fed their ``numerics.quantize`` codes."""
+    stdout = interpret(_INTERP_FLOAT_SCAN_SCRIPT)
     line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1]
     results = json.loads(line[len("RESULT "):])
     assert len(results) == 6 and all(results.values()), results

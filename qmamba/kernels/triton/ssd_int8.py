@@ -62,6 +62,25 @@ def _softplus(x):
 
 
 @triton.jit
+def _quantize_codes(v, s):
+    """int8 codes (as fp32 integers) of fp32 v in scale s: clamp(rint(v * (1 / s)), -128, 127) with the reciprocal
+    in IEEE fp32 (``div_rn``) and the product rounded to fp32 (the clamp between it and the rint's add keeps them
+    from fusing): ``numerics.quantize``'s codes. rint as the add / subtract of 1.5 * 2**23 (exact in the clamped
+    range)."""
+    c = tl.minimum(tl.maximum(v * tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s), -128.0), 127.0)
+    return (c + _RINT_MAGIC) - _RINT_MAGIC
+
+
+@triton.jit
+def _codes_in(v, s, FLOAT_IN: tl.constexpr):
+    """Loaded codes as int8; FLOAT_IN: ``v`` is the float activation and its codes are made here
+    (``_quantize_codes``, the quantize kernel's codes)."""
+    if FLOAT_IN:
+        v = _quantize_codes(v.to(tl.float32), s).to(tl.int8)
+    return v
+
+
+@triton.jit
 def _x_values(q, s_in, s_out, m_rows, p, s_m_p, ld_mask, X_ENC: tl.constexpr, KNEE: tl.constexpr):
     """fp32 values of loaded int8 codes ``q`` of x (module docstring, "Dual-scale x"). ``p``: each element's index in
     the last (headdim) dim, broadcast like ``q``; ``m_rows``: pointers to the first mask byte of each element's row;
@@ -129,7 +148,8 @@ def _chunk_state_kernel(qx_ptr, x_scale_ptr, x_out_ptr, x_mask_ptr, qB_ptr, B_sc
                         s_m_b, s_m_l, s_m_h, s_m_p,
                         s_B_b, s_B_l, s_B_g, s_B_n, s_Bs_g,
                         X_ENC: tl.constexpr, KNEE: tl.constexpr,
-                        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        FLOAT_IN: tl.constexpr):
     pid = tl.program_id(0)  # (b * nchunks + c) * H + h: heads of one chunk run side by side and share B
     pid_p = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -155,13 +175,14 @@ def _chunk_state_kernel(qx_ptr, x_scale_ptr, x_out_ptr, x_mask_ptr, qB_ptr, B_sc
         l = c * chunk_size + t
         valid = (t < chunk_size) & (l < L)
         xmask = pmask[:, None] & valid[None, :]
-        xT = _x_values(tl.load(x_base + p[:, None] * s_x_p + l[None, :] * s_x_l, mask=xmask, other=0),
+        xT = _x_values(_codes_in(tl.load(x_base + p[:, None] * s_x_p + l[None, :] * s_x_l, mask=xmask, other=0),
+                                 x_scale, FLOAT_IN),
                        x_scale, x_out, m_base + l[None, :] * s_m_l, p[:, None], s_m_p, xmask, X_ENC, KNEE)  # (P_blk, K)
         dt = tl.load(dt_ptr + row + t, mask=valid, other=0.0)
         ac = tl.load(acum_ptr + row + t, mask=valid, other=0.0)
         xT = (xT * dt[None, :]) * tl.exp(a_end - ac)[None, :]  # discretized input, decayed to the chunk's end
-        Bv = tl.load(B_base + l[:, None] * s_B_l + n[None, :] * s_B_n, mask=valid[:, None] & nmask[None, :],
-                     other=0).to(tl.float32) * B_scale  # (K, N_blk)
+        Bv = _codes_in(tl.load(B_base + l[:, None] * s_B_l + n[None, :] * s_B_n, mask=valid[:, None] & nmask[None, :],
+                               other=0), B_scale, FLOAT_IN).to(tl.float32) * B_scale  # (K, N_blk)
         acc += tl.dot(xT, Bv, input_precision=DOT_PRECISION)
     off = pid.to(tl.int64) * (P * N) + p[:, None] * N + n[None, :]  # (b, nc, h, p, n) layout
     tl.store(states_ptr + off, acc, mask=pmask[:, None] & nmask[None, :])
@@ -203,7 +224,8 @@ def _chunk_scan_kernel(qx_ptr, x_scale_ptr, x_out_ptr, x_mask_ptr, qB_ptr, B_sca
                        s_D_h, s_D_p,
                        s_y_b, s_y_l, s_y_h, s_y_p,
                        HAS_D: tl.constexpr, X_ENC: tl.constexpr, KNEE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                       FLOAT_IN: tl.constexpr):
     pid = tl.program_id(0)  # (b * nchunks + c) * H + h
     pid_m = tl.program_id(1)
     pid_p = tl.program_id(2)
@@ -227,8 +249,8 @@ def _chunk_scan_kernel(qx_ptr, x_scale_ptr, x_out_ptr, x_mask_ptr, qB_ptr, B_sca
     m_base = x_mask_ptr + b.to(tl.int64) * s_m_b + h * s_m_h
     B_base = qB_ptr + b.to(tl.int64) * s_B_b + g * s_B_g
     acum_m = tl.load(acum_ptr + row + m, mask=m < chunk_size, other=0.0)
-    qCv = tl.load(qC_ptr + b.to(tl.int64) * s_C_b + g * s_C_g + lm[:, None] * s_C_l + n[None, :] * s_C_n,
-                  mask=valid_m[:, None] & nmask[None, :], other=0)  # (M, N) int8 codes
+    qCv = _codes_in(tl.load(qC_ptr + b.to(tl.int64) * s_C_b + g * s_C_g + lm[:, None] * s_C_l + n[None, :] * s_C_n,
+                            mask=valid_m[:, None] & nmask[None, :], other=0), C_scale, FLOAT_IN)  # (M, N) int8 codes
     Cv = qCv.to(tl.float32) * C_scale
 
     # the state entering the chunk, decayed to each row: exp(a_cum[i]) C_i . S
@@ -242,8 +264,8 @@ def _chunk_scan_kernel(qx_ptr, x_scale_ptr, x_out_ptr, x_mask_ptr, qB_ptr, B_sca
         t = k + tl.arange(0, BLOCK_K)
         lt = c * chunk_size + t
         valid_k = (t < chunk_size) & (lt < L)
-        qBt = tl.load(B_base + lt[None, :] * s_B_l + n[:, None] * s_B_n, mask=nmask[:, None] & valid_k[None, :],
-                      other=0)  # (N, K) = B^T, int8 codes
+        qBt = _codes_in(tl.load(B_base + lt[None, :] * s_B_l + n[:, None] * s_B_n,
+                                mask=nmask[:, None] & valid_k[None, :], other=0), B_scale, FLOAT_IN)  # (N, K) = B^T
         # C_i . B_j of the codes, exact in int32 (int8 tensor cores), then the two scales
         cb = tl.dot(qCv, qBt, out_dtype=tl.int32).to(tl.float32) * (C_scale * B_scale)  # (M, K)
         acum_k = tl.load(acum_ptr + row + t, mask=t < chunk_size, other=0.0)
@@ -253,27 +275,19 @@ def _chunk_scan_kernel(qx_ptr, x_scale_ptr, x_out_ptr, x_mask_ptr, qB_ptr, B_sca
         decay = tl.exp(tl.where(causal, acum_m[:, None] - acum_k[None, :], 0.0))
         cb = tl.where(causal, cb * decay * dt_k[None, :], 0.0)
         xmask = valid_k[:, None] & pmask[None, :]
-        xk = _x_values(tl.load(x_base + lt[:, None] * s_x_l + p[None, :] * s_x_p, mask=xmask, other=0),
+        xk = _x_values(_codes_in(tl.load(x_base + lt[:, None] * s_x_l + p[None, :] * s_x_p, mask=xmask, other=0),
+                                 x_scale, FLOAT_IN),
                        x_scale, x_out, m_base + lt[:, None] * s_m_l, p[None, :], s_m_p, xmask, X_ENC, KNEE)  # (K, P_blk)
         acc += tl.dot(cb, xk, input_precision=DOT_PRECISION)
 
     if HAS_D:
         xmask = valid_m[:, None] & pmask[None, :]
-        xm = _x_values(tl.load(x_base + lm[:, None] * s_x_l + p[None, :] * s_x_p, mask=xmask, other=0),
+        xm = _x_values(_codes_in(tl.load(x_base + lm[:, None] * s_x_l + p[None, :] * s_x_p, mask=xmask, other=0),
+                                 x_scale, FLOAT_IN),
                        x_scale, x_out, m_base + lm[:, None] * s_m_l, p[None, :], s_m_p, xmask, X_ENC, KNEE)  # (M, P_blk)
         acc += xm * tl.load(D_ptr + h * s_D_h + p * s_D_p, mask=pmask, other=0.0)[None, :]
     y_off = b.to(tl.int64) * s_y_b + lm[:, None] * s_y_l + h * s_y_h + p[None, :] * s_y_p
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=valid_m[:, None] & pmask[None, :])
-
-
-@triton.jit
-def _quantize_codes(v, s):
-    """int8 codes (as fp32 integers) of fp32 v in scale s: clamp(rint(v * (1 / s)), -128, 127) with the reciprocal
-    in IEEE fp32 (``div_rn``) and the product rounded to fp32 (the clamp between it and the rint's add keeps them
-    from fusing): ``numerics.quantize``'s codes. rint as the add / subtract of 1.5 * 2**23 (exact in the clamped
-    range)."""
-    c = tl.minimum(tl.maximum(v * tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s), -128.0), 127.0)
-    return (c + _RINT_MAGIC) - _RINT_MAGIC
 
 
 @triton.jit
@@ -311,10 +325,8 @@ def _step_kernel(state_ptr, qx_ptr, x_scale_ptr, x_out_ptr, x_mask_ptr, qdt_ptr,
     x_in = tl.load(qx_ptr + b * s_x_b + h * s_x_h + p * s_x_p, mask=pmask, other=0)
     B_in = tl.load(qB_ptr + b * s_B_b + g * s_B_g + n * s_B_n, mask=nmask, other=0)
     C_in = tl.load(qC_ptr + b * s_C_b + g * s_C_g + n * s_C_n, mask=nmask, other=0)
-    if FLOAT_IN:  # x, B, C are the conv's float output: their codes made here, as the quantize kernel makes them
-        x_in = _quantize_codes(x_in.to(tl.float32), xs)
-        B_in = _quantize_codes(B_in.to(tl.float32), Bs)
-        C_in = _quantize_codes(C_in.to(tl.float32), Cs)
+    # FLOAT_IN: x, B, C are the conv's float output, their codes made here as the quantize kernel makes them
+    x_in, B_in, C_in = _codes_in(x_in, xs, FLOAT_IN), _codes_in(B_in, Bs, FLOAT_IN), _codes_in(C_in, Cs, FLOAT_IN)
     x = _x_values(x_in, xs, _x_outlier_scale(x_out_ptr, h, s_xo_h, X_ENC),
                   x_mask_ptr + b * s_m_b + h * s_m_h, p, s_m_p, pmask, X_ENC, KNEE)  # (P_blk,)
     Bv = B_in.to(tl.float32) * Bs  # (N,)
@@ -397,20 +409,25 @@ def _D_arg(D: torch.Tensor | None, H: int, P: int, device):
 def ssd_chunk_scan_int8_triton(qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale, chunk_size, D=None,
                                dt_bias=None, dt_softplus=True, out_dtype=torch.float32, initial_states=None,
                                return_final_states=False, x_dual: DualScale | None = None,
-                               x_mask: torch.Tensor | None = None):
+                               x_mask: torch.Tensor | None = None, float_in: bool = False):
     """The Triton int8 SSD scan; arguments and results as ``qmamba.ops.int8_ssd.ssd_chunk_scan_int8_ref``:
     qx (b, L, h, p), qdt (b, L, h), qB / qC (b, L, g, n) int8 (any strides); x_scale (h,) or one element, dt_scale
     one element or (h,), B_scale / C_scale (g,) or one element; A, dt_bias (h,); D (h,) or (h, p);
     initial_states (b, h, p, n); dual-scale x: ``x_dual`` (outlier scale (h,) or one element) and, for the mask
     encoding, ``x_mask`` (b, L, h, ceil(p / 8)) uint8 (any strides). Returns y (b, L, h, p) contiguous in
-    ``out_dtype`` [, final state fp32 (b, h, p, n)].
+    ``out_dtype`` [, final state fp32 (b, h, p, n)]. ``float_in``: qx, qB, qC are the float activations and the
+    kernels make their codes as they load them (``_codes_in``; single-scale x): ``ssd_chunk_scan_int8_from_float``.
     """
     device = qx.device
-    _codes("qx", qx, 4, "(batch, L, heads, headdim)", device)
+    inputs = _float_inputs if float_in else _codes
+    inputs("qx", qx, 4, "(batch, L, heads, headdim)", device)
     Bsz, L, H, P = qx.shape
     _codes("qdt", qdt, 3, f"(batch, L, heads) = {(Bsz, L, H)}", device)
-    _codes("qB", qB, 4, "(batch, L, groups, d_state)", device)
-    _codes("qC", qC, 4, "(batch, L, groups, d_state)", device)
+    inputs("qB", qB, 4, "(batch, L, groups, d_state)", device)
+    inputs("qC", qC, 4, "(batch, L, groups, d_state)", device)
+    if float_in and x_dual is not None:
+        raise ValueError("ssd_chunk_scan_int8_triton: float_in quantizes a single-scale x; pass a dual-scale x as "
+                         "codes")
     G, N = qB.shape[2], qB.shape[3]
     if qdt.shape != (Bsz, L, H) or qB.shape != qC.shape or qB.shape[:2] != (Bsz, L) or H % G:
         raise ValueError(f"shapes do not fit: qx {tuple(qx.shape)}, qdt {tuple(qdt.shape)} (want {(Bsz, L, H)}), "
@@ -466,7 +483,7 @@ def ssd_chunk_scan_int8_triton(qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C
             *qx.stride(), s_xs, s_xo,
             *s_m,
             *qB.stride(), s_Bs,
-            X_ENC=X_ENC, KNEE=KNEE, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BK)
+            X_ENC=X_ENC, KNEE=KNEE, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BK, FLOAT_IN=bool(float_in))
 
         init = initial_states if initial_states is not None else final
         BLOCK = min(1024, _pow2(P * N))
@@ -486,7 +503,8 @@ def ssd_chunk_scan_int8_triton(qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C
             *qC.stride(), s_Cs,
             s_D_h, s_D_p,
             *y.stride(),
-            HAS_D=D is not None, X_ENC=X_ENC, KNEE=KNEE, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=_pow2(N, 32))
+            HAS_D=D is not None, X_ENC=X_ENC, KNEE=KNEE, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=_pow2(N, 32),
+            FLOAT_IN=bool(float_in))
     return (y, final) if return_final_states else y
 
 
