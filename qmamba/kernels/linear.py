@@ -75,10 +75,14 @@ def check_gemv_args(qx, x_scale, qw, w_scale, bias=None, out_dtype: torch.dtype 
 
 
 def _prep(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
-          bias: torch.Tensor | None, out_scale: torch.Tensor | None):
-    """The kernels' layouts: x (M, K) contiguous, fp32 scales / bias flat and contiguous (arguments checked)."""
+          bias: torch.Tensor | None, out_scale: torch.Tensor | None, row_stride_ok: bool = False):
+    """The kernels' layouts: x (M, K) contiguous (``row_stride_ok``: rows at any stride, each contiguous, as the
+    GEMM reads them: a column slice of a wider projection goes without a copy), fp32 scales / bias flat and
+    contiguous (arguments checked)."""
     N, K = qw.shape
-    x2 = qx if qx.dim() == 2 and qx.is_contiguous() else qx.reshape(math.prod(qx.shape[:-1]), K).contiguous()  # (M, K)
+    x2 = qx if qx.dim() == 2 else qx.reshape(math.prod(qx.shape[:-1]), K)  # (M, K), a view where one exists
+    if not (x2.is_contiguous() or (row_stride_ok and x2.stride(-1) == 1)):
+        x2 = x2.contiguous()
     dev = qx.device
     xs, ws = fp32_flat(x_scale, dev), fp32_flat(w_scale, dev)
     b = None if bias is None else fp32_flat(bias, dev)
@@ -100,7 +104,7 @@ def w8a8_gemm(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale
         raise RuntimeError("w8a8_gemm: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before "
                            "triton is imported, for CPU tests); use qmamba.ops.w8a8_linear(backend='torch') here")
     lead = qx.shape[:-1]
-    x2, xs, w, ws, b, os_ = _prep(qx, x_scale, qw, w_scale, bias, out_scale)
+    x2, xs, w, ws, b, os_ = _prep(qx, x_scale, qw, w_scale, bias, out_scale, row_stride_ok=True)
     out = tk.w8a8_gemm(x2, xs, w, ws, b, out_dtype, os_, split_k=split_k, config=config)  # (M, N)
     return out.reshape(*lead, w.shape[0])
 

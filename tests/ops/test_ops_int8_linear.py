@@ -157,6 +157,20 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     out = w8a8_gemm(qx, torch.tensor(0.01), qw, torch.tensor(0.02), out_dtype=torch.float16)
     assert out.shape == (2, 3, 48), out.shape
     assert torch.equal(out, w8a8_linear_ref(qx, torch.tensor(0.01), qw, torch.tensor(0.02), None, torch.float16))
+    # x a column slice of a wider tensor (dt_proj's input: the first columns of x_proj's codes): read at its row
+    # stride, no copy made
+    wide = torch.randint(-128, 128, (2, 5, 96), dtype=torch.int8)
+    qs = wide[..., :64]
+    import qmamba.kernels.triton.w8a8_gemm as tkm
+    seen, launch = [], tkm.w8a8_gemm
+    def spy(x, *a, **k):
+        seen.append((x.data_ptr() == qs.data_ptr(), x.stride(0)))
+        return launch(x, *a, **k)
+    tkm.w8a8_gemm = spy
+    out = w8a8_gemm(qs, torch.tensor(0.01), qw, torch.tensor(0.02), out_dtype=torch.float16)
+    tkm.w8a8_gemm = launch
+    assert seen == [(True, 96)], seen
+    assert torch.equal(out, w8a8_linear_ref(qs, torch.tensor(0.01), qw, torch.tensor(0.02), None, torch.float16))
 
     # every autotune candidate tile (the GPU picks among them), ragged M / N / K, split and not
     import triton

@@ -20,6 +20,7 @@ from qmamba.ops.int8_quantize import quantize_int8, quantize_int8_ref
 from qmamba.qnn import QuantTwin, calibrate, convert, prepare, set_mode
 from qmamba.qnn import point as point_module
 from qmamba.qnn.point import QuantPoint
+from qmamba.qnn.modules import QuantSSDScan
 from qmamba.quant.granularity import PerChannel, PerGroup, PerTensor
 from qmamba.quant.numerics import quantize
 from qmamba.quant.recipe import QuantSpec
@@ -247,8 +248,9 @@ CASES = [("tiny", {}, "quamba_w8a8"), ("tiny-mamba2", {"ngroups": 2}, "quamba2_w
 @pytest.mark.parametrize("name, overrides, recipe", CASES)
 def test_int8_twins_quantize_activations_through_the_dispatcher(monkeypatch, name, overrides, recipe):
     """forward, prefill and step of an int8 model quantize every activation through ``quantize_int8`` with the twin's
-    backend (the fused kernel on a GPU), with the per-channel axis the scale belongs to; the logits are those of the
-    backend="torch" route (``numerics.quantize``) bit for bit."""
+    backend (the fused kernel on a GPU), with the per-channel axis the scale belongs to, but Mamba2's x / B / C,
+    which the SSD kernels quantize as they load them; the logits are those of the backend="torch" route
+    (``numerics.quantize``) bit for bit."""
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
     model = prepare(MambaLM(qmamba.preset(name, **overrides)).eval(), recipe)
@@ -277,7 +279,11 @@ def test_int8_twins_quantize_activations_through_the_dispatcher(monkeypatch, nam
             if hasattr(mod, "emit_codes"):
                 mod.emit_codes = False
         twins = [t for t in m.modules() if isinstance(t, QuantTwin)]
-        n_act = sum(1 for t in twins for p in t.quant_points.values() if not p.is_weight)
+        # Mamba2's SSD kernels quantize x / B / C themselves as they load them (ssd_*_from_float): not dispatched
+        in_kernel = {id(t.q(p)) for t in twins if isinstance(t, QuantSSDScan) and t.q("x").dual is None
+                     for p in ("x", "B", "C")}
+        acts = [p for t in twins for p in t.quant_points.values() if not p.is_weight and id(p) not in in_kernel]
+        n_act = len(acts)
         for t in twins:
             t.backend = "torch"
         ref = run(m)
@@ -291,8 +297,7 @@ def test_int8_twins_quantize_activations_through_the_dispatcher(monkeypatch, nam
         monkeypatch.undo()
         assert {c[3] for c in calls} == {"auto"}
         assert len(calls) >= 3 * n_act  # forward, prefill and every step quantize each activation point once at least
-        per_channel = any(not isinstance(p.spec.granularity, PerTensor) for t in twins
-                          for p in t.quant_points.values() if not p.is_weight)
+        per_channel = any(not isinstance(p.spec.granularity, PerTensor) for p in acts)
         assert any(c[1] > 1 for c in calls) == per_channel  # per-head / per-group scales go as (C,) vectors
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
         assert all(torch.equal(a, b) for a, b in zip(got[2], ref[2]))

@@ -226,9 +226,10 @@ def w8a8_gemm(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: 
               config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """The fused W8A8 GEMM on 2-D inputs (``qmamba.kernels.linear.w8a8_gemm`` is the user-facing wrapper).
 
-    x (M, K) int8 and w (N, K) int8, both contiguous; x_scale: one-element fp32; w_scale: fp32, 1 or N elements;
-    bias: (N,) float or None; out_scale: (N,) fp32 or None. Returns (M, N) ``out_dtype``, or int8 codes when
-    ``out_scale`` is given (rounded through ``out_dtype`` first). ``split_k``: None picks one by shape;
+    x (M, K) int8 with rows at any stride, each contiguous, and w (N, K) int8 contiguous; x_scale: one-element fp32;
+    w_scale: fp32, 1 or N elements; bias: (N,) float or None; out_scale: (N,) fp32 or None. Returns (M, N)
+    ``out_dtype``, or int8 codes when ``out_scale`` is given (rounded through ``out_dtype`` first). ``split_k``: None
+    picks one by shape;
     ``config`` (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) skips the autotuner (tests, experiments).
     """
     M, K = x.shape
