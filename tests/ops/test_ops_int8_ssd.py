@@ -631,51 +631,12 @@ def test_step_from_float_ref_is_quantize_then_step(per_head, dtype):
     got = ssd_step_int8_from_float(S1, inp["qx"], inp["x_scale"], inp["qdt"], inp["dt_scale"], inp["A"], inp["qB"],
                                    inp["B_scale"], inp["qC"], inp["C_scale"], D=inp["D"], dt_bias=inp["dt_bias"],
                                    backend="torch")
-    h, g = 4, 2
-    sx = inp["x_scale"].reshape(1, h, 1) if per_head else inp["x_scale"]
-    sb = inp["B_scale"].reshape(1, g, 1) if per_head else inp["B_scale"]
-    sc = inp["C_scale"].reshape(1, g, 1) if per_head else inp["C_scale"]
-    codes = dict(inp, qx=quantize(inp["qx"], sx), qB=quantize(inp["qB"], sb), qC=quantize(inp["qC"], sc))
+    codes = _xbc_codes(inp, 1)
     assert torch.equal(got, ssd_step_int8_ref(S2, **codes))
     assert torch.equal(S1, S2)
     with pytest.raises(TypeError, match="float activation"):
         ssd_step_int8_from_float(S1, codes["qx"], inp["x_scale"], inp["qdt"], inp["dt_scale"], inp["A"], inp["qB"],
                                  inp["B_scale"], inp["qC"], inp["C_scale"])
-
-
-_INTERP_FLOAT_STEP_SCRIPT = textwrap.dedent('''
-    import os, json, sys
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-    import torch
-    sys.path.insert(0, os.getcwd())
-    from tests.ops.test_ops_int8_ssd import _xbc_step_inputs
-    from qmamba.kernels.triton.ssd_int8 import ssd_step_int8_triton
-    from qmamba.quant.numerics import quantize
-
-    same = {}
-    for per_head in (True, False):
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            inp = _xbc_step_inputs(per_head=per_head, dtype=dtype)
-            h, g = 4, 2
-            sh = lambda s, c: s.reshape(1, c, 1) if s.numel() > 1 else s.reshape(())
-            codes = dict(inp, qx=quantize(inp["qx"], sh(inp["x_scale"], h)),
-                         qB=quantize(inp["qB"], sh(inp["B_scale"], g)), qC=quantize(inp["qC"], sh(inp["C_scale"], g)))
-            S1 = torch.randn(2, 4, 8, 16)
-            S2 = S1.clone()
-            y1 = ssd_step_int8_triton(S1, **inp, float_in=True)
-            y2 = ssd_step_int8_triton(S2, **codes)
-            same[f"{per_head}/{dtype}"] = bool(torch.equal(y1, y2) and torch.equal(S1, S2))
-    print("RESULT " + json.dumps(same))
-''')
-
-
-def test_triton_step_quantizes_float_inputs_as_quantize_does(interpret):
-    """Under the interpreter: the step kernel fed the float x / B / C (float_in) gives, bit for bit, what it gives
-    fed their ``numerics.quantize`` codes (ties to even, clamped values, signed zeros included)."""
-    stdout = interpret(_INTERP_FLOAT_STEP_SCRIPT)
-    line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    results = json.loads(line[len("RESULT "):])
-    assert len(results) == 6 and all(results.values()), results
 
 
 def _xbc_scan_inputs(b=2, L=37, h=4, p=8, g=2, n=16, per_head=True, dtype=torch.float16, seed=0):
@@ -705,40 +666,50 @@ def test_chunk_scan_from_float_ref_is_quantize_then_scan(per_head, dtype):
                                             args.pop("A"), inp["qB"], args.pop("B_scale"), inp["qC"],
                                             args.pop("C_scale"), 16, return_final_states=True, backend="torch",
                                             **args)
-    sh = (lambda s, c: s.reshape(1, 1, c, 1) if s.numel() > 1 else s.reshape(()))
-    codes = dict(inp, qx=quantize(inp["qx"], sh(inp["x_scale"], 4)), qB=quantize(inp["qB"], sh(inp["B_scale"], 2)),
-                 qC=quantize(inp["qC"], sh(inp["C_scale"], 2)))
-    y_ref, fin_ref = ssd_chunk_scan_int8_ref(**codes, chunk_size=16, return_final_states=True)
+    y_ref, fin_ref = ssd_chunk_scan_int8_ref(**_xbc_codes(inp, 2), chunk_size=16, return_final_states=True)
     assert torch.equal(y, y_ref) and torch.equal(fin, fin_ref)
 
 
-_INTERP_FLOAT_SCAN_SCRIPT = textwrap.dedent('''
+def _xbc_codes(inp: dict, lead: int) -> dict:
+    """``inp`` with its float x / B / C replaced by their ``numerics.quantize`` codes (channel axis after ``lead``)."""
+    def shaped(s, ch):
+        return s.reshape((1,) * lead + (ch, 1)) if s.numel() > 1 else s.reshape(())
+
+    h, g = inp["qx"].shape[lead], inp["qB"].shape[lead]
+    return dict(inp, qx=quantize(inp["qx"], shaped(inp["x_scale"], h)),
+                qB=quantize(inp["qB"], shaped(inp["B_scale"], g)), qC=quantize(inp["qC"], shaped(inp["C_scale"], g)))
+
+
+_INTERP_FLOAT_IN_SCRIPT = textwrap.dedent('''
     import os, json, sys
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     import torch
     sys.path.insert(0, os.getcwd())
-    from tests.ops.test_ops_int8_ssd import _xbc_scan_inputs
-    from qmamba.kernels.triton.ssd_int8 import ssd_chunk_scan_int8_triton
-    from qmamba.quant.numerics import quantize
+    from tests.ops.test_ops_int8_ssd import _xbc_codes, _xbc_scan_inputs, _xbc_step_inputs
+    from qmamba.kernels.triton.ssd_int8 import ssd_chunk_scan_int8_triton, ssd_step_int8_triton
 
     same = {}
     for per_head in (True, False):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            inp = _xbc_step_inputs(per_head=per_head, dtype=dtype)
+            S1 = torch.randn(2, 4, 8, 16)
+            S2 = S1.clone()
+            y1 = ssd_step_int8_triton(S1, **inp, float_in=True)
+            y2 = ssd_step_int8_triton(S2, **_xbc_codes(inp, 1))
+            same[f"step/{per_head}/{dtype}"] = bool(torch.equal(y1, y2) and torch.equal(S1, S2))
             inp = _xbc_scan_inputs(per_head=per_head, dtype=dtype)
-            sh = lambda s, c: s.reshape(1, 1, c, 1) if s.numel() > 1 else s.reshape(())
-            codes = dict(inp, qx=quantize(inp["qx"], sh(inp["x_scale"], 4)),
-                         qB=quantize(inp["qB"], sh(inp["B_scale"], 2)), qC=quantize(inp["qC"], sh(inp["C_scale"], 2)))
             y1, f1 = ssd_chunk_scan_int8_triton(**inp, chunk_size=16, return_final_states=True, float_in=True)
-            y2, f2 = ssd_chunk_scan_int8_triton(**codes, chunk_size=16, return_final_states=True)
-            same[f"{per_head}/{dtype}"] = bool(torch.equal(y1, y2) and torch.equal(f1, f2))
+            y2, f2 = ssd_chunk_scan_int8_triton(**_xbc_codes(inp, 2), chunk_size=16, return_final_states=True)
+            same[f"scan/{per_head}/{dtype}"] = bool(torch.equal(y1, y2) and torch.equal(f1, f2))
     print("RESULT " + json.dumps(same))
 ''')
 
 
-def test_triton_chunk_scan_quantizes_float_inputs_as_quantize_does(interpret):
-    """Under the interpreter: the chunk kernels fed the float x / B / C (float_in, strided views of one xBC row)
-    give, bit for bit, what they give fed their ``numerics.quantize`` codes."""
-    stdout = interpret(_INTERP_FLOAT_SCAN_SCRIPT)
+def test_triton_kernels_quantize_float_inputs_as_quantize_does(interpret):
+    """Under the interpreter: the step and chunk kernels fed the float x / B / C (float_in; the scan's as strided
+    views of one xBC row) give, bit for bit, what they give fed their ``numerics.quantize`` codes (ties to even,
+    clamped values, signed zeros included)."""
+    stdout = interpret(_INTERP_FLOAT_IN_SCRIPT)
     line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1]
     results = json.loads(line[len("RESULT "):])
-    assert len(results) == 6 and all(results.values()), results
+    assert len(results) == 12 and all(results.values()), results
