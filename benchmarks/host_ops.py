@@ -250,15 +250,16 @@ def int8_count(preset_name: str, recipe: str, batch: int = 1, prompt: int = 64, 
 
 
 def _min_host_ms(fn, reps: int, device: str) -> float:
-    """The least host time of ``reps`` calls of ``fn`` (the least: the machine's own noise only adds), in ms; on a
-    GPU the host returns before the kernels finish, so this is the time to dispatch, not to run."""
+    """The least CPU time of this thread over ``reps`` calls of ``fn``, in ms: the host's work to dispatch them (the
+    least, and CPU time rather than wall time: a shared machine's scheduling noise only adds; on a GPU the host
+    returns before the kernels finish, and time waiting in a sync is not counted)."""
     import time
 
     best = float("inf")
     for _ in range(reps):
-        t = time.perf_counter()
+        t = time.thread_time()
         fn()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, time.thread_time() - t)
         if device == "cuda":
             torch.cuda.synchronize()
     return best * 1e3

@@ -31,7 +31,7 @@ from qmamba.quant.granularity import PerTensor
 from qmamba.ops.int8_conv1d import conv1d_int8, conv1d_int8_update
 from qmamba.ops.int8_gated_norm import gated_rms_norm_from_codes
 from qmamba.ops.int8_hadamard import hadamard_quantize
-from qmamba.ops.int8_linear import w8a8_linear
+from qmamba.ops.int8_linear import out_scale_per_column, w8a8_linear
 from qmamba.ops.int8_selective_scan import selective_scan_int8, selective_scan_int8_update
 from qmamba.ops.int8_ssd import (ssd_chunk_scan_int8, ssd_chunk_scan_int8_from_float, ssd_step_int8,
                                  ssd_step_int8_from_float)
@@ -367,11 +367,25 @@ class QuantLinear(QuantTwin, nn.Linear):
         else:
             qx, sx = self._codes("input", x)
             wq, sw = self._int8_weight(qw)
-            scales = [part.q(point).scale_for(qx).detach() for part, point, _ in consumers]
-        q = w8a8_linear(qx, sx.reshape(()), wq, sw.reshape(-1) if sw.numel() > 1 else sw.reshape(()), self.bias,
-                        out_dtype=x.dtype, out_scale=[s.reshape(()) for s in scales], out_columns=columns,
-                        backend=self.backend)
+            scales = [part.q(point).tensor_scale() for part, point, _ in consumers]
+        sw = sw.reshape(-1) if sw.numel() > 1 else sw.reshape(())
+        if step:  # one one-element scale per segment: nothing built per step (a CUDA graph replays it)
+            out_scale, out_columns = [s.reshape(()) for s in scales], columns
+        else:  # the GEMM's per-column scales, made once per value of the consumers' scales
+            out_scale, out_columns = self._column_scales(scales, columns), None
+        q = w8a8_linear(qx, sx.reshape(()), wq, sw, self.bias, out_dtype=x.dtype, out_scale=out_scale,
+                        out_columns=out_columns, backend=self.backend)
         return [Codes(c, s, x.dtype) for c, s in zip(q.split(columns, dim=-1), scales)]
+
+    def _column_scales(self, scales: list[torch.Tensor], columns: list[int]) -> torch.Tensor:
+        """The (N,) fp32 requant scale of the output's columns: each consumer's per-tensor scale over its columns.
+        Kept until one of the scales changes (another tensor, or an in-place update: its version counter)."""
+        key = (tuple((s.data_ptr(), s._version, s.device) for s in scales), tuple(columns))
+        memo = self.__dict__.get("_column_scale_memo")
+        if memo is None or memo[0] != key:
+            memo = (key, out_scale_per_column(scales, columns, sum(columns)))
+            self.__dict__["_column_scale_memo"] = memo
+        return memo[1]
 
 
 class QuantCausalConv1d(QuantTwin, CausalConv1d):

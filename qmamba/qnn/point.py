@@ -130,6 +130,14 @@ class QuantPoint(nn.Module):
             self._ready_seen = seen
         return seen[2]
 
+    def tensor_scale(self) -> torch.Tensor:
+        """An activation point's calibrated scale as stored (0-d for a per-tensor point), detached: what a producer
+        that hands this point's consumer its codes quantizes with. Errors as ``scale_for`` before calibration."""
+        if not self.is_ready():
+            raise RuntimeError(f"quantization point {self.name} has no scale yet: calibrate the model first "
+                               "(qmamba.qnn.calibrate or the calibration callback)")
+        return self.scale.detach() if self.scale.requires_grad else self.scale
+
     def scale_for(self, x: torch.Tensor) -> torch.Tensor:
         """The scale for tensor x, shaped to broadcast against it."""
         if self.is_weight and not self.is_ready():
