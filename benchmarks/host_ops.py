@@ -41,10 +41,23 @@ class _CountedLaunch:
         return launch
 
 
+def _import_ops() -> None:
+    """Import every ``qmamba.ops`` module now: one first imported inside a dry run (a lazy import) would bind the
+    stand-ins by name and keep them."""
+    import importlib
+    import pkgutil
+
+    import qmamba.ops
+
+    for info in pkgutil.iter_modules(qmamba.ops.__path__):
+        importlib.import_module(f"qmamba.ops.{info.name}")
+
+
 @contextlib.contextmanager
 def dry_fused_path(launches: collections.Counter):
     """On CPU tensors: the fused fake-quant / Hadamard dispatch says yes and the Triton kernels only count their
     launches (see the top of this file); everything restored on exit."""
+    _import_ops()
     import qmamba.kernels.triton.fake_quant as tfq
     import qmamba.kernels.triton.hadamard as th
     import qmamba.ops.backend as backend
@@ -130,6 +143,7 @@ def dry_int8_kernels(launches: collections.Counter):
     fake-quant / Hadamard path is dry as in ``dry_fused_path``; everything restored on exit."""
     import sys
 
+    _import_ops()
     import qmamba.kernels.build as build
     import qmamba.kernels.checks as checks
     import qmamba.kernels.conv1d  # noqa: F401  (every wrapper imported, so the loop below patches it)
@@ -145,8 +159,6 @@ def dry_int8_kernels(launches: collections.Counter):
     import qmamba.ops.backend as backend
 
     # interpreting: the Triton wrappers take CPU tensors as under TRITON_INTERPRET=1 (small blocks; launches counted)
-    import qmamba.ops.int8_gated_norm  # noqa: F401  (imported, so the loop below patches its use_triton)
-
     real = {"use_kernels": backend.use_kernels, "load": build.load, "require_cuda": checks.require_cuda,
             "interpreting": launch.interpreting, "use_triton": backend.use_triton}
 
@@ -198,6 +210,11 @@ def dry_int8_kernels(launches: collections.Counter):
                 delattr(ns, name)
         for mod, k, v in saved:
             setattr(mod, k, v)
+        # a module first imported inside (a lazy import) bound a stand-in by name: give it the real function too
+        for mod in [m for name, m in sys.modules.items() if name.startswith("qmamba") and m is not None]:
+            for k, fake in fakes.items():
+                if getattr(mod, k, None) is fake:
+                    setattr(mod, k, real[k])
 
 
 # ops that read a tensor's value on the host: on a GPU each waits for every kernel queued before it

@@ -62,14 +62,29 @@ def test_int8_prefill_and_step_kernels_a_layer(preset_name, recipe, prefill_kern
 
 
 def test_dry_int8_kernels_restore_everything():
+    """Everything patched is restored, also in a module first imported inside the dry run (a lazy import binds the
+    stand-in by name)."""
     import collections
+    import importlib
+    import sys
 
-    import qmamba.kernels.linear as klinear
-    import qmamba.ops.int8_linear as olinear
     import torch
 
+    import qmamba.kernels.linear as klinear
+    import qmamba.ops.backend as backend
+    import qmamba.ops.int8_linear as olinear
+
     before = (olinear.use_kernels, klinear.require_cuda)
-    with host_ops.dry_int8_kernels(collections.Counter()):
-        assert olinear.use_kernels is not before[0] and "w8a8_gemv" in torch.ops.qmamba.__dict__
+    host_ops._import_ops()
+    saved = sys.modules["qmamba.ops.int8_norm"]
+    try:
+        with host_ops.dry_int8_kernels(collections.Counter()):
+            assert olinear.use_kernels is not before[0] and "w8a8_gemv" in torch.ops.qmamba.__dict__
+            del sys.modules["qmamba.ops.int8_norm"]
+            fresh = importlib.import_module("qmamba.ops.int8_norm")  # imported while patched: binds the stand-in
+            assert fresh.use_kernels is backend.use_kernels is not before[0]
+        assert fresh.use_kernels is backend.use_kernels is before[0]
+    finally:
+        sys.modules["qmamba.ops.int8_norm"] = saved
     assert (olinear.use_kernels, klinear.require_cuda) == before
     assert "w8a8_gemv" not in torch.ops.qmamba.__dict__
