@@ -41,7 +41,7 @@ class Mamba2Mixer(nn.Module):
                 B.reshape(b, L, self.ngroups, self.d_state), C.reshape(b, L, self.ngroups, self.d_state),
                 self.D, self.dt_bias)
         y = self.scan(*args) if cache is None else self.scan.prefill(cache.ssm_state, *args)  # (B, L, H, P)
-        y = self.norm(y.reshape(b, L, self.d_inner), z)
+        y = self.norm.output_for(y.reshape(b, L, self.d_inner), z, self.out_proj)
         return self.out_proj(y)  # (B, L, d_model)
 
     def in_proj_consumers(self) -> tuple:
@@ -63,5 +63,5 @@ class Mamba2Mixer(nn.Module):
         y = self.scan.step(cache.ssm_state, x.reshape(b, self.nheads, self.headdim), dt, self.A_log,
                            B.reshape(b, self.ngroups, self.d_state), C.reshape(b, self.ngroups, self.d_state),
                            self.D, self.dt_bias)  # (B, H, P)
-        y = self.norm.step(y.reshape(b, self.d_inner), z)
+        y = self.norm.output_for(y.reshape(b, self.d_inner), z, self.out_proj, step=True)
         return linear_step(self.out_proj, y)

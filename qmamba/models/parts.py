@@ -187,6 +187,11 @@ class RMSNormGated(nn.Module):
     def step(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:  # (B, D) -> (B, D)
         return RMSNormGated.forward(self, x, z)  # per token already; the twin overrides step, not this
 
+    def output_for(self, x: torch.Tensor, z: torch.Tensor | None, consumer: nn.Module, step: bool = False):
+        """The norm's output for ``consumer`` (Mamba2's out_proj): here the float output; the quantized twin hands
+        an int8 consumer its input codes where it takes them."""
+        return self.step(x, z) if step else self(x, z)
+
 
 @dataclass(eq=False)
 class LayerCache:

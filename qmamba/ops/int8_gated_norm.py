@@ -8,6 +8,10 @@ x (..., d) float, q_z (..., d) int8, s_z one element (z's per-tensor scale), wei
 Kernel (``backend`` "cuda" / "auto" on a GPU): ``qmamba.kernels.triton.gated_norm``, one launch instead of the
 dequantize's elementwise ops and the norm's kernel; z is bit for bit the reference's, the norm a float reduction
 in another order (agreement within float tolerance, tests/gpu/test_gpu_kernel_gated_norm.py).
+
+``gated_rms_norm_hadamard_quantize`` also makes out_proj's input in the same op (Mamba2 in int8 mode, one norm
+group): ``hadamard_quantize_ref(y, out_scale)`` of the norm's output y, the codes out_proj's rotated int8 GEMM
+reads; one Triton kernel on a GPU instead of the norm's and the rotate + quantize kernel.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from qmamba.ops.backend import use_triton
+from qmamba.ops.int8_hadamard import hadamard_quantize_ref
 from qmamba.ops.norm import gated_rms_norm_ref
 from qmamba.quant.numerics import dequantize
 
@@ -73,3 +78,25 @@ def gated_rms_norm_from_codes(x: torch.Tensor, weight: torch.Tensor, qz: torch.T
 
         return kernel(x, weight, qz, z_scale.reshape(()), z_dtype, eps, group_size, norm_before_gate)
     return gated_rms_norm_from_codes_ref(x, weight, qz, z_scale, z_dtype, eps, group_size, norm_before_gate)
+
+
+def gated_rms_norm_hadamard_quantize_ref(x: torch.Tensor, weight: torch.Tensor, qz: torch.Tensor,
+                                         z_scale: torch.Tensor, z_dtype: torch.dtype, eps: float,
+                                         norm_before_gate: bool, out_scale: torch.Tensor) -> torch.Tensor:
+    """The unfused ops: the gated norm over the whole row (one group), then out_proj's rotate + quantize."""
+    y = gated_rms_norm_from_codes_ref(x, weight, qz, z_scale, z_dtype, eps, None, norm_before_gate)
+    return hadamard_quantize_ref(y, out_scale, 8)
+
+
+def gated_rms_norm_hadamard_quantize(x: torch.Tensor, weight: torch.Tensor, qz: torch.Tensor, z_scale: torch.Tensor,
+                                     z_dtype: torch.dtype, eps: float, norm_before_gate: bool,
+                                     out_scale: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``gated_rms_norm_hadamard_quantize_ref``, through the Triton kernel where ``backend`` allows (inputs on a
+    GPU): int8 codes of x's shape in ``out_scale``."""
+    if use_triton(backend, x, "gated_rms_norm_hadamard_quantize",
+                  lambda: _kernel_problem(x, weight, qz, z_scale, None)):
+        _check(x, weight, qz, z_scale, z_dtype, None)
+        from qmamba.kernels.triton.gated_norm import gated_rms_norm_hadamard_quantize as kernel
+
+        return kernel(x, weight, qz, z_scale.reshape(()), z_dtype, eps, norm_before_gate, out_scale.reshape(()))
+    return gated_rms_norm_hadamard_quantize_ref(x, weight, qz, z_scale, z_dtype, eps, norm_before_gate, out_scale)

@@ -29,7 +29,7 @@ from qmamba.qnn.codes import Codes
 from qmamba.qnn.point import QuantPoint
 from qmamba.quant.granularity import PerTensor
 from qmamba.ops.int8_conv1d import conv1d_int8, conv1d_int8_update
-from qmamba.ops.int8_gated_norm import gated_rms_norm_from_codes
+from qmamba.ops.int8_gated_norm import gated_rms_norm_from_codes, gated_rms_norm_hadamard_quantize
 from qmamba.ops.int8_hadamard import hadamard_quantize
 from qmamba.ops.int8_linear import out_scale_per_column, w8a8_linear
 from qmamba.ops.int8_selective_scan import selective_scan_int8, selective_scan_int8_update
@@ -264,6 +264,13 @@ class QuantLinear(QuantTwin, nn.Linear):
         rotated input is quantized after its Hadamard transform, so it needs the float tensor)."""
         return (point == "input" and self._takes_codes_at(point) and self.q("weight") is not None
                 and not self.rotated)
+
+    def takes_rotated_codes(self) -> bool:
+        """A rotated int8 layer reads its input as the codes of the Hadamard-rotated input when a producer rotates
+        and quantizes it in its own op (Mamba2's gated norm): int8 mode, 8-bit per-tensor input nobody watches."""
+        qi = self.q("input")
+        return (self.rotated and self._takes_codes_at("input") and self.q("weight") is not None
+                and qi.spec.bits == 8)
 
     def input_scale(self, x: torch.Tensor, step: bool = False) -> torch.Tensor:
         """The input point's per-tensor scale (0-d fp32), for a producer that quantizes this layer's input itself
@@ -689,6 +696,27 @@ class QuantRMSNormGated(QuantTwin, RMSNormGated):
         if sz is None:
             return super().step(x, qz)
         return self._int8_norm(x, qz, sz, x.dtype)
+
+    emit_codes = True  # int8: hand out_proj its rotated input codes from the norm's kernel; False: float output
+
+    def output_for(self, x, z, consumer, step: bool = False):
+        """int8 mode, one norm group, ``consumer`` a rotated int8 linear that takes rotated codes: the norm, the
+        Hadamard rotation and the quantize of the consumer's input in one op (``gated_rms_norm_hadamard_quantize``),
+        handed on as ``Codes``; else the norm's float output."""
+        if not (self.emit_codes and self.qmode == "int8" and z is not None and self.q("z") is not None
+                and self.group_size in (None, x.shape[-1]) and isinstance(consumer, QuantLinear)
+                and consumer.takes_rotated_codes()):
+            return self.step(x, z) if step else self(x, z)
+        qi = consumer.q("input")
+        if step:
+            qz, sz = self._step_codes("z", z, 1)
+            s_out, z_dtype = consumer._step_scale(qi, x).detach().reshape(()), x.dtype
+        else:
+            qz, sz = self._codes("z", z)
+            s_out, z_dtype = qi.tensor_scale(), z.dtype
+        codes = gated_rms_norm_hadamard_quantize(x, self.weight, qz, sz, z_dtype, self.eps, self.norm_before_gate,
+                                                 s_out, backend=self.backend)
+        return Codes(codes, s_out, x.dtype)
 
     def _int8_norm(self, x, qz, sz, z_dtype):
         """The norm reading the gate's codes: z dequantized to its dtype as ``roundtrip`` gives it, then the gated

@@ -96,13 +96,15 @@ def test_mamba2_in_proj_codes_equal_float_handoff(recipe):
         calibrate(model, [_ids(4, 128, 1), _ids(4, 128, 2)], progress=False)
     set_mode(model.half(), "int8")
     x = _ids(3, 77, 5)
-    in_projs = [layer.mixer.in_proj for layer in model.backbone.layers]
+    # in_proj's codes and the norm's fused rotate + quantize for out_proj (its kernel makes the codes the unfused
+    # kernels make, tests/gpu/test_gpu_kernel_gated_norm.py)
+    producers = [m for layer in model.backbone.layers for m in (layer.mixer.in_proj, layer.mixer.norm)]
     with torch.no_grad():
-        for m in in_projs:
+        for m in producers:
             m.emit_codes = False
         plain = model(x)
         plain_tokens = generate(model, x[:, :12], 16, cuda_graph=False)
-        for m in in_projs:
+        for m in producers:
             m.emit_codes = True
         assert torch.equal(model(x), plain)
         assert torch.equal(generate(model, x[:, :12], 16, cuda_graph=False), plain_tokens)

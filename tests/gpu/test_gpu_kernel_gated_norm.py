@@ -66,3 +66,24 @@ def test_one_decode_token_in_a_graph():
     torch.cuda.synchronize()
     torch.testing.assert_close(out, gated_rms_norm_from_codes_ref(x, w, qz, s, torch.float16, 1e-5, None, False),
                                rtol=2 ** -10, atol=1e-3)
+
+
+@pytest.mark.parametrize("L", [1, 33, 1024])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("d", [1536, 5120])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_norm_hadamard_quantize_is_the_unfused_kernels_bit_for_bit(dtype, d, batch, L):
+    """The fused norm + rotate + quantize kernel against the two kernels it replaces (this file's gated norm, then
+    csrc's hadamard_quantize): the same codes, bit for bit (the same reduction, no FMA contraction in either, and
+    both rotations are the reference's bit for bit); and against the torch reference within 1 LSB."""
+    from qmamba.kernels.hadamard import hadamard_quantize
+    from qmamba.kernels.triton.gated_norm import gated_rms_norm_hadamard_quantize
+    from qmamba.ops.int8_gated_norm import gated_rms_norm_hadamard_quantize_ref
+
+    x, qz, s, w = _inputs((batch, L), d, dtype)
+    s_out = torch.tensor(0.01, device="cuda")
+    got = gated_rms_norm_hadamard_quantize(x, w, qz, s, dtype, 1e-5, False, s_out)
+    unfused = hadamard_quantize(gated_rms_norm_from_codes(x, w, qz, s, dtype, 1e-5, None, False), s_out, 8)
+    assert got.dtype == torch.int8 and torch.equal(got, unfused.reshape(got.shape))
+    diff = (got.int() - gated_rms_norm_hadamard_quantize_ref(x, w, qz, s, dtype, 1e-5, False, s_out).int()).abs()
+    assert int(diff.max()) <= 1 and float((diff == 0).double().mean()) >= 0.999

@@ -236,6 +236,37 @@ def test_mamba2_in_proj_hands_z_xbc_dt_their_codes_bit_for_bit(recipe, monkeypat
     assert all(torch.equal(a, b) for a, b in zip(fused_dec, plain_dec))
 
 
+@pytest.mark.parametrize("recipe", ["quamba2_w8a8", "dual_scale_treatment_mamba2.yaml"])
+def test_mamba2_norm_hands_out_proj_its_rotated_codes_bit_for_bit(recipe, monkeypatch):
+    """int8 Mamba2 (one norm group): the gated norm, out_proj's Hadamard rotation and its quantize run as one op
+    (``gated_rms_norm_hadamard_quantize``) and out_proj takes the codes: forward, prefill and decode give the logits
+    of the float norm with out_proj rotating and quantizing its input itself, bit for bit, and out_proj does not."""
+    import qmamba.qnn.modules as modules
+
+    torch.manual_seed(0)
+    spec = load_recipe(str(RECIPES / recipe)) if recipe.endswith(".yaml") else recipe
+    model = prepare(MambaLM(qmamba.preset("tiny-mamba2")).eval(), spec)
+    calibrate(model, [_ids(seed=s) for s in (10, 11)], progress=False)
+    set_mode(model, "int8")
+    x = _ids(seed=5)
+    norms = [layer.mixer.norm for layer in model.backbone.layers]
+    assert all(layer.mixer.out_proj.takes_rotated_codes() for layer in model.backbone.layers)
+    with torch.no_grad():
+        for n in norms:
+            n.emit_codes = False
+        plain, plain_dec = model(x), _decode(model, x)
+        for n in norms:
+            n.emit_codes = True
+
+        def refuse(*args, **kw):
+            raise AssertionError("out_proj rotated and quantized its input although the norm handed it codes")
+
+        monkeypatch.setattr(modules, "hadamard_quantize", refuse)
+        fused, fused_dec = model(x), _decode(model, x)
+    assert torch.equal(fused, plain)
+    assert all(torch.equal(a, b) for a, b in zip(fused_dec, plain_dec))
+
+
 def test_linear_step_with_consumers_on_float_layers_gives_column_slices():
     model = _model(RECIPES / "dual_scale_baseline_mamba1.yaml")
     mixer = model.backbone.layers[0].mixer
