@@ -1,23 +1,31 @@
 #!/usr/bin/env bash
-# On a GPU device machine (carry .whl, see scripts/device_setup.sh): the int8 prefill with codes from the GEMMs in one
-# call — GPU tests of the hand-offs (Mamba1 in_proj / x_proj / dt_proj and Mamba2 in_proj emitting their consumers'
-# codes: GEMM per-column and GEMV segment out_scales, eager and graphed generation) and of the kernels they feed, the
-# int8 prefill's host work counted on the GPU, then benchmarks/latency.py with the host syncs of one prefill per
-# engine and a prefill profile. Logs go to $OUT. Usage: bash scripts/device_prefill_check.sh
+# On a GPU device machine (carry .whl, see scripts/device_setup.sh): the int8 prefill with codes from the GEMMs, the
+# Mamba2 fused norm / SSD kernels, in two stages that each fit one device call (600 s):
+#   tests  GPU tests of the hand-offs (Mamba1 in_proj / x_proj / dt_proj and Mamba2 in_proj emitting their consumers'
+#          codes: GEMM per-column and GEMV segment out_scales; the Mamba2 norm handing out_proj rotated codes; eager
+#          and graphed generation) and of the kernels they feed (gated norm, SSD incl. float_in, linear, norm)
+#   bench  the int8 prefill's host work counted on the GPU, then benchmarks/latency.py with the host syncs of one
+#          prefill per engine and a prefill profile
+# Logs go to $OUT. Usage: bash scripts/device_prefill_check.sh tests|bench   (the machine stays warm in between)
 set -uo pipefail
+stage=${1:-tests}
 out=${OUT:-runs}
 mkdir -p "$out"
 bash scripts/device_setup.sh 2>&1 | tail -2
 python3 -c "import qmamba.kernels as k; k.load()" 2>&1 | tail -2
-timeout 200 python3 -m pytest -q -m gpu tests/gpu/test_gpu_codes.py tests/gpu/test_gpu_kernel_linear.py \
-  tests/gpu/test_gpu_kernel_norm.py tests/gpu/test_gpu_kernel_gated_norm.py tests/gpu/test_gpu_kernel_ssd.py \
-  tests/gpu/test_gpu_generation.py > "$out/prefill_gpu_tests.log" 2>&1
-tail -25 "$out/prefill_gpu_tests.log"
-for p in "mamba-130m quamba_w8a8" "mamba2-130m quamba2_w8a8"; do
-  set -- $p
-  timeout 60 python3 benchmarks/host_ops.py --preset "$1" --recipe "$2" --int8 --seq-len 1024 2>&1 | grep -v USDT | tail -3
-done
-timeout 300 python3 benchmarks/latency.py --configs mamba-2.8b mamba2-2.7b --reps 5 --sync-check --profile 25 \
-  --json "$out/latency.json" > "$out/latency.log" 2>&1
-grep -E "TTFT|speedup|FAILED|copy bandwidth|host syncs|^    " "$out/latency.log" | head -60
+if [ "$stage" = tests ]; then
+  timeout 420 python3 -m pytest -q -m gpu tests/gpu/test_gpu_codes.py tests/gpu/test_gpu_kernel_gated_norm.py \
+    tests/gpu/test_gpu_kernel_ssd.py tests/gpu/test_gpu_kernel_linear.py tests/gpu/test_gpu_kernel_norm.py \
+    tests/gpu/test_gpu_generation.py > "$out/prefill_gpu_tests.log" 2>&1
+  tail -25 "$out/prefill_gpu_tests.log"
+else
+  for p in "mamba-130m quamba_w8a8" "mamba2-130m quamba2_w8a8"; do
+    set -- $p
+    timeout 60 python3 benchmarks/host_ops.py --preset "$1" --recipe "$2" --int8 --seq-len 1024 2>&1 | grep -v USDT \
+      | tail -3
+  done
+  timeout 400 python3 benchmarks/latency.py --configs mamba-2.8b mamba2-2.7b --reps 5 --sync-check --profile 25 \
+    --json "$out/latency.json" > "$out/latency.log" 2>&1
+  grep -E "TTFT|speedup|FAILED|copy bandwidth|host syncs|^    " "$out/latency.log" | head -60
+fi
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')  $(date -u +%F)"
