@@ -1,7 +1,10 @@
 """An activation handed from one int8 part to the next as codes, never as a float tensor.
 
-In int8 mode a producer that can requantize its output for its consumers (the conv1d kernel, which emits one int8
-tensor per consumer scale) hands each consumer a ``Codes``: the int8 codes in that consumer's own quantization point
+In int8 mode a producer that can requantize its output for its consumers hands each consumer a ``Codes``. The
+producers: the conv1d kernel (one int8 tensor per consumer scale: Mamba1's x_proj and scan), the linears (their GEMM
+/ GEMV epilogue requantizes each consumer's columns in its scale: in_proj, x_proj, dt_proj, Mamba2's in_proj for z,
+xBC and dt), the blocks' fused residual add + RMSNorm (in_proj's input) and Mamba2's gated norm (out_proj's rotated
+input: ``QuantLinear.takes_rotated_codes``). A ``Codes`` holds the int8 codes in that consumer's own quantization point
 scale, the activation dtype they stand for, and, for a dual-scale point (issue 5: the SSM input), its ``DualScale``
 and packed outlier flags. The consumer then skips its own quantize: the same codes it would have made from the float
 output (same fp32 ops, DESIGN §3), with one kernel and no float tensor in between.

@@ -8,9 +8,10 @@ quantization points; ``qmode`` picks the path:
 
 A point the recipe leaves out stays floating point in every mode.
 
-Codes between parts: in int8 mode the conv1d twin hands its consumers (Mamba1's x_proj and scan) their int8 codes
-straight from the conv kernel (``qmamba.qnn.codes``) when each ``takes_codes`` at that input; they skip their own
-quantize, which would have made the same codes from the float output.
+Codes between parts: in int8 mode a producer (the conv1d twin, a linear's epilogue, the fused pre-norm, Mamba2's
+gated norm) hands its consumers their int8 codes straight from its kernel (``qmamba.qnn.codes``) when each
+``takes_codes`` at that input; they skip their own quantize, which would have made the same codes from the float
+output. Mamba2's SSD kernels quantize the conv's float x / B / C themselves as they load them (``float_in``).
 
 Decoding: ``prefill`` / ``step`` (see ``qmamba.models.parts``) compute per token what ``forward`` computes per
 sequence, in every mode. An int8 ``step`` goes through the twin's ``_int8_step`` (codes and scales in), the one place a
