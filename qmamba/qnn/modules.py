@@ -219,17 +219,28 @@ class QuantTwin:
         return dequantize(quantize(w, s, qw.spec.bits), s).to(w.dtype)  # = qw.fake(w)
 
 
+def memo_key(tensors) -> tuple:
+    """What a value made from ``tensors`` depends on: each tensor itself (held, so no other tensor can take its
+    place at its address while the key lives), its storage, device and version counter (in-place changes)."""
+    return tuple((t, t.data_ptr(), t.device, t._version) for t in tensors)
+
+
+def memo_hit(key, tensors) -> bool:
+    """Whether ``key`` (``memo_key`` of earlier tensors) still describes ``tensors``."""
+    return key is not None and len(key) == len(tensors) and all(
+        k[0] is t and k[1] == t.data_ptr() and k[2] == t.device and k[3] == t._version for k, t in zip(key, tensors))
+
+
 class NegExpMemo:
     """A = -exp(A_log) in fp32 for the int8 scans, made once per value of A_log instead of at every call (two
     kernels a layer and a decode step otherwise): remade when A_log is replaced, moved, or changed in place (its
     version counter). No gradient flows through it (the int8 scans have none)."""
 
     def _neg_exp(self, A_log: torch.Tensor) -> torch.Tensor:
-        key = (A_log.data_ptr(), A_log._version, A_log.device, A_log.shape)
-        if getattr(self, "_neg_exp_key", None) != key:
+        if not memo_hit(getattr(self, "_neg_exp_key", None), (A_log,)):
             with torch.no_grad():
                 self._neg_exp_value = -torch.exp(A_log.detach().float())
-            self._neg_exp_key = key
+            self._neg_exp_key = memo_key((A_log,))
         return self._neg_exp_value
 
 
@@ -388,12 +399,11 @@ class QuantLinear(QuantTwin, nn.Linear):
     def _column_scales(self, scales: list[torch.Tensor], columns: list[int]) -> torch.Tensor:
         """The (N,) fp32 requant scale of the output's columns: each consumer's per-tensor scale over its columns.
         Kept until one of the scales changes (another tensor, or an in-place update: its version counter)."""
-        key = (tuple((s.data_ptr(), s._version, s.device) for s in scales), tuple(columns))
         memo = self.__dict__.get("_column_scale_memo")
-        if memo is None or memo[0] != key:
-            memo = (key, out_scale_per_column(scales, columns, sum(columns)))
+        if memo is None or memo[1] != columns or not memo_hit(memo[0], scales):
+            memo = (memo_key(scales), list(columns), out_scale_per_column(scales, columns, sum(columns)))
             self.__dict__["_column_scale_memo"] = memo
-        return memo[1]
+        return memo[2]
 
 
 class QuantCausalConv1d(QuantTwin, CausalConv1d):

@@ -276,3 +276,32 @@ def test_linear_step_with_consumers_on_float_layers_gives_column_slices():
         x, z = mixer.in_proj.step(h, ((mixer.conv1d, "input", mixer.d_inner), (mixer.scan, "z", mixer.d_inner)))
         y = mixer.in_proj.step(h)
     assert isinstance(x, torch.Tensor) and torch.equal(torch.cat([x, z], -1), y)
+
+
+def test_memos_follow_their_tensors():
+    """-exp(A_log) and a linear's per-column requant scales are made once per value of what they come from: an
+    in-place change, a replacement (even one at the same address) or a move makes them anew."""
+    from qmamba.qnn.modules import memo_hit, memo_key
+
+    model = _model(RECIPES / "dual_scale_baseline_mamba1.yaml")
+    mixer = model.backbone.layers[0].mixer
+    a = mixer.scan._neg_exp(mixer.A_log)
+    assert mixer.scan._neg_exp(mixer.A_log) is a and torch.equal(a, -torch.exp(mixer.A_log.float()))
+    with torch.no_grad():
+        mixer.A_log.mul_(1.5)
+    assert torch.equal(mixer.scan._neg_exp(mixer.A_log), -torch.exp(mixer.A_log.float()))
+    other = mixer.A_log.detach().clone()
+    assert not memo_hit(memo_key((mixer.A_log,)), (other,))  # another tensor, whatever its address and version
+
+    x = _ids(seed=5)
+    with torch.no_grad():
+        _linears_emit(model, False)
+        plain = model(x)
+        _linears_emit(model, True)
+        assert torch.equal(model(x), plain)
+        scale = mixer.scan.q("z").scale
+        scale.mul_(2.0)  # an in-place change (a re-calibration): the memoized per-column scales must follow
+        _linears_emit(model, False)
+        plain = model(x)
+        _linears_emit(model, True)
+        assert torch.equal(model(x), plain)
