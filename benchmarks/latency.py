@@ -104,7 +104,14 @@ def mamba_ssm_engine(cfg, prompt_len: int):
     return prefill, step, model
 
 
-def qmamba_int8_engine(cfg, prompt_len: int):
+def qmamba_int8_unfused_engine(cfg, prompt_len: int):
+    """``qmamba_int8_engine`` with every hand-off of codes between parts off (``emit_codes`` / ``float_inputs``):
+    each part quantizes its float input itself, one kernel each; side by side with the default, what the hand-offs
+    bring."""
+    return qmamba_int8_engine(cfg, prompt_len, hand_offs=False)
+
+
+def qmamba_int8_engine(cfg, prompt_len: int, hand_offs: bool = True):
     from qmamba.generation import InferenceCache
     from qmamba.qnn import calibrate, convert, prepare, set_mode
 
@@ -116,6 +123,10 @@ def qmamba_int8_engine(cfg, prompt_len: int):
     convert(model)
     set_mode(model, "int8")
     fp16_float_leftovers_(model)
+    for module in model.modules():
+        for flag in ("emit_codes", "float_inputs"):
+            if hasattr(module, flag):
+                setattr(module, flag, hand_offs)
     cache = InferenceCache.allocate(model, batch=1, device="cuda", dtype=torch.float16)
     token = torch.zeros(1, dtype=torch.long, device="cuda")
 
@@ -140,7 +151,9 @@ def fp16_float_leftovers_(model: MambaLM) -> None:
             module.half()
 
 
-ENGINES = {"mamba_ssm fp16": mamba_ssm_engine, "qmamba int8": qmamba_int8_engine}
+ENGINES = {"mamba_ssm fp16": mamba_ssm_engine, "qmamba int8": qmamba_int8_engine,
+           "qmamba int8 unfused": qmamba_int8_unfused_engine}
+DEFAULT_ENGINES = ["mamba_ssm fp16", "qmamba int8"]
 
 
 def cfg_name(cfg) -> str:
@@ -227,7 +240,8 @@ def measure(engine, cfg, args, bandwidth: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=["mamba-130m", "mamba-2.8b", "mamba2-2.7b"])
-    ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
+    ap.add_argument("--engines", nargs="+", default=DEFAULT_ENGINES, choices=list(ENGINES),
+                    help="'qmamba int8 unfused': the int8 model with no codes handed between parts (an ablation)")
     ap.add_argument("--prompt", type=int, default=1024, help="prompt tokens for TTFT")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--replays", type=int, default=50, help="graph replays per timed batch (TPOT)")
@@ -260,10 +274,12 @@ def main() -> None:
                   f"(floor {r['floor_ms']:.3f} ms, {r['tpot_over_floor']:.2f}x)  peak {r['peak_mib']:8.0f} MiB  "
                   f"weights {r['weight_mib']:8.0f} MiB", flush=True)
             rows.append({"config": name, "engine": engine, **r})
-        if len(results) == 2:
-            base, ours = results["mamba_ssm fp16"], results["qmamba int8"]
-            print(f"{name:12s} speedup int8 vs fp16: TTFT {base['ttft_ms'] / ours['ttft_ms']:.2f}x, "
-                  f"TPOT {base['tpot_ms'] / ours['tpot_ms']:.2f}x", flush=True)
+        base = results.get("mamba_ssm fp16")
+        for engine in ("qmamba int8", "qmamba int8 unfused"):
+            if base is not None and engine in results:
+                ours = results[engine]
+                print(f"{name:12s} speedup {engine[7:]} vs fp16: TTFT {base['ttft_ms'] / ours['ttft_ms']:.2f}x, "
+                      f"TPOT {base['tpot_ms'] / ours['tpot_ms']:.2f}x", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"gpu": gpu, "bandwidth": bandwidth, "rows": rows}, indent=1))
 

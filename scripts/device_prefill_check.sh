@@ -4,8 +4,8 @@
 #   tests  GPU tests of the hand-offs (Mamba1 in_proj / x_proj / dt_proj and Mamba2 in_proj emitting their consumers'
 #          codes: GEMM per-column and GEMV segment out_scales; the Mamba2 norm handing out_proj rotated codes; eager
 #          and graphed generation) and of the kernels they feed (gated norm, SSD incl. float_in, linear, norm)
-#   bench  the int8 prefill's host work counted on the GPU, then benchmarks/latency.py with the host syncs of one
-#          prefill per engine and a prefill profile
+#   bench  the int8 prefill's host work counted on the GPU, then benchmarks/latency.py: mamba_ssm fp16, qmamba int8
+#          and qmamba int8 with no codes handed between parts, with the host syncs of one prefill per engine
 # Logs go to $OUT. Usage: bash scripts/device_prefill_check.sh tests|bench   (the machine stays warm in between)
 set -uo pipefail
 stage=${1:-tests}
@@ -24,8 +24,9 @@ else
     timeout 60 python3 benchmarks/host_ops.py --preset "$1" --recipe "$2" --int8 --seq-len 1024 2>&1 | grep -v USDT \
       | tail -3
   done
-  timeout 400 python3 benchmarks/latency.py --configs mamba-2.8b mamba2-2.7b --reps 5 --sync-check --profile 25 \
-    --json "$out/latency.json" > "$out/latency.log" 2>&1
+  # the unfused engine beside the default: what the hand-offs of codes bring, measured in the same run
+  timeout 480 python3 benchmarks/latency.py --configs mamba2-2.7b mamba-2.8b --reps 5 --sync-check \
+    --engines "mamba_ssm fp16" "qmamba int8" "qmamba int8 unfused" --json "$out/latency.json" > "$out/latency.log" 2>&1
   grep -E "TTFT|speedup|FAILED|copy bandwidth|host syncs|^    " "$out/latency.log" | head -60
 fi
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')  $(date -u +%F)"

@@ -623,10 +623,12 @@ class QuantSSDScan(NegExpMemo, QuantTwin, SSDScan):
         x, dt, B, C = (self._in(p, t) for p, t in (("x", x), ("dt", dt), ("B", B), ("C", C)))
         return super().prefill(ssm_state, x, dt, A_log, B, C, D, dt_bias)
 
+    float_inputs = True  # int8: hand the SSD kernels x / B / C as floats (they quantize them); False: codes first
+
     def _float_xbc(self, x, B, C) -> bool:
         """Whether x, B, C go to the int8 kernels as the conv's float output (the kernels quantize them as they load
         them): single-scale x, none of them codes already, and no one recording or watching their codes."""
-        if self.q("x").dual is not None or any(isinstance(t, Codes) for t in (x, B, C)):
+        if not self.float_inputs or self.q("x").dual is not None or any(isinstance(t, Codes) for t in (x, B, C)):
             return False
         return not any(qp.recording or qp.watching for qp in (self.q("x"), self.q("B"), self.q("C")))
 

@@ -305,3 +305,29 @@ def test_memos_follow_their_tensors():
         plain = model(x)
         _linears_emit(model, True)
         assert torch.equal(model(x), plain)
+
+
+@pytest.mark.parametrize("preset, recipe", [("tiny", "quamba_w8a8"), ("tiny-mamba2", "quamba2_w8a8"),
+                                            ("tiny-mamba2", "qat_w8a8")])
+def test_all_hand_offs_off_is_the_same_model(preset, recipe):
+    """Every hand-off of codes off (``emit_codes`` / ``float_inputs``: benchmarks/latency.py's "qmamba int8 unfused"
+    engine) gives, on the torch backend, the same logits as all of them on, bit for bit: forward, prefill, decode."""
+    torch.manual_seed(0)
+    model = prepare(MambaLM(qmamba.preset(preset)).eval(), recipe)
+    calibrate(model, [_ids(seed=s) for s in (10, 11)], progress=False)
+    set_mode(model, "int8")
+    x = _ids(seed=5)
+
+    def hand_offs(on):
+        flags = [(m, f) for m in model.modules() for f in ("emit_codes", "float_inputs") if hasattr(m, f)]
+        assert flags
+        for m, f in flags:
+            setattr(m, f, on)
+
+    with torch.no_grad():
+        hand_offs(False)
+        plain, plain_dec = model(x), _decode(model, x)
+        hand_offs(True)
+        fused, fused_dec = model(x), _decode(model, x)
+    assert torch.equal(fused, plain)
+    assert all(torch.equal(a, b) for a, b in zip(fused_dec, plain_dec))
