@@ -16,7 +16,7 @@ python3 -c "import qmamba.kernels as k; k.load()" 2>&1 | tail -2
 if [ "$stage" = tests ]; then
   timeout 420 python3 -m pytest -q -m gpu tests/gpu/test_gpu_codes.py tests/gpu/test_gpu_kernel_gated_norm.py \
     tests/gpu/test_gpu_kernel_ssd.py tests/gpu/test_gpu_kernel_linear.py tests/gpu/test_gpu_kernel_norm.py \
-    tests/gpu/test_gpu_generation.py > "$out/prefill_gpu_tests.log" 2>&1
+    tests/gpu/test_gpu_generation.py tests/gpu/test_gpu_no_host_sync.py > "$out/prefill_gpu_tests.log" 2>&1
   tail -25 "$out/prefill_gpu_tests.log"
 else
   for p in "mamba-130m quamba_w8a8" "mamba2-130m quamba2_w8a8"; do

@@ -48,3 +48,29 @@ def test_forward_makes_no_host_sync(name, recipe, mode):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("name, recipe", CASES)
+def test_int8_prefill_and_step_make_no_host_sync(name, recipe):
+    """The int8 prefill (filling the decode cache: the conv state's codes, the scan's state) and a decode step, the
+    calls behind TTFT and TPOT (benchmarks/latency.py --sync-check times the same question at 2.8b)."""
+    from qmamba.qnn import convert
+
+    model, ids = _model(name, recipe)
+    convert(model)
+    set_mode(model, "int8")
+    cache = model.allocate_cache(2, device="cuda")
+
+    @torch.no_grad()
+    def run():
+        model.prefill(ids[:, :-1], cache)
+        model.step(ids[:, -1], cache)
+
+    run()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
