@@ -68,7 +68,7 @@ def test_one_decode_token_in_a_graph():
                                rtol=2 ** -10, atol=1e-3)
 
 
-@pytest.mark.parametrize("L", [1, 33, 1024])
+@pytest.mark.parametrize("L", [1, 33, 1024, 2048])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("d", [1536, 5120])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -414,7 +414,7 @@ def test_step_from_float_inputs_is_the_codes_step_bit_for_bit(model, batch, dtyp
     assert torch.equal(y1, y2) and torch.equal(S1, S2)
 
 
-@pytest.mark.parametrize("L", [33, 1024])
+@pytest.mark.parametrize("L", [1, 33, 1024, 2048])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("model", list(MODELS))
 def test_chunk_scan_from_float_inputs_is_the_codes_scan_bit_for_bit(model, batch, L):
