@@ -28,29 +28,52 @@ import triton.language as tl
 from qmamba.kernels.triton.hadamard import _butterfly
 from qmamba.kernels.triton.launch import on_device_of
 from qmamba.kernels.triton.ssd_int8 import _quantize_codes
+from qmamba.kernels.triton.w8a8_gemm import _TORCH_TO_TL
 
-_TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 MAX_GROUP = 16384  # one group's channels held in registers
 
 
 @triton.jit
-def _gated_norm_codes_kernel(x_ptr, qz_ptr, zs_ptr, w_ptr, y_ptr, gs, n_groups, x_rs, z_rs, y_rs, eps,
-                             Z_DTYPE: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    grp = tl.program_id(1)
-    cols = grp * gs + tl.arange(0, BLOCK)
-    mask = tl.arange(0, BLOCK) < gs
+def _gated_norm(x_ptr, qz_ptr, zs_ptr, w_ptr, row, cols, mask, n, x_rs, z_rs, eps, Z_DTYPE: tl.constexpr,
+                NORM_BEFORE_GATE: tl.constexpr):
+    """The gated norm of one row's (or group's) ``cols`` (``n`` of them, ``mask`` the valid ones), fp32."""
     x = tl.load(x_ptr + row * x_rs + cols, mask=mask, other=0.0).to(tl.float32)
     q = tl.load(qz_ptr + row * z_rs + cols, mask=mask, other=0).to(tl.float32)
     z = (q * tl.load(zs_ptr)).to(Z_DTYPE).to(tl.float32)
     g = z * tl.sigmoid(z)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     v = x if NORM_BEFORE_GATE else x * g
-    r = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / gs + eps)
+    r = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / n + eps)
     y = v * r * w
     if NORM_BEFORE_GATE:
         y = y * g
+    return y
+
+
+@triton.jit
+def _gated_norm_codes_kernel(x_ptr, qz_ptr, zs_ptr, w_ptr, y_ptr, gs, x_rs, z_rs, y_rs, eps,
+                             Z_DTYPE: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * gs + tl.arange(0, BLOCK)
+    mask = tl.arange(0, BLOCK) < gs
+    y = _gated_norm(x_ptr, qz_ptr, zs_ptr, w_ptr, row, cols, mask, gs, x_rs, z_rs, eps, Z_DTYPE, NORM_BEFORE_GATE)
     tl.store(y_ptr + row * y_rs + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(x: torch.Tensor, qz: torch.Tensor, z_scale: torch.Tensor):
+    """(x, qz) as (rows, d) views with contiguous rows (any row stride: z's codes may be a column slice of
+    in_proj's output), and z's scale as fp32."""
+    d = x.shape[-1]
+    x2, q2 = x.reshape(-1, d), qz.reshape(-1, d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if q2.stride(-1) != 1:
+        q2 = q2.contiguous()
+    return x2, q2, z_scale if z_scale.dtype == torch.float32 else z_scale.float()
+
+
+def _num_warps(block: int) -> int:
+    return max(1, min(16, block // 256))
 
 
 def gated_rms_norm_from_codes(x: torch.Tensor, weight: torch.Tensor, qz: torch.Tensor, z_scale: torch.Tensor,
@@ -58,25 +81,19 @@ def gated_rms_norm_from_codes(x: torch.Tensor, weight: torch.Tensor, qz: torch.T
                               norm_before_gate: bool) -> torch.Tensor:
     """x (..., d) float, qz (..., d) int8 codes of the gate in the one-element ``z_scale`` (any row stride; the last
     dim contiguous), weight (d,) -> (..., d) in x's dtype (see the top of this file). Arguments are checked by the
-    caller (``qmamba.ops.int8_norm``)."""
+    caller (``qmamba.ops.int8_gated_norm``)."""
     d = x.shape[-1]
     gs = group_size or d
-    x2, q2 = x.reshape(-1, d), qz.reshape(-1, d)  # views for x's rows and in_proj's column slice
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if q2.stride(-1) != 1:
-        q2 = q2.contiguous()
-    rows = x2.shape[0]
-    y = torch.empty((rows, d), dtype=x.dtype, device=x.device)
-    if rows == 0 or d == 0:
+    x2, q2, zs = _rows(x, qz, z_scale)
+    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
         return y.reshape(x.shape)
-    zs = z_scale if z_scale.dtype == torch.float32 else z_scale.float()
     block = triton.next_power_of_2(gs)
     with on_device_of(x):
-        _gated_norm_codes_kernel[(rows, d // gs)](
-            x2, q2, zs, weight, y, gs, d // gs, x2.stride(0), q2.stride(0), y.stride(0), float(eps),
+        _gated_norm_codes_kernel[(x2.shape[0], d // gs)](
+            x2, q2, zs, weight, y, gs, x2.stride(0), q2.stride(0), y.stride(0), float(eps),
             Z_DTYPE=_TORCH_TO_TL[z_dtype], NORM_BEFORE_GATE=bool(norm_before_gate), BLOCK=block,
-            num_warps=max(1, min(16, block // 256)), enable_fp_fusion=False)  # as the fused kernel below
+            num_warps=_num_warps(block), enable_fp_fusion=False)  # as the fused kernel below
     return y.reshape(x.shape)
 
 
@@ -87,16 +104,7 @@ def _gated_norm_hadamard_quant_kernel(x_ptr, qz_ptr, zs_ptr, w_ptr, os_ptr, q_pt
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < d
-    x = tl.load(x_ptr + row * x_rs + cols, mask=mask, other=0.0).to(tl.float32)
-    q = tl.load(qz_ptr + row * z_rs + cols, mask=mask, other=0).to(tl.float32)
-    z = (q * tl.load(zs_ptr)).to(Z_DTYPE).to(tl.float32)
-    g = z * tl.sigmoid(z)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    v = x if NORM_BEFORE_GATE else x * g
-    r = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / d + eps)
-    y = v * r * w
-    if NORM_BEFORE_GATE:
-        y = y * g
+    y = _gated_norm(x_ptr, qz_ptr, zs_ptr, w_ptr, row, cols, mask, d, x_rs, z_rs, eps, Z_DTYPE, NORM_BEFORE_GATE)
     y = tl.where(mask, y.to(Y_DTYPE).to(tl.float32), 0.0)  # the norm's output as the unfused path stores it
     h = tl.reshape(y, (BLOCK // HB, HB))
     for i in tl.static_range(LOG_HB):
@@ -116,24 +124,18 @@ def gated_rms_norm_hadamard_quantize(x: torch.Tensor, weight: torch.Tensor, qz: 
     from qmamba.ops.hadamard import hadamard_block
 
     d = x.shape[-1]
-    x2, q2 = x.reshape(-1, d), qz.reshape(-1, d)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if q2.stride(-1) != 1:
-        q2 = q2.contiguous()
-    rows = x2.shape[0]
-    codes = torch.empty((rows, d), dtype=torch.int8, device=x.device)
-    if rows == 0 or d == 0:
+    x2, q2, zs = _rows(x, qz, z_scale)
+    codes = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+    if codes.numel() == 0:
         return codes.reshape(x.shape)
     hb = hadamard_block(d)
     block = max(triton.next_power_of_2(d), hb)
-    zs = z_scale if z_scale.dtype == torch.float32 else z_scale.float()
     os_ = out_scale if out_scale.dtype == torch.float32 else out_scale.float()
     with on_device_of(x):
         # no FMA contraction: the transform's adds and the scale's multiply round as the reference's
-        _gated_norm_hadamard_quant_kernel[(rows,)](
+        _gated_norm_hadamard_quant_kernel[(x2.shape[0],)](
             x2, q2, zs, weight, os_, codes, d, x2.stride(0), q2.stride(0), codes.stride(0), float(eps),
             1.0 / math.sqrt(hb), Z_DTYPE=_TORCH_TO_TL[z_dtype], Y_DTYPE=_TORCH_TO_TL[x.dtype],
             NORM_BEFORE_GATE=bool(norm_before_gate), BLOCK=block, HB=hb, LOG_HB=hb.bit_length() - 1,
-            num_warps=max(1, min(16, block // 256)), enable_fp_fusion=False)
+            num_warps=_num_warps(block), enable_fp_fusion=False)
     return codes.reshape(x.shape)
