@@ -43,7 +43,7 @@ import triton.language as tl
 
 from qmamba.kernels.checks import fp32_flat
 from qmamba.kernels.triton.launch import on_device_of
-from qmamba.kernels.triton.w8a8_gemm import _RINT_MAGIC
+from qmamba.kernels.triton.fake_quant import _codes as _clamp_rint
 from qmamba.quant.dual_scale import DualScale, check_dual_mask
 
 # every fp32 tl.dot: three TF32 tensor-core products per dot, ~fp32 accurate (see the top of this file)
@@ -65,10 +65,8 @@ def _softplus(x):
 def _quantize_codes(v, s):
     """int8 codes (as fp32 integers) of fp32 v in scale s: clamp(rint(v * (1 / s)), -128, 127) with the reciprocal
     in IEEE fp32 (``div_rn``) and the product rounded to fp32 (the clamp between it and the rint's add keeps them
-    from fusing): ``numerics.quantize``'s codes. rint as the add / subtract of 1.5 * 2**23 (exact in the clamped
-    range)."""
-    c = tl.minimum(tl.maximum(v * tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s), -128.0), 127.0)
-    return (c + _RINT_MAGIC) - _RINT_MAGIC
+    from fusing): ``numerics.quantize``'s codes, by the fused fake-quant's ``_codes``."""
+    return _clamp_rint(v * tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s), -128.0, 127.0)
 
 
 @triton.jit
