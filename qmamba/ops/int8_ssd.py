@@ -182,6 +182,21 @@ def ssd_step_int8(state, qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale
     return ssd_step_int8_ref(*args, **kwargs)
 
 
+def _require_floats(op: str, x, B, C) -> None:
+    for name, t in (("x", x), ("B", B), ("C", C)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{op}_from_float: {name} must be the float activation, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}; pass codes to {op} instead")
+
+
+def _codes_of_floats(x, x_scale, B, B_scale, C, C_scale, lead: int):
+    """``numerics.quantize`` codes of the float x / B / C in their scales (heads / groups after ``lead`` dims)."""
+    h, g = x.shape[lead], B.shape[lead]
+    return (quantize(x, _scale("x_scale", x_scale, h, "head", lead, 1)),
+            quantize(B, _scale("B_scale", B_scale, g, "group", lead, 1)),
+            quantize(C, _scale("C_scale", C_scale, g, "group", lead, 1)))
+
+
 def ssd_step_int8_from_float(state, x, x_scale, qdt, dt_scale, A, B, B_scale, C, C_scale, D=None, dt_bias=None,
                              dt_softplus=True, out_dtype=torch.float32, backend: str = "auto"):
     """``ssd_step_int8`` with x (batch, h, p), B and C (batch, g, n) given as the float activations (the conv's output)
@@ -189,21 +204,15 @@ def ssd_step_int8_from_float(state, x, x_scale, qdt, dt_scale, A, B, B_scale, C,
     makes), then the step runs on the codes. The Triton kernel quantizes them where it loads them (one launch instead
     of three quantize kernels and the step; the same codes: the IEEE reciprocal of the scale, the product rounded to
     fp32, rint, clamp). Single-scale x only."""
-    for name, t in (("x", x), ("B", B), ("C", C)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"ssd_step_int8_from_float: {name} must be the float activation, got "
-                            f"{getattr(t, 'dtype', type(t).__name__)}; pass codes to ssd_step_int8 instead")
+    _require_floats("ssd_step_int8", x, B, C)
+    kwargs = dict(D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, out_dtype=out_dtype)
     if use_kernels(backend, x, "ssd_step_int8"):
         from qmamba.kernels.triton.ssd_int8 import ssd_step_int8_triton
 
-        return ssd_step_int8_triton(state, x, x_scale, qdt, dt_scale, A, B, B_scale, C, C_scale, D=D, dt_bias=dt_bias,
-                                    dt_softplus=dt_softplus, out_dtype=out_dtype, float_in=True)
-    h, g = x.shape[1], B.shape[1]
-    qx = quantize(x, _scale("x_scale", x_scale, h, "head", 1, 1))
-    qB = quantize(B, _scale("B_scale", B_scale, g, "group", 1, 1))
-    qC = quantize(C, _scale("C_scale", C_scale, g, "group", 1, 1))
-    return ssd_step_int8_ref(state, qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale, D=D, dt_bias=dt_bias,
-                             dt_softplus=dt_softplus, out_dtype=out_dtype)
+        return ssd_step_int8_triton(state, x, x_scale, qdt, dt_scale, A, B, B_scale, C, C_scale, float_in=True,
+                                    **kwargs)
+    qx, qB, qC = _codes_of_floats(x, x_scale, B, B_scale, C, C_scale, 1)
+    return ssd_step_int8_ref(state, qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale, **kwargs)
 
 
 def ssd_chunk_scan_int8_from_float(x, x_scale, qdt, dt_scale, A, B, B_scale, C, C_scale, chunk_size, D=None,
@@ -212,10 +221,7 @@ def ssd_chunk_scan_int8_from_float(x, x_scale, qdt, dt_scale, A, B, B_scale, C, 
     """``ssd_chunk_scan_int8`` with x (batch, L, h, p), B and C (batch, L, g, n) given as the float activations (the
     conv's output): each is quantized with its scale first (``numerics.quantize``), then the scan runs on the codes.
     The Triton kernels make the codes as they load them (no quantize kernels; the same codes). Single-scale x only."""
-    for name, t in (("x", x), ("B", B), ("C", C)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"ssd_chunk_scan_int8_from_float: {name} must be the float activation, got "
-                            f"{getattr(t, 'dtype', type(t).__name__)}; pass codes to ssd_chunk_scan_int8 instead")
+    _require_floats("ssd_chunk_scan_int8", x, B, C)
     kwargs = dict(D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, out_dtype=out_dtype, initial_states=initial_states,
                   return_final_states=return_final_states)
     if use_kernels(backend, x, "ssd_chunk_scan_int8"):
@@ -223,8 +229,5 @@ def ssd_chunk_scan_int8_from_float(x, x_scale, qdt, dt_scale, A, B, B_scale, C, 
 
         return ssd_chunk_scan_int8_triton(x, x_scale, qdt, dt_scale, A, B, B_scale, C, C_scale, chunk_size,
                                           float_in=True, **kwargs)
-    h, g = x.shape[2], B.shape[2]
-    qx = quantize(x, _scale("x_scale", x_scale, h, "head", 2, 1))
-    qB = quantize(B, _scale("B_scale", B_scale, g, "group", 2, 1))
-    qC = quantize(C, _scale("C_scale", C_scale, g, "group", 2, 1))
+    qx, qB, qC = _codes_of_floats(x, x_scale, B, B_scale, C, C_scale, 2)
     return ssd_chunk_scan_int8_ref(qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale, chunk_size, **kwargs)
