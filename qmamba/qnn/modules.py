@@ -379,19 +379,17 @@ class QuantLinear(QuantTwin, nn.Linear):
             y = self.step(x) if step else self(x)
             return list(y.split(columns, dim=-1))
         qw = self.q("weight")
-        if step:
+        if step:  # one one-element scale per segment: nothing built per step (a CUDA graph replays it)
             qx, sx = (x.q, x.scale) if isinstance(x, Codes) else self._step_codes("input", x)
             wq, sw = self._step_int8_weight(qw)
             scales = [part._step_scale(part.q(point), qx).detach() for part, point, _ in consumers]
-        else:
+            out_scale, out_columns = [s.reshape(()) for s in scales], columns
+        else:  # the GEMM's per-column scales, made once per value of the consumers' scales
             qx, sx = self._codes("input", x)
             wq, sw = self._int8_weight(qw)
             scales = [part.q(point).tensor_scale() for part, point, _ in consumers]
-        sw = sw.reshape(-1) if sw.numel() > 1 else sw.reshape(())
-        if step:  # one one-element scale per segment: nothing built per step (a CUDA graph replays it)
-            out_scale, out_columns = [s.reshape(()) for s in scales], columns
-        else:  # the GEMM's per-column scales, made once per value of the consumers' scales
             out_scale, out_columns = self._column_scales(scales, columns), None
+        sw = sw.reshape(-1) if sw.numel() > 1 else sw.reshape(())
         q = w8a8_linear(qx, sx.reshape(()), wq, sw, self.bias, out_dtype=x.dtype, out_scale=out_scale,
                         out_columns=out_columns, backend=self.backend)
         return [Codes(c, s, x.dtype) for c, s in zip(q.split(columns, dim=-1), scales)]
@@ -636,23 +634,18 @@ class QuantSSDScan(NegExpMemo, QuantTwin, SSDScan):
         """The SSD scan from the codes of x, dt, B, C: ``ssd_chunk_scan_int8`` (Triton kernel on a GPU, else the
         reference); x, B, C as floats where ``_float_xbc`` (``ssd_chunk_scan_int8_from_float``: their codes made in
         the kernels). ssm_state <- the final state if given."""
+        opts = dict(D=D, dt_bias=dt_bias, dt_softplus=True, out_dtype=x.dtype,
+                    return_final_states=ssm_state is not None, backend=self.backend)
         if self._float_xbc(x, B, C):
             qdt, sdt = self._codes("dt", dt)
             sx, sB, sC = (self.q(p).scale_for(t).detach() for p, t in (("x", x), ("B", B), ("C", C)))
             out = ssd_chunk_scan_int8_from_float(x, sx, qdt, sdt, self._neg_exp(A_log), B, sB, C, sC,
-                                                 self.chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True,
-                                                 out_dtype=x.dtype, return_final_states=ssm_state is not None,
-                                                 backend=self.backend)
-            if ssm_state is None:
-                return out
-            ssm_state.copy_(out[1])
-            return out[0]
-        qx, sx, x_dual, x_mask = self._dual_codes("x", x)
-        codes = [c for p, t in (("dt", dt), ("B", B), ("C", C)) for c in self._codes(p, t)]
-        A = self._neg_exp(A_log)
-        out = ssd_chunk_scan_int8(qx, sx, *codes[:2], A, *codes[2:], self.chunk_size, D=D, dt_bias=dt_bias,
-                                  dt_softplus=True, out_dtype=x.dtype, return_final_states=ssm_state is not None,
-                                  backend=self.backend, x_dual=x_dual, x_mask=x_mask)
+                                                 self.chunk_size, **opts)
+        else:
+            qx, sx, x_dual, x_mask = self._dual_codes("x", x)
+            codes = [c for p, t in (("dt", dt), ("B", B), ("C", C)) for c in self._codes(p, t)]
+            out = ssd_chunk_scan_int8(qx, sx, *codes[:2], self._neg_exp(A_log), *codes[2:], self.chunk_size,
+                                      x_dual=x_dual, x_mask=x_mask, **opts)
         if ssm_state is None:
             return out
         ssm_state.copy_(out[1])

@@ -130,23 +130,24 @@ class QuantPoint(nn.Module):
             self._ready_seen = seen
         return seen[2]
 
-    def tensor_scale(self) -> torch.Tensor:
-        """An activation point's calibrated scale as stored (0-d for a per-tensor point), detached: what a producer
-        that hands this point's consumer its codes quantizes with. Errors as ``scale_for`` before calibration."""
+    def _calibrated_scale(self) -> torch.Tensor:
         if not self.is_ready():
             raise RuntimeError(f"quantization point {self.name} has no scale yet: calibrate the model first "
                                "(qmamba.qnn.calibrate or the calibration callback)")
-        return self.scale.detach() if self.scale.requires_grad else self.scale
+        return self.scale
+
+    def tensor_scale(self) -> torch.Tensor:
+        """An activation point's calibrated scale as stored (0-d for a per-tensor point), detached: what a producer
+        that hands this point's consumer its codes quantizes with. Errors as ``scale_for`` before calibration."""
+        scale = self._calibrated_scale()
+        return scale.detach() if scale.requires_grad else scale
 
     def scale_for(self, x: torch.Tensor) -> torch.Tensor:
         """The scale for tensor x, shaped to broadcast against it."""
         if self.is_weight and not self.is_ready():
             scale = scale_from_absmax(self.spec.granularity.absmax(x.detach()), self.spec.bits)
         else:
-            if not self.is_ready():
-                raise RuntimeError(f"quantization point {self.name} has no scale yet: calibrate the model first "
-                                   "(qmamba.qnn.calibrate or the calibration callback)")
-            scale = self.scale
+            scale = self._calibrated_scale()
         return self.spec.granularity.broadcast(scale, x.dim())
 
     def store_weight_scale_(self, weight: torch.Tensor) -> None:
