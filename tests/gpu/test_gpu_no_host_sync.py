@@ -24,6 +24,19 @@ def _model(name, recipe):
     return model, ids
 
 
+def _run_without_sync(run):
+    """``run`` once to warm up (kernel builds, Triton compiles and autotuning, the first reads of each point's flag),
+    then again with any host sync an error."""
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("name, recipe", CASES)
 @pytest.mark.parametrize("mode", ["int8", "fakequant"])
 def test_forward_makes_no_host_sync(name, recipe, mode):
@@ -40,14 +53,7 @@ def test_forward_makes_no_host_sync(name, recipe, mode):
             logits = model(ids[:, :-1])
         F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
 
-    run()  # warm-up: kernel builds, Triton compiles and autotuning, the first reads of each point's flag
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    _run_without_sync(run)
 
 
 @pytest.mark.parametrize("name, recipe", CASES)
@@ -66,11 +72,4 @@ def test_int8_prefill_and_step_make_no_host_sync(name, recipe):
         model.prefill(ids[:, :-1], cache)
         model.step(ids[:, -1], cache)
 
-    run()  # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    _run_without_sync(run)
