@@ -687,8 +687,12 @@ class QuantRMSNormGated(QuantTwin, RMSNormGated):
         """The gate as codes in int8 mode (the norm reads their dequantized values, as it reads z's roundtrip)."""
         return point == "z" and self._takes_codes_at(point)
 
+    def _int8_gate(self, z) -> bool:
+        """int8 mode with a quantized gate: the norm reads z's codes."""
+        return self.qmode == "int8" and z is not None and self.q("z") is not None
+
     def forward(self, x, z=None):
-        if self.qmode == "int8" and z is not None and self.q("z") is not None:
+        if self._int8_gate(z):
             return self._int8_norm(x, *self._codes("z", z), z.dtype)
         return super().forward(x, self._in("z", z))
 
@@ -709,9 +713,8 @@ class QuantRMSNormGated(QuantTwin, RMSNormGated):
         """int8 mode, one norm group, ``consumer`` a rotated int8 linear that takes rotated codes: the norm, the
         Hadamard rotation and the quantize of the consumer's input in one op (``gated_rms_norm_hadamard_quantize``),
         handed on as ``Codes``; else the norm's float output."""
-        if not (self.emit_codes and self.qmode == "int8" and z is not None and self.q("z") is not None
-                and self.group_size in (None, x.shape[-1]) and isinstance(consumer, QuantLinear)
-                and consumer.takes_rotated_codes()):
+        if not (self.emit_codes and self._int8_gate(z) and self.group_size in (None, x.shape[-1])
+                and isinstance(consumer, QuantLinear) and consumer.takes_rotated_codes()):
             return self.step(x, z) if step else self(x, z)
         qi = consumer.q("input")
         if step:
