@@ -53,6 +53,23 @@ def _import_ops() -> None:
         importlib.import_module(f"qmamba.ops.{info.name}")
 
 
+def _dry_use_triton(b, tensor, op, problem=None):
+    """``use_triton`` for a dry run: yes for any backend but "torch" where the call fits the kernel."""
+    from qmamba.ops.backend import validate_backend
+
+    return validate_backend(b) != "torch" and (problem() if problem is not None else None) is None
+
+
+def _count_launches(modules, launches: collections.Counter, saved: list, names=()) -> None:
+    """Each Triton kernel of ``modules`` (``*_kernel``, and ``names``) counted instead of run; (module, name,
+    kernel) appended to ``saved`` for the restore."""
+    for mod in modules:
+        for k in dir(mod):
+            if k.endswith("_kernel") or k in names:
+                saved.append((mod, k, getattr(mod, k)))
+                setattr(mod, k, _CountedLaunch(k, launches))
+
+
 @contextlib.contextmanager
 def dry_fused_path(launches: collections.Counter):
     """On CPU tensors: the fused fake-quant / Hadamard dispatch says yes and the Triton kernels only count their
@@ -64,20 +81,12 @@ def dry_fused_path(launches: collections.Counter):
     import qmamba.ops.hadamard as hadamard
     from qmamba.quant import numerics
 
-    def use_triton(b, tensor, op, problem=None):
-        return b != "torch" and (problem() if problem is not None else None) is None
-
     saved = [(backend, "use_triton", backend.use_triton), (hadamard, "use_triton", hadamard.use_triton),
              (numerics, "_cheap_check", numerics._cheap_check)]
-    for mod in (tfq, th):
-        saved += [(mod, k, getattr(mod, k)) for k in dir(mod) if k.endswith("_kernel")]
     try:
-        backend.use_triton = hadamard.use_triton = use_triton
+        backend.use_triton = hadamard.use_triton = _dry_use_triton
         numerics._cheap_check = lambda scale: None  # dry launches leave garbage values behind
-        for mod in (tfq, th):
-            for k in dir(mod):
-                if k.endswith("_kernel"):
-                    setattr(mod, k, _CountedLaunch(k, launches))
+        _count_launches((tfq, th), launches, saved)
         yield
     finally:
         for mod, k, v in saved:
@@ -165,22 +174,15 @@ def dry_int8_kernels(launches: collections.Counter):
     def use_kernels(b, tensor, op):
         return backend.validate_backend(b) != "torch"
 
-    def use_triton(b, tensor, op, problem=None):
-        return backend.validate_backend(b) != "torch" and (problem() if problem is not None else None) is None
-
     fakes = {"use_kernels": use_kernels, "load": lambda *a, **k: None, "require_cuda": lambda *a, **k: None,
-             "interpreting": lambda: True, "use_triton": use_triton}
+             "interpreting": lambda: True, "use_triton": _dry_use_triton}
     saved = []
     for mod in [m for name, m in sys.modules.items() if name.startswith("qmamba") and m is not None]:
         for k, v in real.items():
             if getattr(mod, k, None) is v:
                 saved.append((mod, k, v))
                 setattr(mod, k, fakes[k])
-    for mod in (tssd, tgemm, tgnorm):
-        for k in dir(mod):
-            if k.endswith("_kernel") or k in ("_gemm_fixed", "_gemm_tuned"):
-                saved.append((mod, k, getattr(mod, k)))
-                setattr(mod, k, _CountedLaunch(k, launches))
+    _count_launches((tssd, tgemm, tgnorm), launches, saved, names=("_gemm_fixed", "_gemm_tuned"))
     # the float norms run mamba_ssm's Triton kernels on a GPU (qmamba.ops.norm): counted and empty here as well
     import types
 
