@@ -10,16 +10,12 @@
 #     typeshed-client
 set -euo pipefail
 root=$PWD
-if [ "${1:-}" = "--with-causal-conv1d" ] && compgen -G ".whl/causal_conv1d-*.tar.gz" >/dev/null && ! python3 -c "import causal_conv1d_cuda" 2>/dev/null; then
-  ( b=$(mktemp -d) && tar xzf .whl/causal_conv1d-*.tar.gz -C "$b" && cd "$b"/causal_conv1d-* &&
-    cc=$(python3 -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))") &&
-    python3 "$root/.whl/only_sm90.py" setup.py "$cc" >/dev/null &&
-    MAX_JOBS=8 CAUSAL_CONV1D_FORCE_BUILD=TRUE python3 -m pip install -q --no-deps --no-build-isolation --no-index . \
-      > "$b/build.log" 2>&1 || { echo "causal-conv1d build failed:"; tail -20 "$b/build.log"; } ) &
+if [ "${1:-}" = "--with-causal-conv1d" ]; then
+  bash scripts/build_causal_conv1d.sh &
   conv_pid=$!
 fi
 MAX_JOBS=8 bash .whl/on_device.sh
-[ -n "${conv_pid:-}" ] && wait "$conv_pid"
+[ -n "${conv_pid:-}" ] && { wait "$conv_pid" || true; }
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | grep -v 'is ignored' | tail -2 || true
 python3 -c "import jsonargparse, docstring_parser, typeshed_client" 2>/dev/null ||
   echo "device_setup: jsonargparse[signatures] is missing, so train.py cannot run here: download its wheels into .whl (see the top of this script)"
