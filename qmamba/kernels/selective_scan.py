@@ -29,7 +29,7 @@ def _scale(scale, like: torch.Tensor) -> torch.Tensor:
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None or t.dtype is torch.float32 else t.to(dtype=torch.float32)
+    return t if t is None or t.dtype is torch.float32 else t.to(dtype=torch.float32)
 
 
 def _check_params(op: str, dim: int, nstate: int, A, D, qz, z_scale, u_shape, z_ndim: int, delta_bias, out_dtype,

@@ -68,22 +68,38 @@ def test_one_decode_token_in_a_graph():
                                rtol=2 ** -10, atol=1e-3)
 
 
+# int8 outputs vs another path (DESIGN §3): never more than 1 LSB apart, >= 99.9 % identical, judged on at least
+# POOLED codes: a norm whose mean is summed in another order is 1 ulp off for a whole row, so one row alone (a decode
+# token) is a sample of one; smaller shapes are drawn with more seeds until the pool is that large.
+POOLED = 1 << 16
+
+
 @pytest.mark.parametrize("L", [1, 33, 1024, 2048])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("d", [1536, 5120])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_norm_hadamard_quantize_is_the_unfused_kernels_bit_for_bit(dtype, d, batch, L):
+def test_norm_hadamard_quantize_agrees_with_the_unfused_kernels(dtype, d, batch, L):
     """The fused norm + rotate + quantize kernel against the two kernels it replaces (this file's gated norm, then
-    csrc's hadamard_quantize): the same codes, bit for bit (the same reduction, no FMA contraction in either, and
-    both rotations are the reference's bit for bit); and against the torch reference within 1 LSB."""
+    csrc's hadamard_quantize) and against the torch reference: the int8 contract. Not bit for bit on a GPU: the
+    compiler may lay the fused kernel's row out otherwise and sum the norm's squares in another order (measured on an
+    H200, bf16 8 x 1024 x 5120: 732 of 41.9 M codes 1 LSB off the unfused kernels, 3171 off the reference)."""
     from qmamba.kernels.hadamard import hadamard_quantize
     from qmamba.kernels.triton.gated_norm import gated_rms_norm_hadamard_quantize
     from qmamba.ops.int8_gated_norm import gated_rms_norm_hadamard_quantize_ref
 
-    x, qz, s, w = _inputs((batch, L), d, dtype)
     s_out = torch.tensor(0.01, device="cuda")
-    got = gated_rms_norm_hadamard_quantize(x, w, qz, s, dtype, 1e-5, False, s_out)
-    unfused = hadamard_quantize(gated_rms_norm_from_codes(x, w, qz, s, dtype, 1e-5, None, False), s_out, 8)
-    assert got.dtype == torch.int8 and torch.equal(got, unfused.reshape(got.shape))
-    diff = (got.int() - gated_rms_norm_hadamard_quantize_ref(x, w, qz, s, dtype, 1e-5, False, s_out).int()).abs()
-    assert int(diff.max()) <= 1 and float((diff == 0).double().mean()) >= 0.999
+    diffs = {"unfused": [], "reference": []}
+    seed = 0
+    while seed == 0 or sum(t.numel() for t in diffs["unfused"]) < POOLED:
+        x, qz, s, w = _inputs((batch, L), d, dtype, seed)
+        got = gated_rms_norm_hadamard_quantize(x, w, qz, s, dtype, 1e-5, False, s_out)
+        assert got.dtype == torch.int8 and got.shape == x.shape
+        unfused = hadamard_quantize(gated_rms_norm_from_codes(x, w, qz, s, dtype, 1e-5, None, False), s_out, 8)
+        ref = gated_rms_norm_hadamard_quantize_ref(x, w, qz, s, dtype, 1e-5, False, s_out)
+        diffs["unfused"].append((got.int() - unfused.reshape(got.shape).int()).abs().flatten())
+        diffs["reference"].append((got.int() - ref.int()).abs().flatten())
+        seed += 1
+    for what, parts in diffs.items():
+        diff = torch.cat(parts)
+        assert int(diff.max()) <= 1, what
+        assert float((diff == 0).double().mean()) >= 0.999, what

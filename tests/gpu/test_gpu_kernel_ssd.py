@@ -35,6 +35,8 @@ BF16_RTOL = 1e-2
 # name: (nheads, headdim, ngroups, d_state); chunk 256 for both
 MODELS = {"mamba2-130m": (24, 64, 1, 128), "mamba2-2.7b": (80, 64, 1, 128)}
 CHUNK = 256
+# float_in vs the kernels fed codes: max |diff| / max |want| (summation order only; see the float_in tests)
+FLOAT_IN_TOL = 1e-5
 
 
 @pytest.fixture(autouse=True)
@@ -387,10 +389,12 @@ def test_dual_x_dispatchers_pick_the_kernels_on_cuda():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("model", list(MODELS))
-def test_step_from_float_inputs_is_the_codes_step_bit_for_bit(model, batch, dtype):
+def test_step_from_float_inputs_matches_the_codes_step(model, batch, dtype):
     """float_in: the step kernel fed the conv's float x / B / C (strided views of one xBC row, per-head x and
     per-group B / C scales) quantizes them as the quantize kernel does: state and output equal, bit for bit, the
-    kernel fed those codes (qmamba.ops.int8_quantize, the CUDA kernel)."""
+    kernel fed those codes (qmamba.ops.int8_quantize, the CUDA kernel), up to fp32 summation order: the two
+    compilations may order a reduction differently (measured on an H200: max |diff| / max |y| 1.9e-7, state 9.5e-8);
+    one flipped code moves y by ~D * s_x, >= 1e-4 of max |y| here, so FLOAT_IN_TOL = 1e-5 tells them apart."""
     from qmamba.ops.int8_quantize import quantize_int8
 
     k = _kernels()
@@ -411,15 +415,16 @@ def test_step_from_float_inputs_is_the_codes_step_bit_for_bit(model, batch, dtyp
     y2 = k.ssd_step_int8_triton(S2, quantize_int8(x, sx, 1, backend="cuda"), sx, B_scale=sB, C_scale=sC,
                                 qB=quantize_int8(B, sB, 1, backend="cuda"), qC=quantize_int8(C, sC, 1, backend="cuda"),
                                 **common)
-    assert torch.equal(y1, y2) and torch.equal(S1, S2)
+    assert _rel(y1, y2) <= FLOAT_IN_TOL and _rel(S1, S2) <= FLOAT_IN_TOL
 
 
 @pytest.mark.parametrize("L", [1, 33, 1024, 2048])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("model", list(MODELS))
-def test_chunk_scan_from_float_inputs_is_the_codes_scan_bit_for_bit(model, batch, L):
+def test_chunk_scan_from_float_inputs_matches_the_codes_scan(model, batch, L):
     """float_in: the chunk kernels fed the conv's float x / B / C (fp16 strided views of one xBC row) quantize them
-    as the quantize kernel does: y and the final state equal, bit for bit, the kernels fed those codes."""
+    as the quantize kernel does: y and the final state equal the kernels fed those codes up to fp32 summation order
+    (FLOAT_IN_TOL; measured on an H200 at L 1024: y 3.2e-8 of max |y|, final state bit for bit)."""
     from qmamba.ops.int8_quantize import quantize_int8
 
     k = _kernels()
@@ -438,4 +443,4 @@ def test_chunk_scan_from_float_inputs_is_the_codes_scan_bit_for_bit(model, batch
     y2, f2 = k.ssd_chunk_scan_int8_triton(quantize_int8(x, sx, 2, backend="cuda"), sx,
                                           qB=quantize_int8(B, sB, 2, backend="cuda"), B_scale=sB,
                                           qC=quantize_int8(C, sC, 2, backend="cuda"), C_scale=sC, **common)
-    assert torch.equal(y1, y2) and torch.equal(f1, f2)
+    assert _rel(y1, y2) <= FLOAT_IN_TOL and _rel(f1, f2) <= FLOAT_IN_TOL

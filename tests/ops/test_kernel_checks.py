@@ -351,3 +351,25 @@ def test_limits_match_csrc():
     assert knorm.MAX_D == per_thread * const("norm/add_rmsnorm_quant.cu", "kMaxThreads")
     assert klinear.GEMV_MAX_ROWS == const("linear/gemv_int8.cu", "kMaxM")
     assert kscan.MAX_STATE == const("selective_scan/selective_scan_int8.cu", "kMaxState")
+
+
+@pytest.mark.parametrize("update", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_scan_wrappers_hand_the_op_A_D_and_biases_as_fp32_tensors(monkeypatch, update, dtype):
+    """What the wrappers pass torch.ops.qmamba (the op recorded, not run): A, D, delta_bias and the initial state as
+    fp32 tensors of their values, never None (an fp32 A was once passed as None and the op refused it on the GPU)."""
+    seen = {}
+    monkeypatch.setattr(kscan, "load", lambda: None)
+    monkeypatch.setattr(kscan, "require_cuda", lambda *a, **k: None)
+    names = ["selective_scan_int8_update" if update else "selective_scan_int8"]
+    fake = types.SimpleNamespace(**{n: lambda *args: (seen.setdefault("args", args), None) for n in names})
+    monkeypatch.setattr(kscan.torch, "ops", types.SimpleNamespace(qmamba=fake))
+    a = scan_update_args() if update else scan_args()
+    for k in ("A", "D", "delta_bias") + (() if update else ("initial_state",)):
+        a[k] = (a[k] + torch.rand_like(a[k])).to(dtype)
+    (kscan.selective_scan_int8_update if update else kscan.selective_scan_int8)(**a)
+    args = seen["args"][1:] if update else seen["args"]
+    got = {"A": args[4], "D": args[9], "delta_bias": args[12]} | ({} if update else {"initial_state": args[15]})
+    for k, t in got.items():
+        assert isinstance(t, torch.Tensor) and t.dtype == torch.float32, k
+        assert torch.equal(t, a[k].float()), k
