@@ -23,19 +23,51 @@ import argparse
 import collections
 import contextlib
 import copy
+import inspect
 
 import torch
 import torch.nn.functional as F
 
+from qmamba.kernels.schemas import check_call
+
+
+# keyword options of a Triton launch that are not kernel parameters
+_LAUNCH_OPTIONS = {"num_warps", "num_stages", "num_ctas", "enable_fp_fusion", "maxnreg", "grid", "warmup",
+                   "debug", "launch_cooperative_grid", "launch_pdl"}
+
+
+def _kernel_params(kernel) -> tuple[inspect.Signature | None, set]:
+    """The Python signature of a Triton kernel (a JITFunction, or an Autotuner around one) and the parameters its
+    autotune configs and heuristics fill in."""
+    fn, tuned = kernel, set()
+    while hasattr(fn, "fn") and not inspect.isfunction(fn):
+        tuned |= {k for c in getattr(fn, "configs", ()) for k in getattr(c, "kwargs", {})}
+        tuned |= set(getattr(fn, "values", {}))  # triton.heuristics
+        fn = fn.fn
+    return (inspect.signature(fn) if inspect.isfunction(fn) else None), tuned
+
 
 class _CountedLaunch:
-    """Stands in for a Triton kernel on a CPU machine: ``kernel[grid](...)`` counts the launch and runs nothing."""
+    """Stands in for a Triton kernel on a CPU machine: ``kernel[grid](...)`` counts the launch and runs nothing,
+    after checking that the launch's arguments bind to the kernel's parameters (none missing, none unknown) as a
+    real launch would need."""
 
-    def __init__(self, name: str, launches: collections.Counter):
+    def __init__(self, name: str, launches: collections.Counter, kernel=None):
         self.name, self.launches = name, launches
+        self.signature, self.tuned = _kernel_params(kernel) if kernel is not None else (None, set())
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
+            if self.signature is not None:
+                given = {k: v for k, v in kwargs.items() if k not in _LAUNCH_OPTIONS}
+                try:
+                    bound = self.signature.bind_partial(*args, **given)
+                except TypeError as err:
+                    raise TypeError(f"Triton kernel {self.name}: {err}") from None
+                missing = [p for p, v in self.signature.parameters.items()
+                           if p not in bound.arguments and p not in self.tuned and v.default is inspect.Parameter.empty]
+                if missing:
+                    raise TypeError(f"Triton kernel {self.name}: launched without {', '.join(missing)}")
             self.launches[self.name] += 1
 
         return launch
@@ -67,7 +99,7 @@ def _count_launches(modules, launches: collections.Counter, saved: list, names=(
         for k in dir(mod):
             if k.endswith("_kernel") or k in names:
                 saved.append((mod, k, getattr(mod, k)))
-                setattr(mod, k, _CountedLaunch(k, launches))
+                setattr(mod, k, _CountedLaunch(k, launches, getattr(mod, k)))
 
 
 @contextlib.contextmanager
@@ -81,11 +113,15 @@ def dry_fused_path(launches: collections.Counter):
     import qmamba.ops.hadamard as hadamard
     from qmamba.quant import numerics
 
+    from qmamba.quant import dual_scale
+
     saved = [(backend, "use_triton", backend.use_triton), (hadamard, "use_triton", hadamard.use_triton),
-             (numerics, "_cheap_check", numerics._cheap_check)]
+             (numerics, "_cheap_check", numerics._cheap_check), (dual_scale, "_cheap_check", dual_scale._cheap_check)]
     try:
         backend.use_triton = hadamard.use_triton = _dry_use_triton
-        numerics._cheap_check = lambda scale: None  # dry launches leave garbage values behind
+        # dry launches leave garbage values behind; and on a GPU the check reads nothing (it runs on CPU tensors
+        # only), so the dry CPU run skips it too (dual_scale binds it by name)
+        numerics._cheap_check = dual_scale._cheap_check = lambda scale: None
         _count_launches((tfq, th), launches, saved)
         yield
     finally:
@@ -140,6 +176,7 @@ class _CountedOp:
         self.name, self.fn, self.launches = name, fn, launches
 
     def __call__(self, *args):
+        check_call(self.name, args)  # what the wrapper hands the op fits csrc's schema (a None for a Tensor fails)
         self.launches[self.name] += 1
         return self.fn(*args)
 

@@ -89,3 +89,21 @@ def test_dry_int8_kernels_restore_everything():
         sys.modules["qmamba.ops.int8_norm"] = saved
     assert (olinear.use_kernels, klinear.require_cuda) == before
     assert "w8a8_gemv" not in torch.ops.qmamba.__dict__
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipes"
+
+
+@pytest.mark.parametrize("preset_name, recipe", [
+    ("tiny", "dual_scale_treatment_mamba1.yaml"), ("tiny", "dual_scale_treatment_piecewise_mamba1.yaml"),
+    ("tiny", "dual_scale_control_mamba1.yaml"), ("tiny", "quamba_w8a8_no_rotation.yaml"),
+    ("tiny", "quamba_w8a8_per_channel_weights.yaml"), ("tiny-mamba2", "dual_scale_treatment_mamba2.yaml"),
+    ("tiny-mamba2", "dual_scale_treatment_piecewise_mamba2.yaml"), ("tiny-mamba2", "quamba2_w8a8_no_rotation.yaml")])
+def test_int8_recipes_call_the_kernels_as_they_are_declared(preset_name, recipe):
+    """Every recipe's int8 prefill and decode step, kernels dry: each call of a csrc op fits its schema
+    (qmamba.kernels.schemas) and each Triton launch binds to its kernel's parameters, as on a GPU; no host sync."""
+    r = host_ops.int8_count(preset_name, str(RECIPES / recipe), prompt=16, device="cpu")
+    assert r["dry"]
+    for what in ("prefill", "step"):
+        assert not any(r[what].get(k, 0) for k in host_ops.SYNC_OPS), what
+        assert sum(r[f"{what}_launches"].values()) >= r["layers"], what
