@@ -15,6 +15,7 @@ if [ "${1:-}" = "--with-causal-conv1d" ]; then
   conv_pid=$!
 fi
 MAX_JOBS=8 bash .whl/on_device.sh
+bash scripts/kernels_cache.sh restore
 [ -n "${conv_pid:-}" ] && { wait "$conv_pid" || true; }
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | grep -v 'is ignored' | tail -2 || true
 python3 -c "import jsonargparse, docstring_parser, typeshed_client" 2>/dev/null ||

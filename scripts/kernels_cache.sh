@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# On a GPU device machine: carry qmamba's built CUDA extension from one device call to the next (a fresh machine
+# spends ~2.5 min building it). The cache is keyed by a hash of csrc/ and the build directory's name (torch, CUDA,
+# architecture), so a changed kernel source is never served a stale build.
+#   save:     bash scripts/kernels_cache.sh save "$OUT"   -> $OUT/qmamba_kernels_cache.tgz (~6 MB); copy it here into
+#             .whl/ from the call's files_at for the next call
+#   restore:  bash scripts/kernels_cache.sh restore       (device_setup.sh does it when .whl/ holds the file)
+set -uo pipefail
+mode=${1:?save DIR | restore}
+cache=$HOME/.cache/qmamba
+key=$(find csrc -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)
+if [ "$mode" = save ]; then
+  [ -d "$cache/kernels" ] || { echo "kernels_cache: nothing built in $cache/kernels"; exit 1; }
+  echo "$key" > "$cache/kernels/csrc.key"
+  tar czf "${2:?save needs a directory}/qmamba_kernels_cache.tgz" -C "$cache" kernels && echo "kernels_cache: saved ($key)"
+else
+  f=.whl/qmamba_kernels_cache.tgz
+  [ -f "$f" ] || exit 0
+  [ -d "$cache/kernels" ] && { echo "kernels_cache: a build is already here; not restored"; exit 0; }
+  t=$(mktemp -d) && tar xzf "$f" -C "$t"
+  if [ "$(cat "$t/kernels/csrc.key" 2>/dev/null)" != "$key" ]; then
+    echo "kernels_cache: the carried build is of another csrc/; it will be rebuilt"; exit 0
+  fi
+  # outputs newer than the carried sources (copied just now), so ninja takes them as up to date
+  mkdir -p "$cache" && mv "$t/kernels" "$cache/" && find "$cache/kernels" -type f -exec touch {} + &&
+    echo "kernels_cache: restored ($key)"
+fi
