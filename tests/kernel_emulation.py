@@ -1,0 +1,174 @@
+"""The int8 model's GPU path, run on a CPU: every kernel wrapper of ``qmamba.kernels`` is taken as on a GPU, each
+``torch.ops.qmamba`` op is computed by its torch reference from the op's own positional arguments (checked against
+csrc's schema, ``qmamba.kernels.schemas``; results in the op's layout), and the Triton kernels run in Triton's
+interpreter (``TRITON_INTERPRET=1`` must be set before triton is imported: use the ``interpret`` fixture).
+
+What this catches that the dry count (benchmarks/host_ops.py) cannot: a wrapper that hands an op its arguments in
+the wrong order or scale, or misreads its results; what it cannot: the CUDA kernels themselves (tests/gpu/).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+
+from qmamba.kernels.schemas import check_call, op_schemas
+from qmamba.quant.dual_scale import DualScale
+
+ENCODINGS = {1: "mask", 2: "piecewise"}
+
+
+def _dual(encoding: int, knee: int, outlier_scale) -> DualScale | None:
+    return None if encoding == 0 else DualScale(outlier_scale, ENCODINGS[encoding], knee)
+
+
+def _channel_last(t: torch.Tensor) -> torch.Tensor:
+    """(B, D, L) values stored as (B, L, D), as the conv and scan kernels store them."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _conv_outputs(result, n_codes: int, dual_index: int, encoding: int, update: bool) -> list:
+    codes, masks = result if isinstance(result, tuple) else (result, None)
+    if n_codes == 0:
+        return [codes if update else _channel_last(codes)]
+    outs = [c if update else _channel_last(c) for c in codes]
+    if dual_index >= 0 and ENCODINGS[encoding] == "mask":
+        outs.append(masks[dual_index] if update else _channel_last(masks[dual_index]))
+    return outs
+
+
+def quantize_int8(x, scale, axis, bits):
+    from qmamba.ops.int8_quantize import quantize_int8_ref
+
+    return quantize_int8_ref(x, scale, axis, bits)
+
+
+def hadamard_quantize(x, scale, bits):
+    from qmamba.ops.int8_hadamard import hadamard_quantize_ref
+
+    return hadamard_quantize_ref(x, scale, bits)
+
+
+def conv1d_int8(x, x_scale, w, w_scale, bias, silu, out_dtype, out_scales, dual_index, dual_encoding, dual_knee,
+                dual_outlier_scale):
+    from qmamba.ops.int8_conv1d import conv1d_int8_ref
+
+    duals = ([None] * len(out_scales)) if dual_index >= 0 else []
+    if duals:
+        duals[dual_index] = _dual(dual_encoding, dual_knee, dual_outlier_scale)
+    result = conv1d_int8_ref(x, x_scale, w, w_scale, bias, silu, out_dtype, list(out_scales), duals)
+    return _conv_outputs(result, len(out_scales), dual_index, dual_encoding, update=False)
+
+
+def conv1d_int8_update(x, conv_state, x_scale, w, w_scale, bias, silu, out_dtype, out_scales, dual_index,
+                       dual_encoding, dual_knee, dual_outlier_scale):
+    from qmamba.ops.int8_conv1d import conv1d_int8_update_ref
+
+    duals = ([None] * len(out_scales)) if dual_index >= 0 else []
+    if duals:
+        duals[dual_index] = _dual(dual_encoding, dual_knee, dual_outlier_scale)
+    result = conv1d_int8_update_ref(x, conv_state, x_scale, w, w_scale, bias, silu, out_dtype, list(out_scales),
+                                    duals)
+    return _conv_outputs(result, len(out_scales), dual_index, dual_encoding, update=True)
+
+
+def add_rmsnorm_quant(hidden, residual, weight, eps, in_scale, residual_in_fp32):
+    from qmamba.ops.int8_norm import add_rmsnorm_quant_ref
+
+    codes, res = add_rmsnorm_quant_ref(hidden, residual, weight, eps, in_scale, residual_in_fp32)
+    d = hidden.shape[-1]
+    return [codes.reshape(-1, d), res.reshape(-1, d)]  # the kernel's (T, d) rows
+
+
+def w8a8_gemv(x, x_scale, w, w_scale, bias, out_dtype, out_scale, out_bounds):
+    from qmamba.ops.int8_linear import w8a8_linear_ref
+
+    n = w.shape[0]
+    if out_bounds:  # one one-element scale per segment of columns
+        edges = [0, *out_bounds, n]
+        return w8a8_linear_ref(x, x_scale, w, w_scale, bias, out_dtype, list(out_scale),
+                               [b - a for a, b in zip(edges, edges[1:])])
+    return w8a8_linear_ref(x, x_scale, w, w_scale, bias, out_dtype, out_scale[0] if out_scale else None)
+
+
+def selective_scan_int8(u, u_scale, delta, delta_scale, A, B, B_scale, C, C_scale, D, z, z_scale, delta_bias,
+                        delta_softplus, out_dtype, initial_state, u_encoding, u_knee, u_outlier_scale, u_mask):
+    from qmamba.ops.int8_selective_scan import selective_scan_int8_ref
+
+    y, last = selective_scan_int8_ref(u, u_scale, delta, delta_scale, A, B, B_scale, C, C_scale, D, z, z_scale,
+                                      delta_bias, delta_softplus, out_dtype, True, initial_state,
+                                      _dual(u_encoding, u_knee, u_outlier_scale), u_mask)
+    return [_channel_last(y), last.float()]
+
+
+def selective_scan_int8_update(state, u, u_scale, delta, delta_scale, A, B, B_scale, C, C_scale, D, z, z_scale,
+                               delta_bias, delta_softplus, out_dtype, u_encoding, u_knee, u_outlier_scale, u_mask):
+    from qmamba.ops.int8_selective_scan import selective_scan_int8_update_ref
+
+    return selective_scan_int8_update_ref(state, u, u_scale, delta, delta_scale, A, B, B_scale, C, C_scale, D, z,
+                                          z_scale, delta_bias, delta_softplus, out_dtype,
+                                          _dual(u_encoding, u_knee, u_outlier_scale), u_mask)
+
+
+OPS = {name: getattr(sys.modules[__name__], name) for name in (
+    "quantize_int8", "hadamard_quantize", "conv1d_int8", "conv1d_int8_update", "add_rmsnorm_quant", "w8a8_gemv",
+    "selective_scan_int8", "selective_scan_int8_update")}
+
+
+class _CheckedOp:
+    def __init__(self, name: str, fn, calls: dict):
+        self.name, self.fn, self.calls = name, fn, calls
+
+    def __call__(self, *args):
+        check_call(self.name, args)
+        self.calls[self.name] = self.calls.get(self.name, 0) + 1
+        return self.fn(*args)
+
+
+@contextlib.contextmanager
+def emulated_kernels(calls: dict):
+    """Inside: the int8 twins take qmamba's kernel paths on CPU tensors (``use_kernels`` and ``use_triton`` say
+    yes where the kernel takes the call, ``load`` and ``require_cuda`` pass), the csrc ops are ``OPS`` (each call
+    counted in ``calls``); the Triton kernels run for real (in the interpreter). mamba_ssm's float norms stay torch
+    (``qmamba.ops.norm``). Everything restored on exit."""
+    import importlib
+    import pkgutil
+
+    import qmamba.kernels.build as build
+    import qmamba.kernels.checks as checks
+    import qmamba.ops
+    import qmamba.ops.backend as backend
+
+    missing = set(op_schemas()) - {"conv1d_silu"} - set(OPS)
+    assert not missing, f"no emulation for csrc ops {sorted(missing)}"
+    for info in pkgutil.iter_modules(qmamba.ops.__path__):  # every wrapper bound now, so each one is patched
+        importlib.import_module(f"qmamba.ops.{info.name}")
+    for name in ("conv1d", "hadamard", "linear", "norm", "quantize", "selective_scan"):
+        importlib.import_module(f"qmamba.kernels.{name}")
+    real = {"use_kernels": backend.use_kernels, "load": build.load, "require_cuda": checks.require_cuda,
+            "use_triton": backend.use_triton}
+
+    def use_triton(b, tensor, op, problem=None):
+        return backend.validate_backend(b) != "torch" and (problem() if problem is not None else None) is None
+
+    fakes = {"use_kernels": lambda b, tensor, op: backend.validate_backend(b) != "torch",
+             "load": lambda *a, **k: None, "require_cuda": lambda *a, **k: None, "use_triton": use_triton}
+    saved = []
+    for mod in [m for name, m in list(sys.modules.items()) if name.startswith("qmamba") and m is not None]:
+        for k, v in real.items():
+            if getattr(mod, k, None) is v:
+                saved.append((mod, k, v))
+                setattr(mod, k, fakes[k])
+    ns = torch.ops.qmamba
+    try:
+        for name, fn in OPS.items():
+            setattr(ns, name, _CheckedOp(name, fn, calls))
+        yield
+    finally:
+        for name in OPS:
+            if name in ns.__dict__:
+                delattr(ns, name)
+        for mod, k, v in saved:
+            setattr(mod, k, v)
