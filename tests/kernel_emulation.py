@@ -86,11 +86,13 @@ def w8a8_gemv(x, x_scale, w, w_scale, bias, out_dtype, out_scale, out_bounds):
     from qmamba.ops.int8_linear import w8a8_linear_ref
 
     n = w.shape[0]
-    if out_bounds:  # one one-element scale per segment of columns
-        edges = [0, *out_bounds, n]
-        return w8a8_linear_ref(x, x_scale, w, w_scale, bias, out_dtype, list(out_scale),
-                               [b - a for a, b in zip(edges, edges[1:])])
-    return w8a8_linear_ref(x, x_scale, w, w_scale, bias, out_dtype, out_scale[0] if out_scale else None)
+    if not out_scale:
+        return w8a8_linear_ref(x, x_scale, w, w_scale, bias, out_dtype)
+    if len(out_scale) == 1 and n > 1 and out_scale[0].numel() == n:  # one scale per column
+        return w8a8_linear_ref(x, x_scale, w, w_scale, bias, out_dtype, out_scale[0])
+    edges = [0, *out_bounds, n]  # one one-element scale per segment of columns (one segment: all of them)
+    return w8a8_linear_ref(x, x_scale, w, w_scale, bias, out_dtype, list(out_scale),
+                           [b - a for a, b in zip(edges, edges[1:])])
 
 
 def selective_scan_int8(u, u_scale, delta, delta_scale, A, B, B_scale, C, C_scale, D, z, z_scale, delta_bias,
