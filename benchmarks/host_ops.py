@@ -28,7 +28,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from qmamba.kernels.schemas import check_call
+from qmamba.kernels.stand_ins import gpu_path_on_cpu, import_wrappers, use_triton_on_cpu
 
 
 # keyword options of a Triton launch that are not kernel parameters
@@ -73,25 +73,6 @@ class _CountedLaunch:
         return launch
 
 
-def _import_ops() -> None:
-    """Import every ``qmamba.ops`` module now: one first imported inside a dry run (a lazy import) would bind the
-    stand-ins by name and keep them."""
-    import importlib
-    import pkgutil
-
-    import qmamba.ops
-
-    for info in pkgutil.iter_modules(qmamba.ops.__path__):
-        importlib.import_module(f"qmamba.ops.{info.name}")
-
-
-def _dry_use_triton(b, tensor, op, problem=None):
-    """``use_triton`` for a dry run: yes for any backend but "torch" where the call fits the kernel."""
-    from qmamba.ops.backend import validate_backend
-
-    return validate_backend(b) != "torch" and (problem() if problem is not None else None) is None
-
-
 def _count_launches(modules, launches: collections.Counter, saved: list, names=()) -> None:
     """Each Triton kernel of ``modules`` (``*_kernel``, and ``names``) counted instead of run; (module, name,
     kernel) appended to ``saved`` for the restore."""
@@ -106,7 +87,7 @@ def _count_launches(modules, launches: collections.Counter, saved: list, names=(
 def dry_fused_path(launches: collections.Counter):
     """On CPU tensors: the fused fake-quant / Hadamard dispatch says yes and the Triton kernels only count their
     launches (see the top of this file); everything restored on exit."""
-    _import_ops()
+    import_wrappers()
     import qmamba.kernels.triton.fake_quant as tfq
     import qmamba.kernels.triton.hadamard as th
     import qmamba.ops.backend as backend
@@ -118,7 +99,7 @@ def dry_fused_path(launches: collections.Counter):
     saved = [(backend, "use_triton", backend.use_triton), (hadamard, "use_triton", hadamard.use_triton),
              (numerics, "_cheap_check", numerics._cheap_check), (dual_scale, "_cheap_check", dual_scale._cheap_check)]
     try:
-        backend.use_triton = hadamard.use_triton = _dry_use_triton
+        backend.use_triton = hadamard.use_triton = use_triton_on_cpu
         # dry launches leave garbage values behind; and on a GPU the check reads nothing (it runs on CPU tensors
         # only), so the dry CPU run skips it too (dual_scale binds it by name)
         numerics._cheap_check = dual_scale._cheap_check = lambda scale: None
@@ -171,89 +152,41 @@ DRY_OPS = {
 }
 
 
-class _CountedOp:
-    def __init__(self, name: str, fn, launches: collections.Counter):
-        self.name, self.fn, self.launches = name, fn, launches
-
-    def __call__(self, *args):
-        check_call(self.name, args)  # what the wrapper hands the op fits csrc's schema (a None for a Tensor fails)
-        self.launches[self.name] += 1
-        return self.fn(*args)
-
-
 @contextlib.contextmanager
 def dry_int8_kernels(launches: collections.Counter):
     """On CPU tensors: the int8 ops pick qmamba's kernels as on a GPU (``use_kernels`` says yes, ``load`` and
     ``require_cuda`` pass), each ``torch.ops.qmamba`` op and int8 Triton launch is counted and returns an empty result
     of its shape (``DRY_OPS``), so are the float norms' mamba_ssm Triton kernels (``qmamba.ops.norm``), and the fused
     fake-quant / Hadamard path is dry as in ``dry_fused_path``; everything restored on exit."""
-    import sys
-
-    _import_ops()
-    import qmamba.kernels.build as build
-    import qmamba.kernels.checks as checks
-    import qmamba.kernels.conv1d  # noqa: F401  (every wrapper imported, so the loop below patches it)
-    import qmamba.kernels.hadamard  # noqa: F401
-    import qmamba.kernels.linear  # noqa: F401
-    import qmamba.kernels.norm  # noqa: F401
-    import qmamba.kernels.quantize  # noqa: F401
-    import qmamba.kernels.selective_scan  # noqa: F401
-    import qmamba.kernels.triton.gated_norm as tgnorm
-    import qmamba.kernels.triton.ssd_int8 as tssd
-    import qmamba.kernels.triton.w8a8_gemm as tgemm
-    import qmamba.kernels.triton.launch as launch
-    import qmamba.ops.backend as backend
-
-    # interpreting: the Triton wrappers take CPU tensors as under TRITON_INTERPRET=1 (small blocks; launches counted)
-    real = {"use_kernels": backend.use_kernels, "load": build.load, "require_cuda": checks.require_cuda,
-            "interpreting": launch.interpreting, "use_triton": backend.use_triton}
-
-    def use_kernels(b, tensor, op):
-        return backend.validate_backend(b) != "torch"
-
-    fakes = {"use_kernels": use_kernels, "load": lambda *a, **k: None, "require_cuda": lambda *a, **k: None,
-             "interpreting": lambda: True, "use_triton": _dry_use_triton}
-    saved = []
-    for mod in [m for name, m in sys.modules.items() if name.startswith("qmamba") and m is not None]:
-        for k, v in real.items():
-            if getattr(mod, k, None) is v:
-                saved.append((mod, k, v))
-                setattr(mod, k, fakes[k])
-    _count_launches((tssd, tgemm, tgnorm), launches, saved, names=("_gemm_fixed", "_gemm_tuned"))
-    # the float norms run mamba_ssm's Triton kernels on a GPU (qmamba.ops.norm): counted and empty here as well
     import types
 
+    import qmamba.kernels.triton.gated_norm as tgnorm
+    import qmamba.kernels.triton.launch as launch
+    import qmamba.kernels.triton.ssd_int8 as tssd
+    import qmamba.kernels.triton.w8a8_gemm as tgemm
+    import qmamba.ops.backend as backend
     import qmamba.ops.norm as onorm
 
-    def norm_launch(name):
-        def fn(x, *args, **kwargs):
-            launches[name] += 1
-            return torch.empty_like(x)
-        return fn
+    # interpreting: the Triton wrappers take CPU tensors as under TRITON_INTERPRET=1 (small blocks; launches counted)
+    with gpu_path_on_cpu(DRY_OPS, launches, {"interpreting": (launch.interpreting, lambda: True)}) as saved:
+        _count_launches((tssd, tgemm, tgnorm), launches, saved, names=("_gemm_fixed", "_gemm_tuned"))
 
-    stubs = {"mamba_ssm.ops.triton.layer_norm": types.SimpleNamespace(rms_norm_fn=norm_launch("mamba_ssm rms_norm")),
-             "mamba_ssm.ops.triton.layernorm_gated": types.SimpleNamespace(
-                 rmsnorm_fn=norm_launch("mamba_ssm gated rmsnorm"))}
-    saved += [(onorm, "use_fast_path", onorm.use_fast_path), (onorm, "try_import", onorm.try_import)]
-    onorm.use_fast_path = lambda b, tensor, module, op: backend.validate_backend(b) != "torch"
-    onorm.try_import = stubs.get
-    ns = torch.ops.qmamba
-    try:
-        for name, fn in DRY_OPS.items():
-            setattr(ns, name, _CountedOp(name, fn, launches))
+        # the float norms run mamba_ssm's Triton kernels on a GPU (qmamba.ops.norm): counted and empty here as well
+        def norm_launch(name):
+            def fn(x, *args, **kwargs):
+                launches[name] += 1
+                return torch.empty_like(x)
+            return fn
+
+        stubs = {"mamba_ssm.ops.triton.layer_norm": types.SimpleNamespace(
+                     rms_norm_fn=norm_launch("mamba_ssm rms_norm")),
+                 "mamba_ssm.ops.triton.layernorm_gated": types.SimpleNamespace(
+                     rmsnorm_fn=norm_launch("mamba_ssm gated rmsnorm"))}
+        saved += [(onorm, "use_fast_path", onorm.use_fast_path), (onorm, "try_import", onorm.try_import)]
+        onorm.use_fast_path = lambda b, tensor, module, op: backend.validate_backend(b) != "torch"
+        onorm.try_import = stubs.get
         with dry_fused_path(launches):
             yield
-    finally:
-        for name in DRY_OPS:
-            if name in ns.__dict__:
-                delattr(ns, name)
-        for mod, k, v in saved:
-            setattr(mod, k, v)
-        # a module first imported inside (a lazy import) bound a stand-in by name: give it the real function too
-        for mod in [m for name, m in sys.modules.items() if name.startswith("qmamba") and m is not None]:
-            for k, fake in fakes.items():
-                if getattr(mod, k, None) is fake:
-                    setattr(mod, k, real[k])
 
 
 # ops that read a tensor's value on the host: on a GPU each waits for every kernel queued before it

@@ -14,7 +14,8 @@ import sys
 
 import torch
 
-from qmamba.kernels.schemas import check_call, op_schemas
+from qmamba.kernels.schemas import op_schemas
+from qmamba.kernels.stand_ins import gpu_path_on_cpu
 from qmamba.quant.dual_scale import DualScale
 
 ENCODINGS = {1: "mask", 2: "piecewise"}
@@ -119,58 +120,12 @@ OPS = {name: getattr(sys.modules[__name__], name) for name in (
     "selective_scan_int8", "selective_scan_int8_update")}
 
 
-class _CheckedOp:
-    def __init__(self, name: str, fn, calls: dict):
-        self.name, self.fn, self.calls = name, fn, calls
-
-    def __call__(self, *args):
-        check_call(self.name, args)
-        self.calls[self.name] = self.calls.get(self.name, 0) + 1
-        return self.fn(*args)
-
-
 @contextlib.contextmanager
 def emulated_kernels(calls: dict):
-    """Inside: the int8 twins take qmamba's kernel paths on CPU tensors (``use_kernels`` and ``use_triton`` say
-    yes where the kernel takes the call, ``load`` and ``require_cuda`` pass), the csrc ops are ``OPS`` (each call
-    counted in ``calls``); the Triton kernels run for real (in the interpreter). mamba_ssm's float norms stay torch
-    (``qmamba.ops.norm``). Everything restored on exit."""
-    import importlib
-    import pkgutil
-
-    import qmamba.kernels.build as build
-    import qmamba.kernels.checks as checks
-    import qmamba.ops
-    import qmamba.ops.backend as backend
-
+    """Inside: the int8 twins take qmamba's kernel paths on CPU tensors (``qmamba.kernels.stand_ins``), the csrc ops
+    are ``OPS`` (each call schema-checked and counted in ``calls``); the Triton kernels run for real (in the
+    interpreter); mamba_ssm's float norms stay torch (``qmamba.ops.norm``). Everything restored on exit."""
     missing = set(op_schemas()) - {"conv1d_silu"} - set(OPS)
     assert not missing, f"no emulation for csrc ops {sorted(missing)}"
-    for info in pkgutil.iter_modules(qmamba.ops.__path__):  # every wrapper bound now, so each one is patched
-        importlib.import_module(f"qmamba.ops.{info.name}")
-    for name in ("conv1d", "hadamard", "linear", "norm", "quantize", "selective_scan"):
-        importlib.import_module(f"qmamba.kernels.{name}")
-    real = {"use_kernels": backend.use_kernels, "load": build.load, "require_cuda": checks.require_cuda,
-            "use_triton": backend.use_triton}
-
-    def use_triton(b, tensor, op, problem=None):
-        return backend.validate_backend(b) != "torch" and (problem() if problem is not None else None) is None
-
-    fakes = {"use_kernels": lambda b, tensor, op: backend.validate_backend(b) != "torch",
-             "load": lambda *a, **k: None, "require_cuda": lambda *a, **k: None, "use_triton": use_triton}
-    saved = []
-    for mod in [m for name, m in list(sys.modules.items()) if name.startswith("qmamba") and m is not None]:
-        for k, v in real.items():
-            if getattr(mod, k, None) is v:
-                saved.append((mod, k, v))
-                setattr(mod, k, fakes[k])
-    ns = torch.ops.qmamba
-    try:
-        for name, fn in OPS.items():
-            setattr(ns, name, _CheckedOp(name, fn, calls))
+    with gpu_path_on_cpu(OPS, calls):
         yield
-    finally:
-        for name in OPS:
-            if name in ns.__dict__:
-                delattr(ns, name)
-        for mod, k, v in saved:
-            setattr(mod, k, v)

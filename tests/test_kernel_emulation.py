@@ -9,7 +9,6 @@ the scan moves the logits by 0.74 of max |logit|, a None A fails the op's schema
 
 import json
 
-import pytest
 
 LOGIT_TOL = 0.05  # max |logit diff| / max |logit|
 
