@@ -37,7 +37,9 @@ else
       | tail -3
   done
   # the unfused engine beside the default: what the hand-offs of codes bring, measured in the same run
-  timeout 480 python3 benchmarks/latency.py --configs mamba2-2.7b mamba-2.8b --reps 5 --sync-check \
+  # --profile-decode: each kernel's time in the graphed decode step (e.g. the fused norm + rotate + quantize, one
+  # program per row at batch 1, against its place in the step)
+  timeout 480 python3 benchmarks/latency.py --configs mamba2-2.7b mamba-2.8b --reps 5 --sync-check --profile-decode 12 \
     --engines "mamba_ssm fp16" "qmamba int8" "qmamba int8 unfused" --json "$out/latency.json" > "$out/latency.log" 2>&1
   grep -E "TTFT|speedup|FAILED|copy bandwidth|host syncs|^    " "$out/latency.log" | head -60
 fi
