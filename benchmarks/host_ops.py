@@ -28,7 +28,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from qmamba.kernels.stand_ins import gpu_path_on_cpu, import_wrappers, use_triton_on_cpu
+from qmamba.kernels.stand_ins import gpu_path_on_cpu, rebound, use_triton_on_cpu
 
 
 # keyword options of a Triton launch that are not kernel parameters
@@ -87,27 +87,17 @@ def _count_launches(modules, launches: collections.Counter, saved: list, names=(
 def dry_fused_path(launches: collections.Counter):
     """On CPU tensors: the fused fake-quant / Hadamard dispatch says yes and the Triton kernels only count their
     launches (see the top of this file); everything restored on exit."""
-    import_wrappers()
     import qmamba.kernels.triton.fake_quant as tfq
     import qmamba.kernels.triton.hadamard as th
     import qmamba.ops.backend as backend
-    import qmamba.ops.hadamard as hadamard
     from qmamba.quant import numerics
 
-    from qmamba.quant import dual_scale
-
-    saved = [(backend, "use_triton", backend.use_triton), (hadamard, "use_triton", hadamard.use_triton),
-             (numerics, "_cheap_check", numerics._cheap_check), (dual_scale, "_cheap_check", dual_scale._cheap_check)]
-    try:
-        backend.use_triton = hadamard.use_triton = use_triton_on_cpu
-        # dry launches leave garbage values behind; and on a GPU the check reads nothing (it runs on CPU tensors
-        # only), so the dry CPU run skips it too (dual_scale binds it by name)
-        numerics._cheap_check = dual_scale._cheap_check = lambda scale: None
+    # _cheap_check: dry launches leave garbage values behind, and on a GPU the check reads nothing (it runs on CPU
+    # tensors only), so the dry CPU run skips it too
+    with rebound({"use_triton": (backend.use_triton, use_triton_on_cpu),
+                  "_cheap_check": (numerics._cheap_check, lambda scale: None)}) as saved:
         _count_launches((tfq, th), launches, saved)
         yield
-    finally:
-        for mod, k, v in saved:
-            setattr(mod, k, v)
 
 
 def _channel_last(b: int, d: int, L: int, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 for qmamba's CUDA ops. Used by ``benchmarks/host_ops.py --int8`` (dry: each op counted, an empty result of its
 shape) and ``tests/kernel_emulation.py`` (each op computed by its torch reference).
 
-``gpu_path_on_cpu(ops, fakes)`` rebinds, in every loaded ``qmamba`` module, the functions that decide and guard the
+``gpu_path_on_cpu(ops, calls, fakes)`` rebinds (``rebound``), in every loaded ``qmamba`` module, the functions that decide and guard the
 kernel path (``use_kernels``, ``use_triton``, ``load``, ``require_cuda``, and whatever else ``fakes`` names), sets
 ``torch.ops.qmamba.<name>`` to ``ops[name]``, each call checked against csrc's schema (``qmamba.kernels.schemas``),
 and restores everything on exit, also in modules first imported inside (a lazy import binds a stand-in by name).
@@ -69,30 +69,41 @@ def _qmamba_modules() -> list:
 
 
 @contextlib.contextmanager
-def gpu_path_on_cpu(ops: dict[str, Callable], calls: dict, fakes: dict[str, tuple[Callable, Callable]] | None = None):
-    """Inside: the kernel path taken on CPU tensors, ``torch.ops.qmamba.<name>`` is ``ops[name]`` (schema-checked,
-    counted in ``calls``); ``fakes``: more {name: (real function, stand-in)} to rebind wherever the real one is
-    bound. Yields the undo list [(object, attribute, old value)]: entries a caller appends are restored on exit too."""
+def rebound(functions: dict[str, tuple[Callable, Callable]]):
+    """Inside: in every loaded ``qmamba`` module, each name of ``functions`` bound to its real function (by identity)
+    is bound to its stand-in instead ({name: (real, stand-in)}). Yields the undo list [(object, attribute, old
+    value)]: entries a caller appends are restored on exit too, and a module first imported inside (which bound a
+    stand-in by name) gets the real function back."""
     import_wrappers()
-    functions = {**_kernel_path_fakes(), **(fakes or {})}
     saved = []
     for mod in _qmamba_modules():
         for name, (real, fake) in functions.items():
             if getattr(mod, name, None) is real:
                 saved.append((mod, name, real))
                 setattr(mod, name, fake)
-    ns = torch.ops.qmamba
     try:
-        for name, fn in ops.items():
-            setattr(ns, name, CheckedOp(name, fn, calls))
         yield saved
     finally:
-        for name in ops:
-            if name in ns.__dict__:
-                delattr(ns, name)
         for obj, name, value in reversed(saved):
             setattr(obj, name, value)
         for mod in _qmamba_modules():
             for name, (real, fake) in functions.items():
                 if getattr(mod, name, None) is fake:
                     setattr(mod, name, real)
+
+
+@contextlib.contextmanager
+def gpu_path_on_cpu(ops: dict[str, Callable], calls: dict, fakes: dict[str, tuple[Callable, Callable]] | None = None):
+    """Inside: the kernel path taken on CPU tensors, ``torch.ops.qmamba.<name>`` is ``ops[name]`` (schema-checked,
+    counted in ``calls``); ``fakes``: more {name: (real function, stand-in)} to rebind wherever the real one is
+    bound. Yields ``rebound``'s undo list."""
+    ns = torch.ops.qmamba
+    with rebound({**_kernel_path_fakes(), **(fakes or {})}) as saved:
+        try:
+            for name, fn in ops.items():
+                setattr(ns, name, CheckedOp(name, fn, calls))
+            yield saved
+        finally:
+            for name in ops:
+                if name in ns.__dict__:
+                    delattr(ns, name)
