@@ -10,7 +10,6 @@ the wrong order or scale, or misreads its results; what it cannot: the CUDA kern
 from __future__ import annotations
 
 import contextlib
-import sys
 
 import torch
 
@@ -23,6 +22,15 @@ ENCODINGS = {1: "mask", 2: "piecewise"}
 
 def _dual(encoding: int, knee: int, outlier_scale) -> DualScale | None:
     return None if encoding == 0 else DualScale(outlier_scale, ENCODINGS[encoding], knee)
+
+
+def _conv_duals(n: int, index: int, encoding: int, knee: int, outlier_scale) -> list:
+    """The conv ref's out_duals from the op's dual arguments: none, or the one dual-scale output at ``index``."""
+    if index < 0:
+        return []
+    duals = [None] * n
+    duals[index] = _dual(encoding, knee, outlier_scale)
+    return duals
 
 
 def _channel_last(t: torch.Tensor) -> torch.Tensor:
@@ -56,9 +64,7 @@ def conv1d_int8(x, x_scale, w, w_scale, bias, silu, out_dtype, out_scales, dual_
                 dual_outlier_scale):
     from qmamba.ops.int8_conv1d import conv1d_int8_ref
 
-    duals = ([None] * len(out_scales)) if dual_index >= 0 else []
-    if duals:
-        duals[dual_index] = _dual(dual_encoding, dual_knee, dual_outlier_scale)
+    duals = _conv_duals(len(out_scales), dual_index, dual_encoding, dual_knee, dual_outlier_scale)
     result = conv1d_int8_ref(x, x_scale, w, w_scale, bias, silu, out_dtype, list(out_scales), duals)
     return _conv_outputs(result, len(out_scales), dual_index, dual_encoding, update=False)
 
@@ -67,9 +73,7 @@ def conv1d_int8_update(x, conv_state, x_scale, w, w_scale, bias, silu, out_dtype
                        dual_encoding, dual_knee, dual_outlier_scale):
     from qmamba.ops.int8_conv1d import conv1d_int8_update_ref
 
-    duals = ([None] * len(out_scales)) if dual_index >= 0 else []
-    if duals:
-        duals[dual_index] = _dual(dual_encoding, dual_knee, dual_outlier_scale)
+    duals = _conv_duals(len(out_scales), dual_index, dual_encoding, dual_knee, dual_outlier_scale)
     result = conv1d_int8_update_ref(x, conv_state, x_scale, w, w_scale, bias, silu, out_dtype, list(out_scales),
                                     duals)
     return _conv_outputs(result, len(out_scales), dual_index, dual_encoding, update=True)
@@ -115,9 +119,9 @@ def selective_scan_int8_update(state, u, u_scale, delta, delta_scale, A, B, B_sc
                                           _dual(u_encoding, u_knee, u_outlier_scale), u_mask)
 
 
-OPS = {name: getattr(sys.modules[__name__], name) for name in (
-    "quantize_int8", "hadamard_quantize", "conv1d_int8", "conv1d_int8_update", "add_rmsnorm_quant", "w8a8_gemv",
-    "selective_scan_int8", "selective_scan_int8_update")}
+OPS = {"quantize_int8": quantize_int8, "hadamard_quantize": hadamard_quantize, "conv1d_int8": conv1d_int8,
+       "conv1d_int8_update": conv1d_int8_update, "add_rmsnorm_quant": add_rmsnorm_quant, "w8a8_gemv": w8a8_gemv,
+       "selective_scan_int8": selective_scan_int8, "selective_scan_int8_update": selective_scan_int8_update}
 
 
 @contextlib.contextmanager
