@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qmamba.kernels.build import CSRC
+from torch.utils import cpp_extension
+
+from qmamba.kernels.build import CSRC, EXTENSION, EXTRA_CUDA_CFLAGS
 
 NVCC = shutil.which("nvcc")
 SOURCES = sorted(CSRC.rglob("*.cu"))
@@ -25,11 +27,8 @@ def _nvcc_command(source: Path, out: Path, stub: Path) -> list[str]:
     inc = Path(torch.__file__).parent / "include"
     return [NVCC, "-c", str(source), "-o", str(out), "-I", str(CSRC), "-isystem", str(stub), "-isystem", str(inc),
             "-isystem", str(inc / "torch" / "csrc" / "api" / "include"), "-isystem", sysconfig.get_paths()["include"],
-            "-DTORCH_EXTENSION_NAME=qmamba_kernels", "-DTORCH_API_INCLUDE_EXTENSION_H",
-            "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-            "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr", "-gencode=arch=compute_90,code=sm_90",
-            "--compiler-options", "-fPIC", "-O3", "-lineinfo", "-diag-suppress", "3306", "-std=c++17"]
-
+            f"-DTORCH_EXTENSION_NAME={EXTENSION}", "-DTORCH_API_INCLUDE_EXTENSION_H", *cpp_extension.COMMON_NVCC_FLAGS,
+            "-gencode=arch=compute_90,code=sm_90", "--compiler-options", "-fPIC", "-std=c++17", *EXTRA_CUDA_CFLAGS]
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed here")
 def test_every_csrc_source_compiles_for_sm90(tmp_path):
