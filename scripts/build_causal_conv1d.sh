@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU device machine: build causal-conv1d from its sdist in .whl/ for this GPU only (~3 min, once per machine).
 # It gives mamba_ssm its fused conv1d / decode-update kernels, so the latency baseline is mamba_ssm at its fastest.
-# Called by scripts/device_setup.sh --with-causal-conv1d, or alone (in the background while GPU tests run).
+# Called by scripts/device_setup.sh --with-causal-conv1d, or alone (scripts/device_prefill_check.sh bench, WITH_CONV=1).
 set -uo pipefail
 root=$PWD
 compgen -G ".whl/causal_conv1d-*.tar.gz" >/dev/null || { echo "build_causal_conv1d: no causal_conv1d sdist in .whl (see scripts/device_setup.sh)"; exit 1; }

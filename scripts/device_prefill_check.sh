@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU device machine (carry .whl, see scripts/device_setup.sh): the int8 prefill with codes from the GEMMs, the
 # Mamba2 fused norm / SSD kernels, in stages that each fit one device call (600 s; a fresh machine spent 330 s of
-# the first on setup on 2026-12-04, mamba_ssm's and qmamba's CUDA builds one after the other, now side by side; carry $OUT/qmamba_kernels_cache.tgz in .whl/ to
-# skip qmamba's build in later calls, scripts/kernels_cache.sh):
+# the first on setup on 2026-12-04, mamba_ssm's and qmamba's CUDA builds one after the other, now side by side;
+# carry $OUT/qmamba_kernels_cache.tgz in .whl/ to skip qmamba's build in later calls, scripts/kernels_cache.sh):
 #   tests    the models' GPU tests: Mamba1 / Mamba2 hand-offs of codes (test_gpu_codes.py), eager and graphed
 #            generation, no host sync; the fused norm + rotate + quantize and the SSD float_in kernel tests
 #   kernels  the kernel files whole: gated norm, SSD, linear (GEMM / GEMV incl. per-column and segment out_scales),
@@ -16,8 +16,7 @@ set -uo pipefail
 stage=${1:-tests}
 out=${OUT:-runs}
 mkdir -p "$out"
-bash scripts/device_setup.sh 2>&1 | tail -2
-python3 -c "import qmamba.kernels as k; k.load()" 2>&1 | tail -2  # built by device_setup.sh; this only loads it
+bash scripts/device_setup.sh 2>&1 | tail -3  # also builds qmamba's CUDA kernels (says so if they did not build)
 bash scripts/kernels_cache.sh save "$out"  # carry it in .whl/ to the next call (see that script)
 g=tests/gpu
 if [ "$stage" = tests ]; then

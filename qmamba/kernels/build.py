@@ -16,8 +16,6 @@ import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 EXTENSION = "qmamba_kernels"
-# nvcc flags beside cpp_extension's own (tests/test_csrc_compiles.py compiles with the same)
-EXTRA_CUDA_CFLAGS = ["-O3", "-lineinfo", "-diag-suppress", "3306"]
 
 
 class KernelsUnavailable(RuntimeError):
@@ -83,7 +81,8 @@ def load(verbose: bool | None = None, cache_dir: str | None = None) -> None:
     try:
         cpp_extension.load(name=EXTENSION, sources=sources, build_directory=str(build_dir),
                            extra_include_paths=[str(CSRC)],
-                           extra_cflags=["-O3"], extra_cuda_cflags=EXTRA_CUDA_CFLAGS,
+                           extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo",
+                                                                    "-diag-suppress", "3306"],
                            is_python_module=False, verbose=verbose)
     except Exception as err:  # compiler errors come as RuntimeError / subprocess errors with the log above
         raise KernelsUnavailable(f"building qmamba's CUDA kernels in {build_dir} failed: {err}") from err
