@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import json
 import statistics
@@ -32,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qmamba import MambaLM, preset  # noqa: E402
+from qmamba.kernels.launch import launch_overlap  # noqa: E402
 
 
 def cuda_time_ms(fn, reps: int, inner: int = 1) -> float:
@@ -152,7 +154,10 @@ def fp16_float_leftovers_(model: MambaLM) -> None:
 
 
 ENGINES = {"mamba_ssm fp16": mamba_ssm_engine, "qmamba int8": qmamba_int8_engine,
-           "qmamba int8 unfused": qmamba_int8_unfused_engine}
+           "qmamba int8 unfused": qmamba_int8_unfused_engine, "qmamba int8 serial": qmamba_int8_engine}
+# engines measured with qmamba's kernels launched one after the other (qmamba.kernels.launch): beside the default
+# (overlapped, programmatic dependent launch), what the overlap brings
+SERIAL_ENGINES = {"qmamba int8 serial"}
 DEFAULT_ENGINES = ["mamba_ssm fp16", "qmamba int8"]
 
 
@@ -241,7 +246,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=["mamba-130m", "mamba-2.8b", "mamba2-2.7b"])
     ap.add_argument("--engines", nargs="+", default=DEFAULT_ENGINES, choices=list(ENGINES),
-                    help="'qmamba int8 unfused': the int8 model with no codes handed between parts (an ablation)")
+                    help="'qmamba int8 unfused': the int8 model with no codes handed between parts; 'qmamba int8 "
+                    "serial': with qmamba's kernels launched one after the other, not overlapped (ablations)")
     ap.add_argument("--prompt", type=int, default=1024, help="prompt tokens for TTFT")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--replays", type=int, default=50, help="graph replays per timed batch (TPOT)")
@@ -265,7 +271,8 @@ def main() -> None:
         results = {}
         for engine in args.engines:
             try:
-                results[engine] = measure(ENGINES[engine], cfg, args, bandwidth)
+                with launch_overlap(False) if engine in SERIAL_ENGINES else contextlib.nullcontext():
+                    results[engine] = measure(ENGINES[engine], cfg, args, bandwidth)
             except Exception as err:  # one engine failing must not hide the other's figures
                 print(f"{name} / {engine}: FAILED: {type(err).__name__}: {err}", flush=True)
                 continue
@@ -275,7 +282,7 @@ def main() -> None:
                   f"weights {r['weight_mib']:8.0f} MiB", flush=True)
             rows.append({"config": name, "engine": engine, **r})
         base = results.get("mamba_ssm fp16")
-        for engine in ("qmamba int8", "qmamba int8 unfused"):
+        for engine in ("qmamba int8", "qmamba int8 unfused", "qmamba int8 serial"):
             if base is not None and engine in results:
                 ours = results[engine]
                 print(f"{name:12s} speedup {engine[7:]} vs fp16: TTFT {base['ttft_ms'] / ours['ttft_ms']:.2f}x, "

@@ -3,12 +3,13 @@
 # Mamba2 fused norm / SSD kernels, in stages that each fit one device call (600 s; a fresh machine spent 330 s of
 # the first on setup on 2026-12-04, mamba_ssm's and qmamba's CUDA builds one after the other, now side by side;
 # carry $OUT/qmamba_kernels_cache.tgz in .whl/ to skip qmamba's build in later calls, scripts/kernels_cache.sh):
-#   tests    the models' GPU tests: Mamba1 / Mamba2 hand-offs of codes (test_gpu_codes.py), eager and graphed
-#            generation, no host sync; the fused norm + rotate + quantize and the SSD float_in kernel tests
+#   tests    the models' GPU tests: overlapped launches vs serial ones, Mamba1 / Mamba2 hand-offs of codes
+#            (test_gpu_codes.py), eager and graphed generation, no host sync; the Mamba1 scan kernels; the fused
+#            norm + rotate + quantize and the SSD float_in kernel tests
 #   kernels  the kernel files whole: gated norm, SSD, linear (GEMM / GEMV incl. per-column and segment out_scales),
 #            norm (passed at b5b2c02's tree, 2026-12-04: linear, norm; not yet whole: gated norm, SSD)
 #   bench    the int8 prefill's host work counted on the GPU, then benchmarks/latency.py: mamba_ssm fp16, qmamba int8
-#            and qmamba int8 with no codes handed between parts, with the host syncs of one prefill per engine;
+#            and an ablation of it (ABLATION=serial|unfused, below), with the host syncs of one prefill per engine;
 #            WITH_CONV=1 first builds causal-conv1d (~3 min, its sdist in .whl) for the fp16 baseline at its fastest
 # Logs go to $OUT. Usage: bash scripts/device_prefill_check.sh tests|kernels|bench  (the machine is given back ~30 s
 # after a call: start the next one at once to find it warm)
@@ -20,8 +21,9 @@ bash scripts/device_setup.sh 2>&1 | tail -3  # also builds qmamba's CUDA kernels
 bash scripts/kernels_cache.sh save "$out"  # carry it in .whl/ to the next call (see that script)
 g=tests/gpu
 if [ "$stage" = tests ]; then
-  timeout 420 python3 -m pytest -q -m gpu --tb=short -rf $g/test_gpu_codes.py $g/test_gpu_generation.py \
-    $g/test_gpu_no_host_sync.py $g/test_gpu_kernel_gated_norm.py::test_norm_hadamard_quantize_agrees_with_the_unfused_kernels \
+  timeout 420 python3 -m pytest -q -m gpu --tb=short -rf $g/test_gpu_launch_overlap.py $g/test_gpu_codes.py \
+    $g/test_gpu_generation.py $g/test_gpu_no_host_sync.py $g/test_gpu_kernel_selective_scan.py \
+    $g/test_gpu_kernel_gated_norm.py::test_norm_hadamard_quantize_agrees_with_the_unfused_kernels \
     $g/test_gpu_kernel_ssd.py -k "not test_gpu_kernel_ssd or from_float" > "$out/prefill_gpu_tests.log" 2>&1
   tail -25 "$out/prefill_gpu_tests.log"
 elif [ "$stage" = kernels ]; then
@@ -35,11 +37,12 @@ else
     timeout 60 python3 benchmarks/host_ops.py --preset "$1" --recipe "$2" --int8 --seq-len 1024 2>&1 | grep -v USDT \
       | tail -3
   done
-  # the unfused engine beside the default: what the hand-offs of codes bring, measured in the same run
+  # an ablation beside the default, measured in the same run: ABLATION=serial (default; qmamba's kernels launched one
+  # after the other: what the overlapped launches bring) or unfused (no codes handed between parts)
   # --profile-decode: each kernel's time in the graphed decode step (e.g. the fused norm + rotate + quantize, one
   # program per row at batch 1, against its place in the step)
   timeout 480 python3 benchmarks/latency.py --configs mamba2-2.7b mamba-2.8b --reps 5 --sync-check --profile-decode 12 \
-    --engines "mamba_ssm fp16" "qmamba int8" "qmamba int8 unfused" --json "$out/latency.json" > "$out/latency.log" 2>&1
+    --engines "mamba_ssm fp16" "qmamba int8" "qmamba int8 ${ABLATION:-serial}" --json "$out/latency.json" > "$out/latency.log" 2>&1
   grep -E "TTFT|speedup|FAILED|copy bandwidth|host syncs|^    " "$out/latency.log" | head -60
 fi
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')  $(date -u +%F)"

@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
+#include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <torch/all.h>
@@ -121,6 +123,55 @@ __device__ __forceinline__ int8_t dual_encode(float v, int enc, int knee, float 
                                               bool& flag) {
   const int8_t q = dual_inlier_code(v, inv_in, dual_outlier_threshold(enc, knee), flag);
   return flag ? dual_outlier_code(v, enc, knee, s_in, inv_out) : q;
+}
+
+// ---- overlapped launches (programmatic dependent launch, sm_90+) ------------------------------------------------------
+// Every qmamba kernel is launched with launch_overlapped, which lets the GPU start launching it while the kernel before
+// it in the stream is still running (inside a CUDA graph too: a decode step is a chain of small kernels, and each
+// boundary otherwise costs a launch and a ramp of a few microseconds). The rules that keep it exact:
+//   1. a kernel's first statement is kernel_prologue(): it waits until the previous kernel of the stream has completed
+//      and its writes are visible, then lets the next kernel start launching; nothing before it reads memory that
+//      another kernel writes or writes global memory (read-only weights may be prefetched: gemv_int8.cu);
+//   2. every block runs it, including blocks that then have nothing to do, so a kernel never completes before the one
+//      before it: waiting on the previous kernel is waiting on all earlier ones.
+// Kernels of other libraries (torch, Triton) are launched normally and wait as usual. set_launch_overlap(False) (the op
+// qmamba::set_launch_overlap) launches ours normally too: benchmarks/latency.py measures both in one run.
+__device__ __forceinline__ void kernel_prologue() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+inline bool launch_overlap = true;  // one flag for the whole extension (an inline variable: one object in all files)
+
+// Whether launches on `device` overlap: the flag, and a GPU that has programmatic dependent launch (sm_90+).
+inline bool overlap_on(int device) {
+  static int major[64] = {0};  // per device; a race only writes the same value twice
+  if (!launch_overlap) return false;
+  if (device < 0 || device >= 64) return false;
+  if (major[device] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor,
+                                                                device));
+  return major[device] >= 9;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), overlapped with the previous kernel where overlap_on; checked.
+template <typename... Params, typename... Args>
+void launch_overlapped(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                       Args&&... args) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = overlap_on(device) ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(std::forward<Args>(args))...));
 }
 
 }  // namespace qmamba

@@ -194,6 +194,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) conv1d_int8_kernel(
     const int8_t* __restrict__ x, int64_t sxb, int64_t sxd, int64_t sxl, const int8_t* __restrict__ w, int K,
     const float* __restrict__ x_scale, const float* __restrict__ w_scale, bool w_per_channel,
     const float* __restrict__ bias, bool silu_on, int D, int L, int tile_l, Outputs outs) {
+  kernel_prologue();  // first: see launch_overlapped (common/qmamba_common.cuh)
   const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;
   if (c0 >= D) return;
   const int b = blockIdx.z;
@@ -296,6 +297,7 @@ __global__ void conv1d_int8_update_kernel(const int8_t* __restrict__ x, int64_t 
                                           const float* __restrict__ x_scale, const float* __restrict__ w_scale,
                                           bool w_per_channel, const float* __restrict__ bias, bool silu_on, int B,
                                           int D, Outputs outs) {
+  kernel_prologue();  // first: see launch_overlapped (common/qmamba_common.cuh)
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<int64_t>(B) * D) return;
   const int b = static_cast<int>(idx / D), c = static_cast<int>(idx % D);
@@ -339,6 +341,7 @@ __global__ void conv1d_int8_update_kernel(const int8_t* __restrict__ x, int64_t 
 // The prefill epilogue's SiLU (silu_fast, `silu` where it is out of range) on an fp32 tensor, elementwise: what its
 // exhaustive test compares with torch's fp32 SiLU.
 __global__ void conv1d_silu_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n) {
+  kernel_prologue();  // first: see launch_overlapped (common/qmamba_common.cuh)
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   bool ok = true;
@@ -354,8 +357,8 @@ at::Tensor conv1d_silu(const at::Tensor& x) {
   const int64_t n = x.numel();
   if (n == 0) return y;
   constexpr int threads = 256;
-  conv1d_silu_kernel<<<static_cast<unsigned>((n + threads - 1) / threads), threads, 0,
-                       c10::cuda::getCurrentCUDAStream()>>>(x.data_ptr<float>(), y.data_ptr<float>(), n);
+  launch_overlapped(conv1d_silu_kernel, dim3(static_cast<unsigned>((n + threads - 1) / threads)), dim3(threads), 0,
+                    c10::cuda::getCurrentCUDAStream().stream(),x.data_ptr<float>(), y.data_ptr<float>(), n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }
@@ -527,7 +530,7 @@ std::vector<at::Tensor> conv1d_int8(const at::Tensor& x, const at::Tensor& x_sca
     if (outs.dual_enc == kEncPiecewise) {
       kernel = vec4 ? conv1d_int8_kernel<T, 4, kEncPiecewise> : conv1d_int8_kernel<T, 1, kEncPiecewise>;
     }
-    kernel<<<grid, kThreads, 0, stream>>>(x.data_ptr<int8_t>(), sxb, sxd, sxl, a.w.data_ptr<int8_t>(), a.K,
+    launch_overlapped(kernel, grid, dim3(kThreads), 0, stream, x.data_ptr<int8_t>(), sxb, sxd, sxl, a.w.data_ptr<int8_t>(), a.K,
                                           x_scale.data_ptr<float>(), w_scale.data_ptr<float>(), a.w_per_channel,
                                           bias_p, silu, static_cast<int>(D), static_cast<int>(L),
                                           static_cast<int>(tile), outs);
@@ -564,7 +567,7 @@ std::vector<at::Tensor> conv1d_int8_update(const at::Tensor& x, const at::Tensor
   const float* bias_p = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   dispatch_out_dtype(out_dtype, [&](auto tag) {
     using T = decltype(tag);
-    conv1d_int8_update_kernel<T><<<blocks, threads, 0, stream>>>(
+    launch_overlapped(conv1d_int8_update_kernel<T>, dim3(blocks), dim3(threads), 0, stream,
         x.data_ptr<int8_t>(), x.stride(0), x.stride(1), conv_state.data_ptr<int8_t>(), conv_state.stride(0),
         conv_state.stride(1), conv_state.stride(2), a.w.data_ptr<int8_t>(), a.K, x_scale.data_ptr<float>(),
         w_scale.data_ptr<float>(), a.w_per_channel, bias_p, silu, static_cast<int>(B), static_cast<int>(D), outs);

@@ -73,6 +73,7 @@ template <typename T, int E>
 __global__ void __launch_bounds__(1024) hadamard_quantize_kernel(
     const T* __restrict__ x, int64_t row_stride, int nblocks, int log_b, int64_t total, float rsqrt_b,
     const float* __restrict__ scale, int qmin, int qmax, bool vec, int8_t* __restrict__ out) {
+  kernel_prologue();  // first: see launch_overlapped (common/qmamba_common.cuh)
   // one float of padding per 32: both the per-thread runs (stride E) and the group reads (stride 1) hit 32 banks
   constexpr int kSmem = E >= 8 ? 32 * E * E + E * E : 1;
   __shared__ float smem[kSmem];
@@ -173,7 +174,7 @@ void launch(const at::Tensor& x, const at::Tensor& scale, at::Tensor& out, int64
   const auto stream = c10::cuda::getCurrentCUDAStream();
   auto go = [&](auto e_tag) {
     constexpr int kE = decltype(e_tag)::value;
-    hadamard_quantize_kernel<T, kE><<<static_cast<unsigned>(grid), static_cast<unsigned>(threads), 0, stream>>>(
+    launch_overlapped(hadamard_quantize_kernel<T, kE>, dim3(static_cast<unsigned>(grid)), dim3(static_cast<unsigned>(threads)), 0, stream,
         x.data_ptr<T>(), row_stride, static_cast<int>(nblocks), log_b, total, rsqrt_b, scale.data_ptr<float>(), qmin,
         qmax, vec, out.data_ptr<int8_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

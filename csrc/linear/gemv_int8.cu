@@ -78,6 +78,17 @@ w8a8_gemv_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w, int
     const int n = min(n0 + r, N - 1);
     wrow[r] = reinterpret_cast<const int4*>(w + static_cast<int64_t>(n) * K);
   }
+  // the weights are read-only: this thread's first two 16-byte chunks of each row go to L2 before the prologue, while
+  // the kernel before this one (whose output is x) may still be running (launch_overlapped)
+  {
+    const int c = warp * 32 + lane, step = warps * 32;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      if (c < chunks) asm volatile("prefetch.global.L2 [%0];" ::"l"(wrow[r] + c));
+      if (c + step < chunks) asm volatile("prefetch.global.L2 [%0];" ::"l"(wrow[r] + c + step));
+    }
+  }
+  kernel_prologue();  // see launch_overlapped (common/qmamba_common.cuh)
   const int4* xrow[MT];
 #pragma unroll
   for (int m = 0; m < MT; ++m) xrow[m] = reinterpret_cast<const int4*>(x + static_cast<int64_t>(m < M ? m : 0) * K);
@@ -168,11 +179,11 @@ void launch(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w,
   const bool per_channel = w_scale.numel() > 1;
   const OutScales none{};
   if (out_scale != nullptr) {
-    w8a8_gemv_kernel<MT, T, true><<<grid, block, 0, stream>>>(
+    launch_overlapped(w8a8_gemv_kernel<MT, T, true>, grid, block, 0, stream,
         x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), M, N, K, x_scale.data_ptr<float>(), w_scale.data_ptr<float>(),
         per_channel, bias, *out_scale, out.data_ptr());
   } else {
-    w8a8_gemv_kernel<MT, T, false><<<grid, block, 0, stream>>>(
+    launch_overlapped(w8a8_gemv_kernel<MT, T, false>, grid, block, 0, stream,
         x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), M, N, K, x_scale.data_ptr<float>(), w_scale.data_ptr<float>(),
         per_channel, bias, none, out.data_ptr());
   }

@@ -48,6 +48,7 @@ template <typename H, typename R, typename S, typename P, typename W>
 __global__ void __launch_bounds__(kMaxThreads) add_rmsnorm_quant_kernel(
     const H* __restrict__ hidden, const R* __restrict__ residual, const W* __restrict__ weight, float eps,
     const float* __restrict__ in_scale, int8_t* __restrict__ codes, P* __restrict__ residual_out, int d) {
+  kernel_prologue();  // first: see launch_overlapped (common/qmamba_common.cuh)
   const int64_t off = static_cast<int64_t>(blockIdx.x) * d;
   hidden += off;
   codes += off;
@@ -152,8 +153,8 @@ std::vector<at::Tensor> add_rmsnorm_quant(const at::Tensor& hidden, const std::o
         using R = decltype(r_tag);
         using P = decltype(p_tag);
         using S = std::conditional_t<std::is_same_v<R, float>, float, H>;
-        add_rmsnorm_quant_kernel<H, R, S, P, W><<<static_cast<unsigned>(T), static_cast<unsigned>(threads), 0,
-                                                  stream>>>(
+        launch_overlapped(add_rmsnorm_quant_kernel<H, R, S, P, W>, dim3(static_cast<unsigned>(T)),
+                          dim3(static_cast<unsigned>(threads)), 0, stream,
             h.data_ptr<H>(), r.defined() ? r.data_ptr<R>() : nullptr, w.data_ptr<W>(), eps_f,
             in_scale.data_ptr<float>(), codes.data_ptr<int8_t>(), residual_out.data_ptr<P>(), static_cast<int>(d));
         C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -68,6 +68,7 @@ template <typename T, int VEC, bool PER_CHANNEL, typename Idx>
 __global__ void __launch_bounds__(kThreads) quantize_int8_kernel(
     const T* __restrict__ x, const float* __restrict__ scale, int8_t* __restrict__ out, Idx n, Idx width,
     Idx row_stride, Idx inner, Idx channels, int qmin, int qmax) {
+  kernel_prologue();  // first: see launch_overlapped (common/qmamba_common.cuh)
   const Idx nvec = n / VEC;
   const Idx step = static_cast<Idx>(gridDim.x) * kThreads;
   const Idx first = static_cast<Idx>(blockIdx.x) * kThreads + threadIdx.x;
@@ -193,7 +194,7 @@ at::Tensor quantize_int8(const at::Tensor& x, const at::Tensor& scale, int64_t a
       constexpr int V = decltype(vec_tag)::value;
       constexpr bool PC = decltype(pc_tag)::value;
       using Idx = decltype(idx_tag);
-      quantize_int8_kernel<T, V, PC, Idx><<<blocks, kThreads, 0, stream>>>(
+      launch_overlapped(quantize_int8_kernel<T, V, PC, Idx>, dim3(blocks), dim3(kThreads), 0, stream,
           xp, s.data_ptr<float>(), out.data_ptr<int8_t>(), static_cast<Idx>(n), static_cast<Idx>(width),
           static_cast<Idx>(row_stride), static_cast<Idx>(inner), static_cast<Idx>(channels), qmin, qmax);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

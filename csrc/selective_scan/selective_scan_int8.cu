@@ -63,6 +63,7 @@ __device__ __forceinline__ float deq_u(int8_t q, bool flag, float su, float su_o
 // ENC: u's encoding, a compile-time constant (kEncSingle: the single-scale code, as it always ran).
 template <typename T, int NPL, int ENC>
 __global__ void __launch_bounds__(kScanThreads) selective_scan_int8_kernel(const ScanParams p) {
+  kernel_prologue();  // first: see launch_overlapped (common/qmamba_common.cuh)
   extern __shared__ float smem[];
   const int KP = p.lanes, CH = p.chans, TT = p.tile, N = p.nstate, L = p.len;
   const int NP = KP * NPL;  // padded state count: states >= N have A = B = C = 0 and stay 0
@@ -197,6 +198,7 @@ struct UpdateParams {
 // One thread per (batch, channel); B / C of the batch element are dequantized once per block into shared memory.
 template <typename T>
 __global__ void __launch_bounds__(kUpdateThreads) selective_scan_int8_update_kernel(const UpdateParams p) {
+  kernel_prologue();  // first: see launch_overlapped (common/qmamba_common.cuh)
   __shared__ float sB[kMaxState], sC[kMaxState];
   const int b = blockIdx.y;
   const int d = blockIdx.x * kUpdateThreads + threadIdx.x;
@@ -294,10 +296,10 @@ void launch_scan_npl(const ScanParams& p, int npl, cudaStream_t stream) {
   const dim3 grid((p.dim + p.chans - 1) / p.chans, p.batch);
   const size_t smem = static_cast<size_t>(p.tile) * (2 * p.lanes * npl + 5 * p.chans) * sizeof(float);
   switch (npl) {
-    case 1: selective_scan_int8_kernel<T, 1, ENC><<<grid, kScanThreads, smem, stream>>>(p); break;
-    case 2: selective_scan_int8_kernel<T, 2, ENC><<<grid, kScanThreads, smem, stream>>>(p); break;
-    case 4: selective_scan_int8_kernel<T, 4, ENC><<<grid, kScanThreads, smem, stream>>>(p); break;
-    default: selective_scan_int8_kernel<T, 8, ENC><<<grid, kScanThreads, smem, stream>>>(p); break;
+    case 1: launch_overlapped(selective_scan_int8_kernel<T, 1, ENC>, grid, dim3(kScanThreads), smem, stream, p); break;
+    case 2: launch_overlapped(selective_scan_int8_kernel<T, 2, ENC>, grid, dim3(kScanThreads), smem, stream, p); break;
+    case 4: launch_overlapped(selective_scan_int8_kernel<T, 4, ENC>, grid, dim3(kScanThreads), smem, stream, p); break;
+    default: launch_overlapped(selective_scan_int8_kernel<T, 8, ENC>, grid, dim3(kScanThreads), smem, stream, p); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -530,9 +532,9 @@ at::Tensor selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, co
   const dim3 grid((dim + kUpdateThreads - 1) / kUpdateThreads, batch);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   switch (out_dtype) {
-    case at::kFloat: selective_scan_int8_update_kernel<float><<<grid, kUpdateThreads, 0, stream>>>(p); break;
-    case at::kHalf: selective_scan_int8_update_kernel<at::Half><<<grid, kUpdateThreads, 0, stream>>>(p); break;
-    default: selective_scan_int8_update_kernel<at::BFloat16><<<grid, kUpdateThreads, 0, stream>>>(p); break;
+    case at::kFloat: launch_overlapped(selective_scan_int8_update_kernel<float>, grid, dim3(kUpdateThreads), 0, stream, p); break;
+    case at::kHalf: launch_overlapped(selective_scan_int8_update_kernel<at::Half>, grid, dim3(kUpdateThreads), 0, stream, p); break;
+    default: launch_overlapped(selective_scan_int8_update_kernel<at::BFloat16>, grid, dim3(kUpdateThreads), 0, stream, p); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
