@@ -138,6 +138,7 @@ DRY_OPS = {
     "w8a8_gemv": lambda x, xs, w, ws, bias, out_dtype, scales, bounds: torch.empty(
         x.shape[0], w.shape[0], dtype=torch.int8 if len(scales) else out_dtype, device=x.device),
     "selective_scan_int8": _dry_scan,
+    # args[13]: out_dtype (op argument 15; delta, args[1], is None when dt_proj is fused: dt etc. come last)
     "selective_scan_int8_update": lambda state, u, *args: torch.empty(u.shape, dtype=args[13], device=u.device),
 }
 

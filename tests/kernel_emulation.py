@@ -111,12 +111,15 @@ def selective_scan_int8(u, u_scale, delta, delta_scale, A, B, B_scale, C, C_scal
 
 
 def selective_scan_int8_update(state, u, u_scale, delta, delta_scale, A, B, B_scale, C, C_scale, D, z, z_scale,
-                               delta_bias, delta_softplus, out_dtype, u_encoding, u_knee, u_outlier_scale, u_mask):
-    from qmamba.ops.int8_selective_scan import selective_scan_int8_update_ref
+                               delta_bias, delta_softplus, out_dtype, u_encoding, u_knee, u_outlier_scale, u_mask,
+                               dt, dt_scale, dt_weight, dt_weight_scale, dt_bias):
+    from qmamba.ops.int8_selective_scan import DtProjection, selective_scan_int8_update_ref
 
+    # dt given (delta None): dt_proj fused, its inputs as the reference takes them
+    dt_proj = None if dt is None else DtProjection(dt, dt_scale, dt_weight, dt_weight_scale, dt_bias)
     return selective_scan_int8_update_ref(state, u, u_scale, delta, delta_scale, A, B, B_scale, C, C_scale, D, z,
                                           z_scale, delta_bias, delta_softplus, out_dtype,
-                                          _dual(u_encoding, u_knee, u_outlier_scale), u_mask)
+                                          _dual(u_encoding, u_knee, u_outlier_scale), u_mask, dt_proj)
 
 
 OPS = {"quantize_int8": quantize_int8, "hadamard_quantize": hadamard_quantize, "conv1d_int8": conv1d_int8,
@@ -129,7 +132,9 @@ def emulated_kernels(calls: dict):
     """Inside: the int8 twins take qmamba's kernel paths on CPU tensors (``qmamba.kernels.stand_ins``), the csrc ops
     are ``OPS`` (each call schema-checked and counted in ``calls``); the Triton kernels run for real (in the
     interpreter); mamba_ssm's float norms stay torch (``qmamba.ops.norm``). Everything restored on exit."""
-    missing = set(op_schemas()) - {"conv1d_silu"} - set(OPS)
+    # conv1d_silu: a test helper of the conv kernel; set_launch_overlap: a host switch, no kernel (emulated or not,
+    # kernels run one after the other)
+    missing = set(op_schemas()) - {"conv1d_silu", "set_launch_overlap"} - set(OPS)
     assert not missing, f"no emulation for csrc ops {sorted(missing)}"
     with gpu_path_on_cpu(OPS, calls):
         yield

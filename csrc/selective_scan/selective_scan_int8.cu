@@ -6,6 +6,11 @@
 //   y[t] *= silu(rt(qz * sz))                                            out = T(y)
 // where rt(v) rounds through the activation dtype T (the torch int8 backend's QuantPoint.roundtrip ends with
 // `.to(x.dtype)`), so an fp16 / bf16 model sees the same dequantized inputs here and there.
+// The update may compute delta's codes itself (dt_proj fused, one kernel fewer per layer and decode step): given dt,
+// Mamba1's x_proj output columns for dt_proj (int8, per-tensor scale), and dt_proj's int8 weight (D, R), channel d's
+// code is the W8A8 GEMV's REQUANT epilogue (csrc/linear/gemv_int8.cu) op for op, so it is bit-identical to the code
+// the GEMV would have handed over:
+//   acc = sum_k dt[k] W[d, k] (int32)   v = float(acc) * (s_dt * s_w[d]) (+ bias[d])   qdelta = q(rt(v), sdelta)
 // A dual-scale u (issue 5) decodes with dual_decode (common/qmamba_common.cuh) instead of qu * su: the mask encoding
 // reads its flags from u_mask (packed 8 steps a byte along L: byte l / 8, bit l % 8; the update reads bit 0 of one byte
 // per (batch, channel)), the piecewise encoding needs none. Everything after u's dequantization is unchanged.
@@ -182,7 +187,7 @@ __global__ void __launch_bounds__(kScanThreads) selective_scan_int8_kernel(const
 
 struct UpdateParams {
   float* state;
-  const int8_t *u, *delta, *z, *B, *C;
+  const int8_t *u, *delta, *z, *B, *C;  // delta: nullptr when dt_proj is fused (dt below)
   const float *u_scale, *delta_scale, *z_scale, *B_scale, *C_scale;
   const float *A, *D, *delta_bias;
   const uint8_t* u_mask;  // dual-scale mask encoding: one byte per (batch, channel), the flag in bit 0
@@ -193,15 +198,61 @@ struct UpdateParams {
   int64_t st_sb, st_sd, st_sn, u_sb, u_sd, dl_sb, dl_sd, z_sb, z_sd, B_sb, B_sn, C_sb, C_sn;
   int64_t A_sd, A_sn, D_s, bias_s;
   bool softplus;
+  // dt_proj fused (dt != nullptr): dt (batch, R) int8 rows at stride dt_sb, dt_w (D, R) int8 contiguous, dt_scale one
+  // element, dt_w_scale 1 or D elements, dt_bias (D,) at stride dt_bias_s or nullptr
+  const int8_t *dt, *dt_w;
+  const float *dt_scale, *dt_w_scale, *dt_bias;
+  int64_t dt_sb, dt_bias_s;
+  int dt_rank;
+  bool dt_w_per_channel;
+  bool dt_vec;  // R % 16 == 0 and every dt / weight row 16-byte aligned: 16-byte loads and __dp4a (one flag for all)
 };
+
+__device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {
+  acc = __dp4a(a.x, b.x, acc);
+  acc = __dp4a(a.y, b.y, acc);
+  acc = __dp4a(a.z, b.z, acc);
+  return __dp4a(a.w, b.w, acc);
+}
+
+// Channel d's delta code from batch element b's dt codes: dt_proj's W8A8 GEMV with its REQUANT epilogue, copied from
+// gemv_int8.cu op for op (integer sums: any order; then the same fp32 roundings, never contracted into an FMA), so the
+// code is bit-identical to the GEMV's. The dt row is the same for every thread of the block (one batch element per
+// block): its loads are broadcasts from L1.
+template <typename T>
+__device__ __forceinline__ int8_t dt_proj_code(const UpdateParams& p, int b, int d) {
+  const int8_t* x = p.dt + b * p.dt_sb;
+  const int8_t* w = p.dt_w + static_cast<int64_t>(d) * p.dt_rank;
+  int acc = 0;
+  if (p.dt_vec) {
+    const int4* x4 = reinterpret_cast<const int4*>(x);
+    const int4* w4 = reinterpret_cast<const int4*>(w);
+    const int chunks = p.dt_rank >> 4;
+#pragma unroll 2
+    for (int c = 0; c < chunks; ++c) acc = dot16(__ldg(w4 + c), __ldg(x4 + c), acc);
+  } else {
+    for (int k = 0; k < p.dt_rank; ++k) acc += static_cast<int>(x[k]) * static_cast<int>(__ldg(w + k));
+  }
+  const float s = __fmul_rn(*p.dt_scale, p.dt_w_scale[p.dt_w_per_channel ? d : 0]);
+  float v = __fmul_rn(__int2float_rn(acc), s);
+  if (p.dt_bias != nullptr) v = __fadd_rn(v, p.dt_bias[d * p.dt_bias_s]);
+  return quantize_rn(round_through<T>(v), __fdiv_rn(1.0f, *p.delta_scale));
+}
 
 // One thread per (batch, channel); B / C of the batch element are dequantized once per block into shared memory.
 template <typename T>
 __global__ void __launch_bounds__(kUpdateThreads) selective_scan_int8_update_kernel(const UpdateParams p) {
-  kernel_prologue();  // first: see launch_overlapped (common/qmamba_common.cuh)
-  __shared__ float sB[kMaxState], sC[kMaxState];
   const int b = blockIdx.y;
   const int d = blockIdx.x * kUpdateThreads + threadIdx.x;
+  // dt_proj's weight is read-only: the first batch element's blocks send this thread's row to L2 before the prologue,
+  // while the kernel before this one (x_proj's GEMV, whose output is dt) may still be running (launch_overlapped)
+  if (p.dt != nullptr && b == 0 && d < p.dim) {
+    const int8_t* w = p.dt_w + static_cast<int64_t>(d) * p.dt_rank;
+    for (int off = 0; off < p.dt_rank; off += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(w + off));
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(w + p.dt_rank - 1));  // the row's last line
+  }
+  kernel_prologue();  // see launch_overlapped (common/qmamba_common.cuh)
+  __shared__ float sB[kMaxState], sC[kMaxState];
   const int N = p.nstate;
   const float sBs = *p.B_scale, sCs = *p.C_scale;
   for (int s = threadIdx.x; s < N; s += kUpdateThreads) {
@@ -219,7 +270,8 @@ __global__ void __launch_bounds__(kUpdateThreads) selective_scan_int8_update_ker
   } else {
     uu = deq<T>(qu, *p.u_scale);
   }
-  float dl = deq<T>(p.delta[b * p.dl_sb + d * p.dl_sd], *p.delta_scale);
+  const int8_t qdelta = p.dt != nullptr ? dt_proj_code<T>(p, b, d) : p.delta[b * p.dl_sb + d * p.dl_sd];
+  float dl = deq<T>(qdelta, *p.delta_scale);
   if (p.delta_bias != nullptr) dl = dl + p.delta_bias[d * p.bias_s];
   if (p.softplus) dl = softplus(dl);
   const float du = dl * uu;
@@ -446,20 +498,74 @@ std::vector<at::Tensor> selective_scan_int8(const at::Tensor& u, const at::Tenso
   return {y, last};
 }
 
+// The fused dt_proj's arguments (dt given): dt (batch, R) int8 with a contiguous last dim, dt_scale one element,
+// dt_weight (D, R) int8 contiguous, dt_weight_scale 1 or D fp32, dt_bias (D,) fp32 or none. Fills p's dt fields.
+void dt_proj_args(UpdateParams& p, const at::Tensor& u, const at::Tensor& dt,
+                  const std::optional<at::Tensor>& dt_scale, const std::optional<at::Tensor>& dt_weight,
+                  const std::optional<at::Tensor>& dt_weight_scale, const std::optional<at::Tensor>& dt_bias) {
+  const int64_t batch = u.size(0), dim = u.size(1);
+  TORCH_CHECK(dt_scale.has_value() && dt_weight.has_value() && dt_weight_scale.has_value(),
+              "selective_scan_int8_update: dt (the fused dt_proj's input codes) needs dt_scale, dt_weight and "
+              "dt_weight_scale too");
+  check_code(dt, "dt", 2);
+  const int64_t rank = dt.size(1);
+  TORCH_CHECK(dt.size(0) == batch && rank >= 1 && (dt.stride(1) == 1 || rank == 1),
+              "selective_scan_int8_update: dt must be (batch, R) = (", batch, ", R >= 1) with a contiguous last dim, "
+              "got shape ", dt.sizes(), " strides ", dt.strides());
+  const at::Tensor& w = *dt_weight;
+  check_code(w, "dt_weight", 2);
+  TORCH_CHECK(w.size(0) == dim && w.size(1) == rank && w.is_contiguous(), "selective_scan_int8_update: dt_weight "
+              "must be dt_proj's contiguous (D, R) = (", dim, ", ", rank, ") int8 weight, got ", w.sizes());
+  check_scale(*dt_scale, "dt_scale", u);
+  const at::Tensor& ws = *dt_weight_scale;
+  TORCH_CHECK(ws.is_cuda() && ws.device() == u.device() && ws.scalar_type() == at::kFloat && ws.is_contiguous() &&
+                  (ws.numel() == 1 || ws.numel() == dim),
+              "selective_scan_int8_update: dt_weight_scale must be a contiguous float32 tensor of 1 (per-tensor) or "
+              "D=", dim, " (per-channel) elements on the device of u, got ", ws.sizes(), " ", ws.scalar_type());
+  if (dt_bias.has_value()) check_float(*dt_bias, "dt_bias", {dim}, u);
+  // the int32 accumulator holds R products of at most 128 * 128 (DESIGN §3)
+  TORCH_CHECK(rank * 128 * 128 < (int64_t(1) << 31), "selective_scan_int8_update: dt_rank R=", rank,
+              " could overflow the int32 accumulator (needs R < 131072)");
+  p.dt = dt.data_ptr<int8_t>();
+  p.dt_w = w.data_ptr<int8_t>();
+  p.dt_scale = dt_scale->data_ptr<float>();
+  p.dt_w_scale = ws.data_ptr<float>();
+  p.dt_bias = dt_bias.has_value() ? dt_bias->data_ptr<float>() : nullptr;
+  p.dt_sb = dt.stride(0);
+  p.dt_bias_s = dt_bias.has_value() ? dt_bias->stride(0) : 0;
+  p.dt_rank = static_cast<int>(rank);
+  p.dt_w_per_channel = ws.numel() > 1;
+  // 16-byte loads where every row starts 16-byte aligned (x_proj's output rows do: R + 2N is a multiple of 16 in
+  // the Mamba configs), else the byte loop: one flag for the launch, so every thread takes the same path
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  p.dt_vec = rank % 16 == 0 && aligned(p.dt) && aligned(p.dt_w) && (batch == 1 || p.dt_sb % 16 == 0);
+}
+
 at::Tensor selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, const at::Tensor& u_scale,
-                                      const at::Tensor& delta, const at::Tensor& delta_scale, const at::Tensor& A,
-                                      const at::Tensor& B, const at::Tensor& B_scale, const at::Tensor& C,
-                                      const at::Tensor& C_scale, const at::Tensor& D,
+                                      const std::optional<at::Tensor>& delta, const at::Tensor& delta_scale,
+                                      const at::Tensor& A, const at::Tensor& B, const at::Tensor& B_scale,
+                                      const at::Tensor& C, const at::Tensor& C_scale, const at::Tensor& D,
                                       const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& z_scale,
                                       const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
                                       at::ScalarType out_dtype, int64_t u_encoding, int64_t u_knee,
                                       const std::optional<at::Tensor>& u_outlier_scale,
-                                      const std::optional<at::Tensor>& u_mask) {
+                                      const std::optional<at::Tensor>& u_mask, const std::optional<at::Tensor>& dt,
+                                      const std::optional<at::Tensor>& dt_scale,
+                                      const std::optional<at::Tensor>& dt_weight,
+                                      const std::optional<at::Tensor>& dt_weight_scale,
+                                      const std::optional<at::Tensor>& dt_bias) {
   check_code(u, "u", 2);
   const int64_t batch = u.size(0), dim = u.size(1);
-  check_code(delta, "delta", 2);
-  TORCH_CHECK(delta.sizes() == u.sizes(), "selective_scan_int8_update: delta must have u's shape (batch, D) ",
-              u.sizes(), ", got ", delta.sizes());
+  TORCH_CHECK(delta.has_value() != dt.has_value(), "selective_scan_int8_update: give exactly one of delta (the delta "
+              "codes) and dt (dt_proj's input codes, dt_proj fused), got ", delta.has_value() ? "both" : "neither");
+  TORCH_CHECK(dt.has_value() || !(dt_scale.has_value() || dt_weight.has_value() || dt_weight_scale.has_value() ||
+                                  dt_bias.has_value()),
+              "selective_scan_int8_update: dt_scale, dt_weight, dt_weight_scale and dt_bias go with dt only");
+  if (delta.has_value()) {
+    check_code(*delta, "delta", 2);
+    TORCH_CHECK(delta->sizes() == u.sizes(), "selective_scan_int8_update: delta must have u's shape (batch, D) ",
+                u.sizes(), ", got ", delta->sizes());
+  }
   check_code(B, "B", 2);
   check_code(C, "C", 2);
   const int64_t nstate = B.size(1);
@@ -491,15 +597,16 @@ at::Tensor selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, co
                 u_mask->sizes());
   }
   TORCH_CHECK(batch < 65536 && dim < (1LL << 31), "selective_scan_int8_update: batch must be < 65536");
+  UpdateParams p{};
+  if (dt.has_value()) dt_proj_args(p, u, *dt, dt_scale, dt_weight, dt_weight_scale, dt_bias);
 
   const c10::cuda::OptionalCUDAGuard guard(u.device());
   at::Tensor y = at::empty({batch, dim}, u.options().dtype(out_dtype));
   if (batch == 0 || dim == 0) return y;
 
-  UpdateParams p{};
   p.state = state.data_ptr<float>();
   p.u = u.data_ptr<int8_t>();
-  p.delta = delta.data_ptr<int8_t>();
+  p.delta = delta.has_value() ? delta->data_ptr<int8_t>() : nullptr;
   p.z = z.has_value() ? z->data_ptr<int8_t>() : nullptr;
   p.B = B.data_ptr<int8_t>();
   p.C = C.data_ptr<int8_t>();
@@ -520,7 +627,7 @@ at::Tensor selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, co
   p.nstate = static_cast<int>(nstate);
   p.st_sb = state.stride(0), p.st_sd = state.stride(1), p.st_sn = state.stride(2);
   p.u_sb = u.stride(0), p.u_sd = u.stride(1);
-  p.dl_sb = delta.stride(0), p.dl_sd = delta.stride(1);
+  if (delta.has_value()) p.dl_sb = delta->stride(0), p.dl_sd = delta->stride(1);
   if (z.has_value()) p.z_sb = z->stride(0), p.z_sd = z->stride(1);
   p.B_sb = B.stride(0), p.B_sn = B.stride(1);
   p.C_sb = C.stride(0), p.C_sn = C.stride(1);
@@ -548,10 +655,12 @@ TORCH_LIBRARY_FRAGMENT(qmamba, m) {
         "Tensor B_scale, Tensor C, Tensor C_scale, Tensor D, Tensor? z, Tensor? z_scale, Tensor? delta_bias, "
         "bool delta_softplus, ScalarType out_dtype, Tensor? initial_state, int u_encoding, int u_knee, "
         "Tensor? u_outlier_scale, Tensor? u_mask) -> Tensor[]");
-  m.def("selective_scan_int8_update(Tensor(a!) state, Tensor u, Tensor u_scale, Tensor delta, Tensor delta_scale, "
+  // delta: the delta codes, or None with dt (and dt_scale, dt_weight, dt_weight_scale, dt_bias): dt_proj fused
+  m.def("selective_scan_int8_update(Tensor(a!) state, Tensor u, Tensor u_scale, Tensor? delta, Tensor delta_scale, "
         "Tensor A, Tensor B, Tensor B_scale, Tensor C, Tensor C_scale, Tensor D, Tensor? z, Tensor? z_scale, "
         "Tensor? delta_bias, bool delta_softplus, ScalarType out_dtype, int u_encoding, int u_knee, "
-        "Tensor? u_outlier_scale, Tensor? u_mask) -> Tensor");
+        "Tensor? u_outlier_scale, Tensor? u_mask, Tensor? dt, Tensor? dt_scale, Tensor? dt_weight, "
+        "Tensor? dt_weight_scale, Tensor? dt_bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qmamba, CUDA, m) {

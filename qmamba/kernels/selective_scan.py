@@ -13,12 +13,15 @@ from __future__ import annotations
 import torch
 
 from qmamba.kernels.build import load
-from qmamba.kernels.checks import (INT32_LIMIT, fp32_flat, require_cuda, require_int8, require_out_dtype,
-                                   require_per_tensor_scale, require_shape, shape_of)
+from qmamba.kernels.checks import (INT32_LIMIT, fp32_flat, require_channel_scale, require_cuda, require_int8,
+                                   require_out_dtype, require_per_tensor_scale, require_shape, shape_of)
+from qmamba.ops.int8_selective_scan import DtProjection, check_delta_source
 from qmamba.quant.dual_scale import DualScale, check_dual_mask
 
 MAX_STATE = 256     # csrc kMaxState: N <= 32 lanes x 8 states per lane
 MAX_BATCH = 65536   # exclusive: the grid's y dimension (prefill) / batch index range (update)
+# the fused dt_proj's int32 accumulator holds R products of at most 128 * 128 (DESIGN §3)
+MAX_DT_RANK = INT32_LIMIT // (128 * 128) - 1
 
 
 def _scale(scale, like: torch.Tensor) -> torch.Tensor:
@@ -108,17 +111,43 @@ def check_selective_scan_args(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, 
     return batch, dim, length, nstate
 
 
+def check_dt_projection(op: str, dt_proj: DtProjection, batch: int, dim: int) -> None:
+    """The fused dt_proj's inputs (a ``DtProjection``): dt codes (batch, R), a per-tensor scale, an int8 weight
+    (D, R), a weight scale of 1 or D elements, a bias of D elements or None (strides are the wrapper's business)."""
+    require_int8(op, "dt_proj.q", dt_proj.q, 2, "(batch, R)", fix="the dt codes: x_proj's output columns for dt_proj")
+    rank = dt_proj.q.shape[1]
+    if dt_proj.q.shape[0] != batch or rank < 1:
+        raise ValueError(f"{op}: dt_proj.q must be the dt codes (batch, R) with batch {batch} and R >= 1, got "
+                         f"{shape_of(dt_proj.q)}")
+    require_per_tensor_scale(op, "dt_proj.scale", dt_proj.scale)
+    require_int8(op, "dt_proj.weight", dt_proj.weight, 2, "(D, R)", fix="dt_proj's int8 weight codes")
+    if shape_of(dt_proj.weight) != (dim, rank):
+        raise ValueError(f"{op}: dt_proj.weight must be dt_proj's (D, R) = ({dim}, {rank}) weight (D from u, R from "
+                         f"dt_proj.q), got {shape_of(dt_proj.weight)}")
+    require_channel_scale(op, "dt_proj.weight_scale", dt_proj.weight_scale, dim, "per-output-channel",
+                          numbers_ok=False)
+    if dt_proj.bias is not None:
+        require_shape(op, "dt_proj.bias", dt_proj.bias, (dim,), "(D,)")
+    if rank > MAX_DT_RANK:
+        raise ValueError(f"{op}: dt_rank R={rank} could overflow the int32 accumulator (needs R <= {MAX_DT_RANK}); "
+                         "run dt_proj on its own (qdelta from qmamba.ops.int8_linear.w8a8_linear)")
+
+
 def check_selective_scan_update_args(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D=None,
                                      qz=None, z_scale=None, delta_bias=None, out_dtype=torch.float32, u_dual=None,
-                                     u_mask=None) -> tuple[int, int, int]:
+                                     u_mask=None, dt_proj: DtProjection | None = None) -> tuple[int, int, int]:
     """Everything ``torch.ops.qmamba.selective_scan_int8_update`` requires of its arguments, on metadata only (CPU
     tensors work); raises TypeError / ValueError naming the fix. Returns (batch, D, N)."""
     op = "selective_scan_int8_update"
     require_int8(op, "u", qu, 2, "(batch, D)")
     batch, dim = qu.shape
-    require_int8(op, "delta", qdelta, 2, "(batch, D)")
-    if shape_of(qdelta) != shape_of(qu):
-        raise ValueError(f"{op}: delta must have u's shape (batch, D) {shape_of(qu)}, got {shape_of(qdelta)}")
+    check_delta_source(op, qdelta, dt_proj)
+    if dt_proj is not None:
+        check_dt_projection(op, dt_proj, batch, dim)
+    else:
+        require_int8(op, "delta", qdelta, 2, "(batch, D)")
+        if shape_of(qdelta) != shape_of(qu):
+            raise ValueError(f"{op}: delta must have u's shape (batch, D) {shape_of(qu)}, got {shape_of(qdelta)}")
     require_int8(op, "B", qB, 2, "(batch, N)")
     require_int8(op, "C", qC, 2, "(batch, N)")
     nstate = qB.shape[1]
@@ -160,20 +189,39 @@ def selective_scan_int8(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_
     return y, last
 
 
+def _dt_proj_op_args(dt_proj: DtProjection | None, like: torch.Tensor) -> tuple:
+    """(dt, dt_scale, dt_weight, dt_weight_scale, dt_bias) as the op takes them (all None without dt_proj): dt
+    with a contiguous last dim (x_proj's output columns already are: no copy), the weight contiguous, scales and bias
+    flat fp32 (no op when they already are)."""
+    if dt_proj is None:
+        return None, None, None, None, None
+    q, w = dt_proj.q, dt_proj.weight
+    if q.stride(-1) != 1 and q.shape[-1] != 1:
+        q = q.contiguous()
+    bias = None if dt_proj.bias is None else fp32_flat(dt_proj.bias, like.device)
+    return (q, _scale(dt_proj.scale, like), w if w.is_contiguous() else w.contiguous(),
+            fp32_flat(dt_proj.weight_scale, like.device), bias)
+
+
 def selective_scan_int8_update(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D=None, qz=None,
                                z_scale=None, delta_bias=None, delta_softplus=True, out_dtype=torch.float32,
-                               u_dual: DualScale | None = None, u_mask: torch.Tensor | None = None):
+                               u_dual: DualScale | None = None, u_mask: torch.Tensor | None = None,
+                               dt_proj: DtProjection | None = None):
     """One token. ``state`` (batch, D, N) fp32 is updated in place (it must already be fp32: a converted copy would
     not be the caller's state); qu, qdelta, qz (batch, D) int8; qB, qC (batch, N) int8; a dual-scale u: u_dual and
-    (mask encoding) u_mask (batch, D) uint8, the flag in bit 0. Returns y (batch, D) in out_dtype."""
+    (mask encoding) u_mask (batch, D) uint8, the flag in bit 0. ``dt_proj`` instead of qdelta (None): dt_proj fused,
+    the kernel computes the delta codes from dt_proj's inputs as its GEMV would (``qmamba.ops.int8_selective_scan``).
+    Returns y (batch, D) in out_dtype."""
     check_selective_scan_update_args(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz,
-                                     z_scale, delta_bias, out_dtype, u_dual, u_mask)
+                                     z_scale, delta_bias, out_dtype, u_dual, u_mask, dt_proj)
     load()
+    fused = {} if dt_proj is None else {"dt_proj.q": dt_proj.q, "dt_proj.weight": dt_proj.weight,
+                                        "dt_proj.weight_scale": dt_proj.weight_scale, "dt_proj.bias": dt_proj.bias}
     require_cuda("selective_scan_int8_update", "u", qu, state=state, delta=qdelta, A=A, B=qB, C=qC, D=D, z=qz,
-                 delta_bias=delta_bias, u_mask=u_mask)
+                 delta_bias=delta_bias, u_mask=u_mask, **fused)
     A = _f32(A)
     D = _f32(D) if D is not None else torch.zeros(qu.shape[1], dtype=torch.float32, device=qu.device)
     return torch.ops.qmamba.selective_scan_int8_update(
         state, qu, _scale(u_scale, qu), qdelta, _scale(delta_scale, qu), A, qB, _scale(B_scale, qu), qC,
         _scale(C_scale, qu), D, qz, _scale(z_scale, qu) if qz is not None else None, _f32(delta_bias),
-        bool(delta_softplus), out_dtype, *_dual_op_args(u_dual, u_mask, qu))
+        bool(delta_softplus), out_dtype, *_dual_op_args(u_dual, u_mask, qu), *_dt_proj_op_args(dt_proj, qu))

@@ -74,6 +74,16 @@ class Mamba1Mixer(nn.Module):
         x, u = self.conv1d.step(x, cache.conv_state, consumers=self.conv_consumers())
         dt, B, C = linear_step(self.x_proj, x, ((self.dt_proj, "input", self.dt_rank), (self.scan, "B", n),
                                                 (self.scan, "C", n)))
-        (delta,) = linear_step(self.dt_proj, dt, ((self.scan, "delta", di),))  # (B, di)
+        delta = self.dt_step(dt)  # (B, di), or dt_proj's GEMV inputs for the scan's update
         y = self.scan.step(cache.ssm_state, u, delta, self.A_log, B, C, self.D, z)
         return linear_step(self.out_proj, y)
+
+    def dt_step(self, dt):
+        """dt_proj on one token, for the scan: in int8 mode, where the twins allow it (``QuantLinear.step_projection``:
+        the GEMV's inputs, codes and scales, instead of its output), the scan's update computes delta's codes itself,
+        bit for bit those of dt_proj's GEMV, one kernel fewer a layer; else dt_proj's output (codes or float)."""
+        project = getattr(self.dt_proj, "step_projection", None)  # the int8 twin's (qmamba.qnn.QuantLinear)
+        delta = project(dt, (self.scan, "delta")) if project is not None else None
+        if delta is None:
+            (delta,) = linear_step(self.dt_proj, dt, ((self.scan, "delta", self.d_inner),))
+        return delta

@@ -23,21 +23,74 @@ L, as ``dual_quantize`` packs u's last dim), (batch, D) for the update (one byte
 token's (batch, D, 1) mask with the time dim dropped). u is then ``dual_dequantize(qu, u_mask, su, s_out).to(out_dtype)``
 instead of ``dequantize(qu, su).to(out_dtype)``; nothing else changes. u_dual=None: single-scale codes.
 
+dt_proj fused into the update (``dt_proj``, a ``DtProjection``, instead of ``qdelta``): Mamba1's delta is dt_proj's
+output, so the update may take dt_proj's inputs and compute the delta codes itself, one kernel fewer per layer and
+decode step. With dt_proj = (q (batch, R) int8, scale per-tensor, weight (D, R) int8, weight_scale 1 or D, bias (D,)
+or None) the delta codes are those of the W8A8 GEMV with its requant epilogue in delta's scale,
+
+    qdelta = w8a8_linear_ref(q, scale, weight, weight_scale, bias, out_dtype, out_scale=delta_scale per column)
+
+(``qmamba.ops.int8_linear``: the GEMV's bit-exact twin; out_dtype, the activation dtype, is the dtype the GEMV
+rounds its output through before requantizing), and the step runs on them unchanged: bit for bit the unfused pair.
+
 ``selective_scan_int8`` / ``selective_scan_int8_update`` dispatch to the CUDA kernels (csrc/selective_scan/) where
 ``backend`` allows (``qmamba.ops.backend.use_kernels``), else to the references here.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from qmamba.ops.backend import use_kernels
+from qmamba.ops.int8_linear import w8a8_linear_ref
 from qmamba.ops.selective_scan import _finish, selective_scan_ref
 from qmamba.quant.dual_scale import DualScale, check_dual_mask, dequantize_codes
 from qmamba.quant.numerics import dequantize
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class DtProjection(NamedTuple):
+    """dt_proj's one-token W8A8 GEMV inputs, for the update to compute the delta codes itself (dt_proj fused; see
+    the module docstring): ``q`` the dt codes (batch, R) int8 (x_proj's output columns for dt_proj, any row stride),
+    ``scale`` their per-tensor scale, ``weight`` dt_proj's int8 weight (D, R), ``weight_scale`` its scale (1 or D
+    elements), ``bias`` dt_proj's bias (D,) (read as fp32) or None."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+def check_delta_source(op: str, qdelta, dt_proj) -> None:
+    """Exactly one of the delta codes and the fused dt_proj's inputs, the latter a ``DtProjection``."""
+    if (qdelta is None) == (dt_proj is None):
+        got = "both" if dt_proj is not None else "neither"
+        raise ValueError(f"{op}: give exactly one of qdelta (the delta codes) and dt_proj (a DtProjection: dt_proj's "
+                         f"inputs, the update computes the delta codes), got {got}; pass qdelta=None with dt_proj")
+    if dt_proj is not None and not isinstance(dt_proj, DtProjection):
+        raise TypeError(f"{op}: dt_proj must be a qmamba.ops.int8_selective_scan.DtProjection(q, scale, weight, "
+                        f"weight_scale, bias), got {type(dt_proj).__name__}")
+
+
+def dt_proj_codes(dt_proj: DtProjection, delta_scale, out_dtype: torch.dtype) -> torch.Tensor:
+    """The delta codes (batch, D) int8 the fused update computes: dt_proj's W8A8 GEMV requantized in delta's scale,
+    by its reference (which is the GEMV bit for bit; w8a8_linear_ref checks the shapes and names the fix)."""
+    if dt_proj.q.dim() != 2:
+        raise ValueError(f"selective_scan_int8_update: dt_proj.q must be the dt codes of one token (batch, R), got "
+                         f"shape {tuple(dt_proj.q.shape)}")
+    dim = dt_proj.weight.shape[0]
+    x_scale = torch.as_tensor(dt_proj.scale, dtype=torch.float32)
+    out_scale = torch.as_tensor(delta_scale, dtype=torch.float32)
+    if out_scale.numel() != 1:
+        raise ValueError(f"selective_scan_int8: delta_scale must be per-tensor (one element), got shape "
+                         f"{tuple(out_scale.shape)}")
+    return w8a8_linear_ref(dt_proj.q, x_scale, dt_proj.weight, dt_proj.weight_scale, dt_proj.bias, out_dtype,
+                           [out_scale.reshape(())], [dim])
 
 
 def _deq(q: torch.Tensor, scale, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -135,12 +188,15 @@ def selective_scan_int8_ref(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC
 
 def selective_scan_int8_update_ref(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz=None,
                                    z_scale=None, delta_bias=None, delta_softplus=True, out_dtype=torch.float32,
-                                   u_dual: DualScale | None = None, u_mask: torch.Tensor | None = None):
+                                   u_dual: DualScale | None = None, u_mask: torch.Tensor | None = None,
+                                   dt_proj: DtProjection | None = None):
     """One step of the recurrence (decode): ``state`` (batch, D, N) fp32 becomes ``exp(delta A) state +
     (delta u) B`` in place; returns y (batch, D) in ``out_dtype``. The module's int8 step (``QuantSelectiveScan.step``:
     dequantize to the activation dtype, then the float part's ``step``) op for op. Prefill with the last state then
-    this step equals the prefill of the longer sequence (up to fp32 summation order)."""
+    this step equals the prefill of the longer sequence (up to fp32 summation order). ``dt_proj`` (qdelta None): the
+    delta codes made from dt_proj's inputs first (``dt_proj_codes``), then the same step."""
     _check_common(out_dtype, qz, z_scale)
+    check_delta_source("selective_scan_int8_update", qdelta, dt_proj)
     if state.dtype != torch.float32:
         raise TypeError(f"selective_scan_int8_update: state must be float32 (it is updated in place), got "
                         f"{state.dtype}")
@@ -150,6 +206,12 @@ def selective_scan_int8_update_ref(state, qu, u_scale, qdelta, delta_scale, A, q
     if state.shape != (qu.shape[0], qu.shape[1], qB.shape[1]):
         raise ValueError(f"selective_scan_int8_update: state must be (batch, D, N) = "
                          f"{(qu.shape[0], qu.shape[1], qB.shape[1])}, got {tuple(state.shape)}")
+    if dt_proj is not None:
+        if dt_proj.q.dim() != 2 or dt_proj.q.shape[0] != qu.shape[0] or tuple(dt_proj.weight.shape[:1]) != qu.shape[1:]:
+            raise ValueError(f"selective_scan_int8_update: dt_proj must hold dt codes (batch, R) and a weight (D, R) "
+                             f"with (batch, D) = {tuple(qu.shape)}, got q {tuple(dt_proj.q.shape)} and weight "
+                             f"{tuple(dt_proj.weight.shape)}")
+        qdelta = dt_proj_codes(dt_proj, delta_scale, out_dtype)
     u = _deq_u(qu, u_scale, out_dtype, u_dual, u_mask, update=True)  # (b, d)
     delta = _delta(qdelta[..., None], delta_scale, delta_bias, delta_softplus, out_dtype)[..., 0]  # (b, d)
     B = _deq(qB, B_scale, out_dtype, "B")  # (b, n)
@@ -184,15 +246,15 @@ def selective_scan_int8(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_
 def selective_scan_int8_update(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz=None,
                                z_scale=None, delta_bias=None, delta_softplus=True, out_dtype=torch.float32,
                                backend: str = "auto", u_dual: DualScale | None = None,
-                               u_mask: torch.Tensor | None = None):
+                               u_mask: torch.Tensor | None = None, dt_proj: DtProjection | None = None):
     """One-token int8 scan step through the CUDA kernel where ``backend`` allows, else the reference; ``state``
-    is updated in place either way."""
+    is updated in place either way. ``dt_proj`` (qdelta None): dt_proj fused, see the module docstring."""
     if use_kernels(backend, qu, "selective_scan_int8_update"):
         from qmamba.kernels import selective_scan as kernel
 
         return kernel.selective_scan_int8_update(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale,
                                                  D, qz, z_scale, delta_bias, delta_softplus, out_dtype,
-                                                 u_dual=u_dual, u_mask=u_mask)
+                                                 u_dual=u_dual, u_mask=u_mask, dt_proj=dt_proj)
     return selective_scan_int8_update_ref(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D,
                                           qz, z_scale, delta_bias, delta_softplus, out_dtype, u_dual=u_dual,
-                                          u_mask=u_mask)
+                                          u_mask=u_mask, dt_proj=dt_proj)

@@ -33,7 +33,7 @@ from qmamba.ops.int8_conv1d import conv1d_int8, conv1d_int8_update
 from qmamba.ops.int8_gated_norm import gated_rms_norm_from_codes, gated_rms_norm_hadamard_quantize
 from qmamba.ops.int8_hadamard import hadamard_quantize
 from qmamba.ops.int8_linear import out_scale_per_column, w8a8_linear
-from qmamba.ops.int8_selective_scan import selective_scan_int8, selective_scan_int8_update
+from qmamba.ops.int8_selective_scan import DtProjection, selective_scan_int8, selective_scan_int8_update
 from qmamba.ops.int8_ssd import (ssd_chunk_scan_int8, ssd_chunk_scan_int8_from_float, ssd_step_int8,
                                  ssd_step_int8_from_float)
 from qmamba.quant.dual_scale import DualScale
@@ -364,6 +364,21 @@ class QuantLinear(QuantTwin, nn.Linear):
         return F.linear(self._step_act("input", x).to(dtype), self._step_weight(qw).to(dtype), self.bias)
 
 
+    def step_projection(self, x: torch.Tensor, consumer) -> DtProjection | None:
+        """This layer's one-token GEMV handed to its single consumer ``consumer`` (part, point) to compute itself
+        (Mamba1's dt_proj fused into the scan's update): the input codes and scale, the int8 weight and its scale, the
+        bias, as ``step(x, [(part, point, N)])`` would feed the GEMV whose requant epilogue emits the consumer's codes
+        (its out_dtype is x's dtype: the consumer's activation dtype). None where that step would not run the integer
+        GEMV emitting codes, or the consumer does not take a projection at ``point``: call ``step`` then."""
+        part, point = consumer
+        takes = getattr(part, "takes_projection", None)
+        if takes is None or not takes(point) or not self._emits_codes_for([(part, point, self.out_features)]):
+            return None
+        qx, sx = (x.q, x.scale) if isinstance(x, Codes) else self._step_codes("input", x)
+        wq, sw = self._step_int8_weight(self.q("weight"))
+        sw = sw.reshape(-1) if sw.numel() > 1 else sw.reshape(())
+        return DtProjection(qx, sx.reshape(()), wq, sw, None if self.bias is None else self.bias.detach())
+
     def _emits_codes_for(self, consumers) -> bool:
         """Whether this layer hands ``consumers`` their codes: int8 mode, per-tensor input and weight quantized, no
         rotation, and every consumer takes codes at its point."""
@@ -546,6 +561,13 @@ class QuantSelectiveScan(NegExpMemo, QuantTwin, SelectiveScan):
         """Any input as codes (a dual-scale u included) when the scan runs from codes."""
         return point in self.POINTS and self._integer() and self._takes_codes_at(point)
 
+    fuse_dt_proj = True  # int8 decode: delta as dt_proj's GEMV inputs (the update makes the codes); False: the codes
+
+    def takes_projection(self, point: str) -> bool:
+        """Whether ``step`` takes input ``point`` as a ``DtProjection`` (``QuantLinear.step_projection``): delta, when
+        it takes delta's codes (the update then makes them itself, bit for bit dt_proj's GEMV: one kernel fewer)."""
+        return point == "delta" and self.fuse_dt_proj and self.takes_codes(point)
+
     def forward(self, u, delta, A_log, B, C, D, z):
         if self._integer():
             return self._int8_scan(None, u, delta, A_log, B, C, D, z)
@@ -573,22 +595,36 @@ class QuantSelectiveScan(NegExpMemo, QuantTwin, SelectiveScan):
         return out[0]
 
     def step(self, state, u, delta, A_log, B, C, D, z):  # one token: u, delta, z (B, D); B, C (B, N)
+        """One token. ``delta`` may be a ``DtProjection`` where ``takes_projection("delta")``: dt_proj's GEMV
+        inputs, from which the update makes delta's codes in delta's scale itself."""
         named = (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z))
+        projected = isinstance(delta, DtProjection)
+        if projected and not self.takes_projection("delta"):
+            raise ValueError(f"{self.q('delta').name if self.q('delta') else 'scan.delta'}: this scan does not take "
+                             "delta as a DtProjection now (it needs int8 mode with every input quantized per-tensor "
+                             "and fuse_dt_proj); hand it dt_proj's output instead (QuantLinear.step_projection "
+                             "returns None for such a consumer)")
         if self.qmode == "int8":
             qu, su, u_dual, u_mask = self._step_dual_codes("u", u, -1)
-            (qd, sd), (qB, sB), (qC, sC), (qz, sz) = (self._step_codes(p, t, -1) for p, t in named[1:])
-            return self._int8_step(state, qu, su, qd, sd, A_log, qB, sB, qC, sC, D, qz, sz, u.dtype, u_dual, u_mask)
+            (qB, sB), (qC, sC), (qz, sz) = (self._step_codes(p, t, -1) for p, t in named[2:])
+            if projected:  # the scale dt_proj's GEMV would requantize in (as _output_for takes it), the codes later
+                qd, sd = None, self._step_scale(self.q("delta"), delta.q).detach()
+            else:
+                qd, sd = self._step_codes("delta", delta, -1)
+            return self._int8_step(state, qu, su, qd, sd, A_log, qB, sB, qC, sC, D, qz, sz, u.dtype, u_dual, u_mask,
+                                   delta if projected else None)
         u, delta, B, C, z = (self._step_act(p, t, -1) for p, t in named)
         return super().step(state, u, delta, A_log, B, C, D, z)
 
     def _int8_step(self, state, qu, su, qdelta, sdelta, A_log, qB, sB, qC, sC, D, qz, sz, dtype, u_dual=None,
-                   u_mask=None):
-        """int8 step from codes and scales (scale None: that input is float; u_dual / u_mask: a dual-scale u). The
-        torch backend dequantizes the codes to ``dtype`` and runs the float step, as ``forward`` does."""
+                   u_mask=None, dt_proj: DtProjection | None = None):
+        """int8 step from codes and scales (scale None: that input is float; u_dual / u_mask: a dual-scale u;
+        dt_proj instead of qdelta: the update makes delta's codes). The torch backend dequantizes the codes to
+        ``dtype`` and runs the float step, as ``forward`` does."""
         if all(s is not None for s in (su, sdelta, sB, sC, sz)):
             return selective_scan_int8_update(state, qu, su, qdelta, sdelta, self._neg_exp(A_log), qB, sB, qC, sC,
                                               D.float(), qz, sz, delta_softplus=True, out_dtype=dtype,
-                                              backend=self.backend, u_dual=u_dual, u_mask=u_mask)
+                                              backend=self.backend, u_dual=u_dual, u_mask=u_mask, dt_proj=dt_proj)
         u, delta, B, C, z = (_deq(q, s, dtype) for q, s in ((qu, su), (qdelta, sdelta), (qB, sB), (qC, sC), (qz, sz)))
         return super().step(state, u, delta, A_log, B, C, D, z)
 

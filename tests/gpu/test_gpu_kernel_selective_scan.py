@@ -4,7 +4,8 @@ mamba-2.8b (d_inner 5120, dt_rank 160), d_state 16, L in (1, 33, 1024, 2048), ba
 (all 32 combinations: the reference of the largest, batch 8 x 5120 x 2048 x 16, peaks near 30 GB), inputs laid out
 as the mixer passes them (transposed channel-last views); the one-token update; initial states; options (no gate,
 delta_bias, softplus off, bf16, contiguous inputs); other state sizes (1..256, which pick every states-per-lane
-variant); the update inside a CUDA graph; argument errors.
+variant); the update inside a CUDA graph; argument errors; the update with dt_proj fused (``dt_proj``) against the
+same kernel fed dt_proj's GEMV codes, bit for bit.
 
 Tolerances: both sides compute in fp32, but the kernel walks time step by step with CUDA's expf while the reference
 is torch's chunked scan with torch.exp, so rounding and summation order differ. Elementwise,
@@ -17,8 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qmamba.ops.int8_selective_scan import (selective_scan_int8, selective_scan_int8_ref, selective_scan_int8_update,
-                                            selective_scan_int8_update_ref)
+from qmamba.ops.int8_linear import w8a8_linear_ref
+from qmamba.ops.int8_selective_scan import (DtProjection, selective_scan_int8, selective_scan_int8_ref,
+                                            selective_scan_int8_update, selective_scan_int8_update_ref)
 from qmamba.quant.numerics import quantize
 
 pytestmark = pytest.mark.gpu
@@ -268,3 +270,118 @@ def test_errors(kernel):
         kernel.selective_scan_int8_update(torch.zeros(1, 64, 4, device="cuda"), **_step(inp, 0))
     with pytest.raises(RuntimeError, match="state is on cpu"):
         kernel.selective_scan_int8_update(torch.zeros(1, 64, NSTATE), **_step(inp, 0))
+
+
+# ---- dt_proj fused into the update ---------------------------------------------------------------------------------
+def _dt_projection(batch, dim, r, per_channel, offset=0, seed=0):
+    """dt_proj's decode inputs as the mixer hands them: dt a column slice of the x_proj output (batch, R + 2N) (at
+    column ``offset``: 0 as in Mamba1, else a view off 16-byte alignment), int8 weight (D, R) with a per-tensor or
+    per-channel scale, Mamba1-like bias (softplus^-1 of small steps)."""
+    g = torch.Generator(device="cuda").manual_seed(seed + 100)
+    xdbc, s_dt = _codes(torch.randn(batch, offset + r + 2 * NSTATE, generator=g, device="cuda"))
+    w = torch.randn(dim, r, generator=g, device="cuda") * r ** -0.5
+    w_scale = (w.abs().amax(1) if per_channel else w.abs().max()) / 127
+    qw = quantize(w, w_scale[:, None] if per_channel else w_scale)
+    bias = torch.randn(dim, generator=g, device="cuda") - 4.0
+    return DtProjection(xdbc[:, offset:offset + r], s_dt, qw, w_scale, bias)
+
+
+def _check_fused_update(kernel, step, proj, qdelta, delta_scale, out_dtype, what):
+    """The kernel with dt_proj fused == the kernel fed ``qdelta`` (y and the state, bit for bit)."""
+    batch, dim = step["qu"].shape
+    state = 0.5 * torch.randn(batch, dim, NSTATE, device="cuda")
+    want_state, got_state = state.clone(), state.clone()
+    want = kernel.selective_scan_int8_update(want_state, **dict(step, qdelta=qdelta, delta_scale=delta_scale),
+                                             out_dtype=out_dtype)
+    got = kernel.selective_scan_int8_update(got_state, **dict(step, qdelta=None, delta_scale=delta_scale),
+                                            out_dtype=out_dtype, dt_proj=proj)
+    assert got.dtype == out_dtype and got.shape == (batch, dim)
+    assert torch.equal(got, want), f"{what}: y differs in {int((got != want).sum())} of {got.numel()} elements"
+    assert torch.equal(got_state, want_state), f"{what}: the state differs"
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["w_tensor", "w_channel"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_update_with_fused_dt_proj_equals_the_gemv_codes(kernel, model, batch, out_dtype, per_channel):
+    """The update computing delta's codes from dt_proj's inputs (16-byte loads + __dp4a: R % 16 == 0, aligned rows)
+    == the same kernel fed the codes of dt_proj's GEMV kernel (its requant epilogue in delta's scale, one segment,
+    as the mixer runs it), bit for bit on y and the state."""
+    from qmamba.kernels import linear as klinear
+
+    dim, r = MODELS[model]
+    step = _step(_inputs(batch, dim, 1, r=r), 0)
+    proj = _dt_projection(batch, dim, r, per_channel)
+    v = klinear.w8a8_gemv(proj.q, proj.scale, proj.weight, proj.weight_scale, proj.bias, out_dtype)
+    delta_scale = (v.float().abs().max() / 140).reshape(())  # the largest codes clamp, as a calibrated scale lets some
+    qdelta = klinear.w8a8_gemv(proj.q, proj.scale, proj.weight, proj.weight_scale, proj.bias, out_dtype,
+                               [delta_scale], [dim])
+    assert len(qdelta.unique()) > 50 and int((qdelta.int().abs() >= 127).sum()) > 0
+    _check_fused_update(kernel, step, proj, qdelta, delta_scale, out_dtype, f"{model} b={batch} {out_dtype}")
+    # without a bias: the same
+    plain = proj._replace(bias=None)
+    qdelta = klinear.w8a8_gemv(plain.q, plain.scale, plain.weight, plain.weight_scale, None, out_dtype,
+                               [delta_scale], [dim])
+    _check_fused_update(kernel, step, plain, qdelta, delta_scale, out_dtype, f"{model} b={batch} no bias")
+
+
+@pytest.mark.parametrize("r, offset", [(48, 1), (40, 0), (4, 0), (160, 3)])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_update_with_fused_dt_proj_byte_loop(kernel, r, offset, batch):
+    """R % 16 != 0 or dt rows off 16-byte alignment: the byte loop, the same codes as dt_proj's GEMV reference (the
+    GEMV itself needs K % 16 == 0; its reference is it bit for bit)."""
+    dim, out_dtype = 1536, torch.float16
+    step = _step(_inputs(batch, dim, 1, r=r), 0)
+    proj = _dt_projection(batch, dim, r, per_channel=True, offset=offset)
+    v = w8a8_linear_ref(proj.q, proj.scale, proj.weight, proj.weight_scale, proj.bias, out_dtype)
+    delta_scale = (v.float().abs().max() / 140).reshape(())
+    qdelta = w8a8_linear_ref(proj.q, proj.scale, proj.weight, proj.weight_scale, proj.bias, out_dtype,
+                             [delta_scale], [dim])
+    _check_fused_update(kernel, step, proj, qdelta, delta_scale, out_dtype, f"R={r} offset={offset} b={batch}")
+
+
+def test_update_with_fused_dt_proj_in_cuda_graph(kernel):
+    """Captured once, replayed with new dt codes and scales in the captured buffers: the fused update follows them
+    (nothing read on the host, no per-call copies of dt or the weight)."""
+    from qmamba.kernels import linear as klinear
+
+    batch, dim, r = 2, 1536, 48
+    step = _step(_inputs(batch, dim, 1, r=r), 0)
+    proj = _dt_projection(batch, dim, r, per_channel=True)
+    delta_scale = torch.tensor(0.05, device="cuda")
+    step = dict(step, qdelta=None, delta_scale=delta_scale)
+    state = torch.zeros(batch, dim, NSTATE, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        kernel.selective_scan_int8_update(state.clone(), **step, out_dtype=torch.float16, dt_proj=proj)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = kernel.selective_scan_int8_update(state, **step, out_dtype=torch.float16, dt_proj=proj)
+    for seed in (1, 2):
+        fresh = _dt_projection(batch, dim, r, per_channel=True, seed=seed)
+        proj.q.copy_(fresh.q)
+        proj.scale.copy_(fresh.scale)
+        delta_scale.fill_(0.03 * seed)
+        h = 0.5 * torch.randn(batch, dim, NSTATE, device="cuda")
+        state.copy_(h)
+        graph.replay()
+        qdelta = klinear.w8a8_gemv(proj.q, proj.scale, proj.weight, proj.weight_scale, proj.bias, torch.float16,
+                                   [delta_scale], [dim])
+        want = kernel.selective_scan_int8_update(h, **dict(step, qdelta=qdelta), out_dtype=torch.float16)
+        assert torch.equal(y_static, want) and torch.equal(state, h), f"graph replay {seed}"
+
+
+def test_fused_dt_proj_errors(kernel):
+    step = dict(_step(_inputs(2, 64, 1, r=16), 0))
+    proj = _dt_projection(2, 64, 16, per_channel=False)
+    with pytest.raises(ValueError, match="exactly one of qdelta"):
+        kernel.selective_scan_int8_update(torch.zeros(2, 64, NSTATE, device="cuda"), **step, dt_proj=proj)
+    with pytest.raises(ValueError, match=r"dt_proj.weight must be dt_proj's \(D, R\)"):
+        kernel.selective_scan_int8_update(torch.zeros(2, 64, NSTATE, device="cuda"), **dict(step, qdelta=None),
+                                          dt_proj=proj._replace(weight=proj.weight[:32]))
+    with pytest.raises(RuntimeError, match="dt_proj.weight is on cpu"):
+        kernel.selective_scan_int8_update(torch.zeros(2, 64, NSTATE, device="cuda"), **dict(step, qdelta=None),
+                                          dt_proj=proj._replace(weight=proj.weight.cpu()))

@@ -206,6 +206,15 @@ def scan_update_args(batch=2, dim=12, n=8):
     return dict(a, state=torch.zeros(batch, dim, n))
 
 
+def dt_proj_update_args(batch=2, dim=12, n=8, r=48):
+    """``scan_update_args`` with dt_proj fused: qdelta None, dt a column slice of an x_proj output (batch, R + 2N)."""
+    from qmamba.ops.int8_selective_scan import DtProjection
+
+    proj = DtProjection(i8(batch, r + 2 * n)[:, :r], torch.tensor(0.03), i8(dim, r), torch.rand(dim) + 0.1,
+                        torch.randn(dim))
+    return dict(scan_update_args(batch, dim, n), qdelta=None, dt_proj=proj)
+
+
 SCAN_COMMON_CASES = [  # (overrides given as functions of the valid arguments, exception, message)
     (lambda a: dict(qu=a["qu"].float()), TypeError, r"u must be int8 codes.*\(quantize it first\)"),
     (lambda a: dict(qdelta=a["qdelta"].float()), TypeError, "delta must be int8 codes"),
@@ -245,7 +254,38 @@ SCAN_UPDATE_CASES = SCAN_COMMON_CASES + [
     (lambda a: dict(state=a["state"][..., :4]), ValueError, r"state must have shape \(batch, D, N\) = \(2, 12, 8\)"),
     (lambda a: dict(state=a["state"][:1]), ValueError, "state must have shape"),
     (lambda a: scan_update_args(batch=65536, dim=1), ValueError, "batch must be < 65536"),
+    (lambda a: dict(dt_proj_update_args(), qdelta=a["qdelta"]), ValueError, "exactly one of qdelta .* got both"),
+    (lambda a: dict(qdelta=None), ValueError, "exactly one of qdelta .* got neither"),
+    (lambda a: dict(qdelta=None, dt_proj=tuple(dt_proj_update_args()["dt_proj"])), TypeError,
+     "dt_proj must be a qmamba.ops.int8_selective_scan.DtProjection"),
 ]
+
+
+def _fused(**fields):
+    """The fused arguments with some DtProjection fields replaced."""
+    a = dt_proj_update_args()
+    return dict(dt_proj=a["dt_proj"]._replace(**fields), qdelta=None)
+
+
+DT_PROJ_CASES = [
+    (_fused(q=torch.zeros(2, 48)), TypeError, "dt_proj.q must be int8 codes.*x_proj's output columns"),
+    (_fused(q=i8(3, 48)), ValueError, r"dt_proj.q must be the dt codes \(batch, R\) with batch 2"),
+    (_fused(q=i8(2, 48, 1)), ValueError, r"dt_proj.q must be 2-D \(batch, R\)"),
+    (_fused(q=i8(2, 0), weight=i8(12, 0)), ValueError, "R >= 1"),
+    (_fused(scale=torch.ones(2)), ValueError, "dt_proj.scale must be a per-tensor scale"),
+    (_fused(weight=torch.zeros(12, 48)), TypeError, "dt_proj.weight must be int8 codes.*dt_proj's int8 weight"),
+    (_fused(weight=i8(12, 40)), ValueError, r"dt_proj.weight must be dt_proj's \(D, R\) = \(12, 48\)"),
+    (_fused(weight=i8(11, 48)), ValueError, r"dt_proj.weight must be dt_proj's \(D, R\) = \(12, 48\)"),
+    (_fused(weight_scale=torch.ones(5)), ValueError, r"dt_proj.weight_scale must have 1 \(per-tensor\) or 12"),
+    (_fused(weight_scale=0.1), TypeError, "dt_proj.weight_scale must be a tensor"),
+    (_fused(bias=torch.ones(13)), ValueError, r"dt_proj.bias must have shape \(D,\) = \(12,\)"),
+    (_fused(q=i8(2, 131072), weight=i8(12, 131072)), ValueError, "dt_rank R=131072 could overflow the int32"),
+]
+
+
+@pytest.mark.parametrize("fields,exc,match", DT_PROJ_CASES)
+def test_scan_update_check_rejects_bad_dt_proj(fields, exc, match):
+    _raises(kscan.check_selective_scan_update_args, dict(scan_update_args(), **fields), exc, match)
 
 
 @pytest.mark.parametrize("make,exc,match", SCAN_CASES)
@@ -274,6 +314,11 @@ def test_scan_checks_accept_valid_arguments():
     # a strided state (any strides work: it is updated in place through its strides)
     u = scan_update_args()
     assert kscan.check_selective_scan_update_args(**dict(u, state=torch.zeros(2, 8, 12).transpose(1, 2))) == (2, 12, 8)
+    # dt_proj fused: strided dt rows, per-channel and per-tensor weight scales, with and without bias
+    fused = dt_proj_update_args()
+    assert kscan.check_selective_scan_update_args(**fused) == (2, 12, 8)
+    proj = fused["dt_proj"]._replace(weight_scale=torch.tensor(0.01), bias=None, scale=0.03)
+    assert kscan.check_selective_scan_update_args(**dict(fused, dt_proj=proj)) == (2, 12, 8)
 
 
 # ---- metadata only -------------------------------------------------------------------------------------------------
@@ -291,6 +336,10 @@ def test_checks_read_metadata_only():
     assert klinear.check_gemv_args(**_on_meta(linear_args())) == (2, 48, 64)
     assert kscan.check_selective_scan_args(**_on_meta(scan_args())) == (2, 12, 7, 8)
     assert kscan.check_selective_scan_update_args(**_on_meta(scan_update_args())) == (2, 12, 8)
+    fused = dt_proj_update_args()
+    meta = dict(_on_meta({k: v for k, v in fused.items() if k != "dt_proj"}),
+                dt_proj=type(fused["dt_proj"])(*(t.to(META) for t in fused["dt_proj"])))
+    assert kscan.check_selective_scan_update_args(**meta) == (2, 12, 8)
 
 
 # ---- the device check ----------------------------------------------------------------------------------------------
@@ -373,3 +422,37 @@ def test_scan_wrappers_hand_the_op_A_D_and_biases_as_fp32_tensors(monkeypatch, u
     for k, t in got.items():
         assert isinstance(t, torch.Tensor) and t.dtype == torch.float32, k
         assert torch.equal(t, a[k].float()), k
+
+
+def test_scan_update_wrapper_hands_the_op_the_fused_dt_proj(monkeypatch):
+    """With dt_proj (the op recorded, not run): delta None, then dt, dt_scale, dt_weight, dt_weight_scale, dt_bias
+    last, in the op's schema order (qmamba.kernels.schemas); dt as the strided view it is (its last dim contiguous:
+    no copy), a transposed dt made contiguous, scales and bias flat fp32; without dt_proj the five are None."""
+    from qmamba.kernels.schemas import check_call, op_schemas
+
+    seen = {}
+    monkeypatch.setattr(kscan, "load", lambda: None)
+    monkeypatch.setattr(kscan, "require_cuda", lambda *a, **k: None)
+    fake = types.SimpleNamespace(selective_scan_int8_update=lambda *args: seen.setdefault("args", args))
+    monkeypatch.setattr(kscan.torch, "ops", types.SimpleNamespace(qmamba=fake))
+    names = [n for _, n in op_schemas()["selective_scan_int8_update"]]
+    a = dt_proj_update_args()
+    proj = a["dt_proj"]._replace(weight_scale=a["dt_proj"].weight_scale[:, None], bias=a["dt_proj"].bias.half())
+    kscan.selective_scan_int8_update(**dict(a, dt_proj=proj))
+    args = dict(zip(names, seen["args"]))
+    check_call("selective_scan_int8_update", seen["args"])
+    assert args["delta"] is None
+    assert args["dt"] is proj.q and args["dt_weight"] is proj.weight  # no copies
+    assert args["dt_scale"].dtype == torch.float32 and args["dt_scale"].numel() == 1
+    assert args["dt_weight_scale"].shape == (12,) and torch.equal(args["dt_weight_scale"], proj.weight_scale[:, 0])
+    assert args["dt_bias"].dtype == torch.float32 and torch.equal(args["dt_bias"], proj.bias.float())
+    seen.clear()
+    transposed = proj._replace(q=i8(48, 2).t())
+    kscan.selective_scan_int8_update(**dict(a, dt_proj=transposed))
+    assert dict(zip(names, seen["args"]))["dt"].stride() == (48, 1)
+    seen.clear()
+    kscan.selective_scan_int8_update(**scan_update_args())
+    args = dict(zip(names, seen["args"]))
+    check_call("selective_scan_int8_update", seen["args"])
+    assert isinstance(args["delta"], torch.Tensor)
+    assert all(args[k] is None for k in ("dt", "dt_scale", "dt_weight", "dt_weight_scale", "dt_bias"))

@@ -8,6 +8,8 @@
   update steps from an initial state == prefill with that initial state                      RTOL_FP32 (fp32 math,
   different summation order: chunked scan vs step by step)
 - errors name what to fix; the dispatcher on CPU is the reference; asking for cuda here raises.
+- dt_proj fused into the update (``dt_proj``, a DtProjection): == the update fed the delta codes of dt_proj's W8A8
+  GEMV reference requantized in delta's scale                                                exact
 
 Errors are measured relative to the largest magnitude of the reference tensor.
 """
@@ -18,8 +20,9 @@ import torch
 import qmamba
 from qmamba.models import MambaLM
 from qmamba.ops import selective_scan_loop_ref
-from qmamba.ops.int8_selective_scan import (selective_scan_int8, selective_scan_int8_ref, selective_scan_int8_update,
-                                            selective_scan_int8_update_ref)
+from qmamba.ops.int8_linear import w8a8_linear_ref
+from qmamba.ops.int8_selective_scan import (DtProjection, selective_scan_int8, selective_scan_int8_ref,
+                                            selective_scan_int8_update, selective_scan_int8_update_ref)
 from qmamba.qnn import QuantSelectiveScan, calibrate, prepare, set_mode
 from qmamba.quant.numerics import quantize
 
@@ -411,3 +414,96 @@ def test_dual_errors_name_the_fix():
     for fn in (selective_scan_int8_update_ref, check_selective_scan_update_args):
         with pytest.raises(ValueError, match=r"u_mask must be \(2, 12, 1\)"):
             fn(state, **step, u_dual=dual, u_mask=mask)  # the prefill's packed mask is not the token's
+
+
+# ---- dt_proj fused into the update ---------------------------------------------------------------------------------
+def _dt_proj_step(batch=2, dim=12, n=8, r=48, per_channel=False, bias=True, out_dtype=torch.float32, seed=0):
+    """One token's update arguments with delta left to dt_proj: (kwargs without qdelta, DtProjection). dt is a column
+    slice of an x_proj output (batch, R + 2N) (strided rows, as the mixer passes it), the weight and its scale as a
+    converted dt_proj holds them, delta's scale an absmax of dt_proj's output (so the codes span the range and some
+    clamp)."""
+    g = torch.Generator().manual_seed(seed)
+    step = _step(_inputs(batch=batch, dim=dim, n=n, L=1, seed=seed), 0)
+    xdbc, s_dt = _codes(torch.randn(batch, r + 2 * n, generator=g))
+    q = xdbc[:, :r]
+    w = torch.randn(dim, r, generator=g) * r ** -0.5
+    w_scale = (w.abs().amax(1) if per_channel else w.abs().max()) / 127
+    qw = quantize(w, w_scale[:, None] if per_channel else w_scale)
+    b = torch.randn(dim, generator=g) - 4.0 if bias else None  # softplus^-1 of small steps, as Mamba1's dt bias
+    proj = DtProjection(q, s_dt, qw, w_scale, b)
+    v = w8a8_linear_ref(q, s_dt, qw, w_scale, b, out_dtype)
+    step["delta_scale"] = v.abs().max().float() / 140  # the largest codes clamp at 127 / -128
+    step["qdelta"] = None
+    return step, proj
+
+
+def _gemv_codes(step, proj, out_dtype):
+    """delta's codes as dt_proj's GEMV emits them (its reference, a per-column out_scale)."""
+    dim = proj.weight.shape[0]
+    return w8a8_linear_ref(proj.q, proj.scale, proj.weight, proj.weight_scale, proj.bias, out_dtype,
+                           step["delta_scale"].reshape(1).expand(dim))
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("r", [48, 160])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["w_tensor", "w_channel"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_update_with_dt_proj_equals_the_gemv_codes(out_dtype, per_channel, bias, r, batch):
+    step, proj = _dt_proj_step(batch=batch, dim=64, r=r, per_channel=per_channel, bias=bias, out_dtype=out_dtype)
+    qdelta = _gemv_codes(step, proj, out_dtype)
+    assert qdelta.dtype == torch.int8 and qdelta.shape == (batch, 64)
+    assert len(qdelta.unique()) > 20 and int((qdelta.int().abs() >= 127).sum()) > 0  # spread codes, some clamped
+    state = torch.randn(batch, 64, 8, generator=torch.Generator().manual_seed(7))
+    want_state, fused_state, auto_state = state.clone(), state.clone(), state.clone()
+    want = selective_scan_int8_update_ref(want_state, **dict(step, qdelta=qdelta), out_dtype=out_dtype)
+    got = selective_scan_int8_update_ref(fused_state, **step, out_dtype=out_dtype, dt_proj=proj)
+    assert got.dtype == out_dtype and torch.equal(got, want) and torch.equal(fused_state, want_state)
+    # the dispatcher on CPU (the torch int8 backend) is the reference
+    auto = selective_scan_int8_update(auto_state, **step, out_dtype=out_dtype, dt_proj=proj, backend="auto")
+    assert torch.equal(auto, want) and torch.equal(auto_state, want_state)
+
+
+def test_dt_proj_rounds_through_the_activation_dtype():
+    """The delta codes come from dt_proj's output rounded through out_dtype, as the GEMV rounds it: with fp16 they
+    differ from the fp32 ones somewhere (so the equality above checks the rounding too)."""
+    step, proj = _dt_proj_step(dim=256, r=160, out_dtype=torch.float16, seed=3)
+    assert not torch.equal(_gemv_codes(step, proj, torch.float16), _gemv_codes(step, proj, torch.float32))
+
+
+def test_dt_proj_errors_name_the_fix():
+    from qmamba.kernels.selective_scan import check_selective_scan_update_args
+
+    step, proj = _dt_proj_step()
+    state = torch.zeros(2, 12, 8)
+    qdelta = _gemv_codes(step, proj, torch.float32)
+    for fn in (selective_scan_int8_update_ref, check_selective_scan_update_args):
+        with pytest.raises(ValueError, match="exactly one of qdelta .* and dt_proj.*got both; pass qdelta=None"):
+            fn(state, **dict(step, qdelta=qdelta), dt_proj=proj)
+        with pytest.raises(ValueError, match="exactly one of qdelta .* and dt_proj.*got neither"):
+            fn(state, **step)
+        with pytest.raises(TypeError, match="dt_proj must be a qmamba.ops.int8_selective_scan.DtProjection"):
+            fn(state, **step, dt_proj=tuple(proj))
+    # shapes: the reference names the tensor (its GEMV reference the linear's), the kernel wrapper's check each field
+    bad = {"q batch": (proj._replace(q=proj.q[:1]), r"dt_proj must hold dt codes \(batch, R\)",
+                       r"dt_proj.q must be the dt codes \(batch, R\) with batch 2"),
+           "q 3-D": (proj._replace(q=proj.q[:, None]), r"dt_proj must hold dt codes \(batch, R\)",
+                     r"dt_proj.q must be 2-D \(batch, R\)"),
+           "weight D": (proj._replace(weight=proj.weight[:5]), r"weight \(D, R\) with \(batch, D\) = \(2, 12\)",
+                        r"dt_proj.weight must be dt_proj's \(D, R\) = \(12, 48\)"),
+           "weight R": (proj._replace(weight=proj.weight[:, :40]), r"expected qx \(..., K\) and qw \(N, K\)",
+                        r"dt_proj.weight must be dt_proj's \(D, R\) = \(12, 48\)"),
+           "weight float": (proj._replace(weight=proj.weight.float()), "int8 codes",
+                            "dt_proj.weight must be int8 codes.*dt_proj's int8 weight codes"),
+           "weight scale": (proj._replace(weight_scale=torch.ones(5)), "w_scale must be per-tensor",
+                            r"dt_proj.weight_scale must have 1 \(per-tensor\) or 12"),
+           "scale": (proj._replace(scale=torch.ones(3)), "x_scale must be a one-element tensor",
+                     "dt_proj.scale must be a per-tensor scale"),
+           "bias": (proj._replace(bias=torch.zeros(5)), "bias must have N=12",
+                    r"dt_proj.bias must have shape \(D,\) = \(12,\)")}
+    for what, (p, ref_match, check_match) in bad.items():
+        exc = TypeError if what == "weight float" else ValueError
+        with pytest.raises(exc, match=ref_match):
+            selective_scan_int8_update_ref(state, **step, dt_proj=p)
+        with pytest.raises(exc, match=check_match):
+            check_selective_scan_update_args(state, **step, dt_proj=p)

@@ -2,6 +2,8 @@
 codes straight from one conv op (single-scale u, and dual-scale u in both encodings), and the model's output is the
 same, bit for bit, as when each consumer quantizes the conv's float output itself (``emit_codes = False``): forward,
 prefill and decode steps. Codes go only where every consumer takes them; elsewhere the float output flows as before.
+Decoding, dt_proj goes one step further: it hands the scan its GEMV's inputs (``DtProjection``) and the scan's update
+makes the delta codes itself, with the same logits as dt_proj's own GEMV feeding the scan.
 """
 
 from pathlib import Path
@@ -11,9 +13,9 @@ import torch
 
 import qmamba
 from qmamba.models import MambaLM
-from qmamba.qnn import calibrate, prepare, set_mode
+from qmamba.qnn import calibrate, convert, prepare, set_mode
 from qmamba.qnn.codes import Codes
-from qmamba.qnn.modules import QuantCausalConv1d
+from qmamba.qnn.modules import QuantCausalConv1d, QuantSelectiveScan
 from qmamba.quant.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "recipes"
@@ -331,3 +333,65 @@ def test_all_hand_offs_off_is_the_same_model(preset, recipe):
         fused, fused_dec = model(x), _decode(model, x)
     assert torch.equal(fused, plain)
     assert all(torch.equal(a, b) for a, b in zip(fused_dec, plain_dec))
+
+
+@pytest.mark.parametrize("converted", [True, False], ids=["converted", "prepared"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("recipe", ["quamba_w8a8", "quamba_w8a8_per_channel_weights.yaml",
+                                    "dual_scale_treatment_mamba1.yaml"])
+def test_dt_proj_fused_into_the_scan_update_bit_for_bit(recipe, dtype, converted, monkeypatch):
+    """int8 Mamba1 decode on the torch backend: with dt_proj fused (the scan's update computes delta's codes from
+    dt_proj's GEMV inputs) the prefill and step logits equal, bit for bit, those of dt_proj's own GEMV handing the
+    scan its delta codes (``fuse_dt_proj`` off); fused, dt_proj's step is never called."""
+    torch.manual_seed(0)
+    spec = load_recipe(str(RECIPES / recipe)) if recipe.endswith(".yaml") else recipe
+    model = prepare(MambaLM(qmamba.preset("tiny")).eval(), spec).to(dtype)
+    calibrate(model, [_ids(seed=s) for s in (10, 11)], progress=False)
+    if converted:
+        convert(model)  # dt_proj's weight stored as int8 codes; prepared: quantized at each step
+    set_mode(model, "int8")
+    x = _ids(seed=5)
+    mixers = [layer.mixer for layer in model.backbone.layers]
+    scans = [m for m in model.modules() if isinstance(m, QuantSelectiveScan)]
+    assert len(scans) == len(mixers) and all(scan.takes_projection("delta") for scan in scans)
+
+    def fuse(on: bool):
+        for scan in scans:
+            scan.fuse_dt_proj = on
+
+    with torch.no_grad():
+        fuse(False)
+        unfused = _decode(model, x)
+        fuse(True)
+        for m in mixers:
+            def refuse(*args, **kw):
+                raise AssertionError("dt_proj ran its own step although the scan's update computes delta's codes")
+
+            monkeypatch.setattr(m.dt_proj, "step", refuse)
+        fused = _decode(model, x)
+    assert fused[-1].dtype == dtype
+    assert all(torch.equal(a, b) for a, b in zip(fused, unfused))
+
+
+def test_dt_proj_fusion_only_where_the_scan_takes_delta_codes():
+    """No projection where the scan would not take delta's codes (fp / fakequant modes, dt_proj not emitting codes,
+    fuse_dt_proj off): dt_proj runs its own step, as before; a scan handed one it cannot take says what to do."""
+    model = _model(RECIPES / "dual_scale_baseline_mamba1.yaml")
+    mixer = model.backbone.layers[0].mixer
+    dt = torch.randn(2, mixer.dt_rank)
+    consumer = (mixer.scan, "delta")
+    assert mixer.dt_proj.step_projection(dt, consumer) is not None
+    mixer.dt_proj.emit_codes = False
+    assert mixer.dt_proj.step_projection(dt, consumer) is None
+    mixer.dt_proj.emit_codes = True
+    mixer.scan.fuse_dt_proj = False
+    assert mixer.dt_proj.step_projection(dt, consumer) is None
+    mixer.scan.fuse_dt_proj = True
+    projection = mixer.dt_proj.step_projection(dt, consumer)
+    set_mode(model, "fakequant")
+    assert mixer.dt_proj.step_projection(dt, consumer) is None
+    assert mixer.dt_proj.step_projection(dt, (mixer.out_proj, "input")) is None  # no takes_projection there
+    di, n = mixer.d_inner, mixer.d_state
+    with pytest.raises(ValueError, match="does not take delta as a DtProjection.*hand it dt_proj's output"):
+        mixer.scan.step(torch.zeros(2, di, n), torch.randn(2, di), projection, mixer.A_log, torch.randn(2, n),
+                        torch.randn(2, n), mixer.D, torch.randn(2, di))
