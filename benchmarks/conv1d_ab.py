@@ -31,6 +31,10 @@ def stage(rev: str, out: Path) -> None:
     header = show("csrc/common/qmamba_common.cuh").replace("namespace qmamba {", "namespace qmamba_old {")
     (out / "common" / "qmamba_common.cuh").write_text(header)
     src = show("csrc/conv1d/conv1d_int8.cu").replace("namespace qmamba {", "namespace qmamba_old {")
+    if '#include "conv1d/conv1d_update.cuh"' in src:  # revisions since the update's math moved to a header
+        (out / "conv1d").mkdir(exist_ok=True)
+        update = show("csrc/conv1d/conv1d_update.cuh").replace("namespace qmamba {", "namespace qmamba_old {")
+        (out / "conv1d" / "conv1d_update.cuh").write_text(update)
     src = src[:src.index("TORCH_LIBRARY_FRAGMENT(qmamba, m)")] + """TORCH_LIBRARY(qold, m) {
   m.def("conv1d_int8(Tensor x, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias, bool silu, "
         "ScalarType out_dtype, Tensor[] out_scales, int dual_index, int dual_encoding, int dual_knee, "

@@ -115,6 +115,14 @@ def _dry_conv_update(x, conv_state, x_scale, w, w_scale, bias, silu, out_dtype, 
     return outs + ([torch.empty(x.shape, dtype=torch.uint8, device=x.device)] if dual_index >= 0 else [])
 
 
+def _dry_gemv_conv_update(x, xs, w, ws, bias, out_dtype, scales, bounds, conv_columns, conv_state, *conv):
+    """in_proj's codes (M, N), then the conv update's outputs for its first conv_columns columns."""
+    codes = torch.empty(x.shape[0], w.shape[0], dtype=torch.int8, device=x.device)
+    conv_in = torch.empty(x.shape[0], conv_columns, dtype=torch.int8, device=x.device)
+    return [codes] + _dry_conv_update(conv_in, conv_state, scales[0], conv[0], conv[1], conv[2], conv[3], out_dtype,
+                                      *conv[4:])
+
+
 def _dry_norm(hidden, residual, weight, eps, in_scale, residual_in_fp32):
     rows = (-1, hidden.shape[-1])
     out = torch.float32 if residual_in_fp32 else (
@@ -137,6 +145,7 @@ DRY_OPS = {
     "add_rmsnorm_quant": _dry_norm,
     "w8a8_gemv": lambda x, xs, w, ws, bias, out_dtype, scales, bounds: torch.empty(
         x.shape[0], w.shape[0], dtype=torch.int8 if len(scales) else out_dtype, device=x.device),
+    "w8a8_gemv_conv_update": _dry_gemv_conv_update,
     "selective_scan_int8": _dry_scan,
     # args[13]: out_dtype (op argument 15; delta, args[1], is None when dt_proj is fused: dt etc. come last)
     "selective_scan_int8_update": lambda state, u, *args: torch.empty(u.shape, dtype=args[13], device=u.device),

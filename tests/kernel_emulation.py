@@ -100,6 +100,21 @@ def w8a8_gemv(x, x_scale, w, w_scale, bias, out_dtype, out_scale, out_bounds):
                            [b - a for a, b in zip(edges, edges[1:])])
 
 
+def w8a8_gemv_conv_update(x, x_scale, w, w_scale, bias, out_dtype, out_scale, out_bounds, conv_columns, conv_state,
+                          conv_w, conv_w_scale, conv_bias, silu, conv_out_scales, dual_index, dual_encoding, dual_knee,
+                          dual_outlier_scale):
+    from qmamba.ops.int8_conv1d import w8a8_gemv_conv1d_update_ref
+    from qmamba.ops.int8_linear import GemvInputs
+
+    edges = [0, *out_bounds, w.shape[0]]  # the op takes segment scales only (the first: the conv input's)
+    proj = GemvInputs(x, x_scale, w, w_scale, bias, list(out_scale), [b - a for a, b in zip(edges, edges[1:])])
+    assert proj.out_columns[0] == conv_columns
+    duals = _conv_duals(len(conv_out_scales), dual_index, dual_encoding, dual_knee, dual_outlier_scale)
+    codes, result = w8a8_gemv_conv1d_update_ref(proj, conv_state, conv_w, conv_w_scale, conv_bias, silu, out_dtype,
+                                                list(conv_out_scales), duals)
+    return [codes, *_conv_outputs(result, len(conv_out_scales), dual_index, dual_encoding, update=True)]
+
+
 def selective_scan_int8(u, u_scale, delta, delta_scale, A, B, B_scale, C, C_scale, D, z, z_scale, delta_bias,
                         delta_softplus, out_dtype, initial_state, u_encoding, u_knee, u_outlier_scale, u_mask):
     from qmamba.ops.int8_selective_scan import selective_scan_int8_ref
@@ -124,6 +139,7 @@ def selective_scan_int8_update(state, u, u_scale, delta, delta_scale, A, B, B_sc
 
 OPS = {"quantize_int8": quantize_int8, "hadamard_quantize": hadamard_quantize, "conv1d_int8": conv1d_int8,
        "conv1d_int8_update": conv1d_int8_update, "add_rmsnorm_quant": add_rmsnorm_quant, "w8a8_gemv": w8a8_gemv,
+       "w8a8_gemv_conv_update": w8a8_gemv_conv_update,
        "selective_scan_int8": selective_scan_int8, "selective_scan_int8_update": selective_scan_int8_update}
 
 

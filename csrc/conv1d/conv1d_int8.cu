@@ -16,6 +16,7 @@
 // inputs packed in one register (summed against the packed taps by __dp4a); four channels per thread (32-bit loads,
 // vector stores) where strides and alignment allow. The update kernel runs one thread per (b, d).
 #include "common/qmamba_common.cuh"
+#include "conv1d/conv1d_update.cuh"  // Outputs, epilogue, the update's math, the shared host checks
 
 #include <algorithm>
 #include <atomic>
@@ -25,40 +26,14 @@
 namespace qmamba {
 namespace {
 
-constexpr int kMaxTaps = 4;    // d_conv of every Mamba model; shorter kernels are left-padded with zero taps
-constexpr int kMaxOuts = 4;    // int8 consumers of one conv output (Mamba1's u feeds two)
 constexpr int kThreads = 128;  // prefill threads per block
 constexpr int kMinBlocks = 8;  // per SM: caps registers at 64 so 1024 threads per SM keep loads in flight
 constexpr int kChunk = 8;      // time steps each thread loads ahead before computing (memory-level parallelism)
-
-// Where the results go: one float output (n_codes == 0), or n_codes int8 outputs with their per-tensor scales.
-// The dual-scale output has fields of its own (never indexed at run time: a runtime index into the kernel's parameter
-// struct would copy it to local memory).
-struct Outputs {
-  void* out[kMaxOuts];
-  const float* scale[kMaxOuts];
-  int n_codes;            // single-scale int8 outputs in out[] (0 and no dual output: one float output in out[0])
-  int8_t* dual_out;       // the dual-scale output's codes, or nullptr
-  const float* dual_s_in;
-  const float* dual_s_out;
-  int dual_enc, dual_knee;
-  uint8_t* mask;          // its packed flags (mask encoding), else nullptr: prefill (B, ceil(L / 8), D), update (B, D)
-};
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
-
-// acc -> the float output rounded through T, in the torch twin's op order. __fmul_rn / __fadd_rn keep nvcc from
-// fusing the multiply and the bias add into one FMA, which torch (two kernels) never does.
-template <typename T>
-__device__ __forceinline__ float epilogue(int acc, float scale, float bias, bool has_bias, bool silu_on) {
-  float v = __fmul_rn(static_cast<float>(acc), scale);
-  if (has_bias) v = __fadd_rn(v, bias);
-  if (silu_on) v = silu(v);
-  return round_through<T>(v);
-}
 
 // epilogue for VEC values of one time step, with silu_fast: the exact IEEE SiLU without a branch per value; the rare
 // values outside silu_fast's range take `silu` in one branch per step. The bias is always added (+0.0f without one:
@@ -290,7 +265,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) conv1d_int8_kernel(
   if (t < t_end) chunk(t, std::false_type{});
 }
 
-// One thread per (b, c): shift the state left by one, append x, convolve the K codes the state now holds.
+// One thread per (b, c): shift the state left by one, append x, convolve the K codes the state now holds
+// (conv_update_channel, shared with the GEMV that fuses this update into its epilogue).
 template <typename T>
 __global__ void conv1d_int8_update_kernel(const int8_t* __restrict__ x, int64_t sxb, int64_t sxd, int8_t* state,
                                           int64_t ssb, int64_t ssd, int64_t ssk, const int8_t* __restrict__ w, int K,
@@ -301,41 +277,8 @@ __global__ void conv1d_int8_update_kernel(const int8_t* __restrict__ x, int64_t 
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<int64_t>(B) * D) return;
   const int b = static_cast<int>(idx / D), c = static_cast<int>(idx % D);
-  int8_t* s = state + b * ssb + c * ssd;
-  const int8_t xnew = x[b * sxb + c * sxd];
-
-  // win[j] (right-aligned like the taps): the state's codes 1..K-1, then x; zero where j < kMaxTaps - K
-  int8_t win[kMaxTaps];
-#pragma unroll
-  for (int j = 0; j < kMaxTaps; ++j) {
-    const int i = j - (kMaxTaps - K);
-    win[j] = i < 0 ? int8_t(0) : (i == K - 1 ? xnew : s[(i + 1) * ssk]);
-  }
-  int acc = 0;
-#pragma unroll
-  for (int j = 0; j < kMaxTaps; ++j) {
-    const int i = j - (kMaxTaps - K);
-    if (i >= 0) {
-      s[i * ssk] = win[j];
-      acc += static_cast<int>(w[c * K + i]) * static_cast<int>(win[j]);
-    }
-  }
-  const float scale = __fmul_rn(*x_scale, w_scale[w_per_channel ? c : 0]);
-  const float v = epilogue<T>(acc, scale, bias != nullptr ? bias[c] : 0.0f, bias != nullptr, silu_on);
-  if (outs.n_codes == 0 && outs.dual_out == nullptr) {
-    static_cast<T*>(outs.out[0])[idx] = static_cast<T>(v);
-    return;
-  }
-#pragma unroll
-  for (int j = 0; j < kMaxOuts; ++j)
-    if (j < outs.n_codes) static_cast<int8_t*>(outs.out[j])[idx] = quantize_rn(v, 1.0f / *outs.scale[j]);
-  if (outs.dual_out != nullptr) {
-    bool flag = false;
-    const float s_in = *outs.dual_s_in;
-    outs.dual_out[idx] = dual_encode(v, outs.dual_enc, outs.dual_knee, s_in, 1.0f / s_in, 1.0f / *outs.dual_s_out,
-                                     flag);
-    if (outs.mask != nullptr) outs.mask[idx] = static_cast<uint8_t>(flag);
-  }
+  conv_update_channel<T>(x[b * sxb + c * sxd], state + b * ssb + c * ssd, ssk, w + c * K, K, *x_scale,
+                         w_scale[w_per_channel ? c : 0], bias, c, silu_on, outs, idx);
 }
 
 // The prefill epilogue's SiLU (silu_fast, `silu` where it is out of range) on an fp32 tensor, elementwise: what its
@@ -386,106 +329,6 @@ void dispatch_out_dtype(at::ScalarType t, F&& f) {
   }
 }
 
-struct ConvArgs {
-  at::Tensor w;  // (D, K) contiguous
-  int K;
-  bool w_per_channel;
-};
-
-// Checks shared by prefill and update; returns the weight as (D, K) contiguous.
-ConvArgs check_args(const char* op, const at::Tensor& x, int64_t D, const at::Tensor& x_scale, const at::Tensor& w,
-                    const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
-                    at::TensorList out_scales) {
-  QMAMBA_CHECK_CUDA(x);
-  TORCH_CHECK(x.scalar_type() == at::kChar, op, ": x must be int8 codes (quantize the conv input first), got ",
-              x.scalar_type());
-  const auto dev = x.device();
-  QMAMBA_CHECK_SCALAR_SCALE(x_scale);
-  TORCH_CHECK(w.is_cuda() && w.scalar_type() == at::kChar && w.dim() >= 2 && w.size(0) == D,
-              op, ": w must be int8 CUDA weight codes (D, K) or (D, 1, K) with D = ", D, ", got ", w.sizes());
-  const int64_t K = w.size(-1);
-  TORCH_CHECK(w.numel() == D * K, op, ": w must be (D, K) or (D, 1, K), got ", w.sizes());
-  TORCH_CHECK(K >= 1 && K <= kMaxTaps, op, ": the kernel supports 1 <= K <= ", kMaxTaps, " taps (d_conv), got K = ",
-              K, "; use backend='torch' for longer convolutions");
-  TORCH_CHECK(w_scale.is_cuda() && w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
-                  (w_scale.numel() == 1 || w_scale.numel() == D),
-              op, ": w_scale must be a contiguous float32 CUDA tensor of 1 (per-tensor) or D = ", D,
-              " (per-channel) elements, got ", w_scale.scalar_type(), " ", w_scale.sizes());
-  if (bias.has_value()) {
-    const auto& bt = *bias;
-    TORCH_CHECK(bt.is_cuda() && bt.scalar_type() == at::kFloat && bt.is_contiguous() && bt.numel() == D,
-                op, ": bias must be a contiguous float32 CUDA tensor of D = ", D, " elements, got ", bt.scalar_type(),
-                " ", bt.sizes(), " (the Python wrapper converts it)");
-    TORCH_CHECK(bt.device() == dev, op, ": bias is on ", bt.device(), " but x is on ", dev);
-  }
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
-              op, ": out_dtype must be float32, float16 or bfloat16 (the activation dtype), got ", out_dtype);
-  TORCH_CHECK(out_scales.size() <= static_cast<size_t>(kMaxOuts), op, ": at most ", kMaxOuts,
-              " out_scales (int8 consumers), got ", out_scales.size());
-  for (const auto& s : out_scales) {
-    QMAMBA_CHECK_SCALAR_SCALE(s);
-    TORCH_CHECK(s.device() == dev, op, ": an out_scale is on ", s.device(), " but x is on ", dev);
-  }
-  TORCH_CHECK(x_scale.device() == dev && w.device() == dev && w_scale.device() == dev,
-              op, ": x, x_scale, w and w_scale must be on one device");
-  return {w.reshape({D, K}).contiguous(), static_cast<int>(K), w_scale.numel() == D && D != 1};
-}
-
-// Allocate the outputs, each an empty tensor of `alloc_shape` (transposed 1 <-> 2 for the channel-last prefill
-// layout), in the order of out_scales, and point the kernel's Outputs at them. Output `dual_index` (>= 0), if any, is
-// dual-scale (issue 5): `dual_encoding` (1 mask, 2 piecewise) with outlier scale `dual_outlier_scale`; the mask
-// encoding appends its packed flags to `results`, allocated as `mask_shape` (transposed likewise), left unfilled: the
-// kernels write every byte.
-Outputs make_outputs(const char* op, const at::Tensor& x, at::ScalarType out_dtype, at::TensorList out_scales,
-                     int64_t dual_index, int64_t dual_encoding, int64_t dual_knee,
-                     const std::optional<at::Tensor>& dual_outlier_scale, at::IntArrayRef alloc_shape,
-                     at::IntArrayRef mask_shape, bool transpose12, std::vector<at::Tensor>& results) {
-  const int64_t n = static_cast<int64_t>(out_scales.size());
-  if (dual_index < 0) {
-    TORCH_CHECK(!dual_outlier_scale.has_value(), op, ": dual_outlier_scale given without a dual_index");
-  } else {
-    TORCH_CHECK(dual_index < n, op, ": dual_index ", dual_index, " names no output (", n, " out_scales)");
-    TORCH_CHECK(dual_encoding == kEncMask || dual_encoding == kEncPiecewise, op,
-                ": dual_encoding must be 1 (mask) or 2 (piecewise), got ", dual_encoding);
-    TORCH_CHECK(dual_encoding != kEncPiecewise || (dual_knee >= 1 && dual_knee <= 126), op,
-                ": the piecewise knee must be in 1..126, got ", dual_knee);
-    TORCH_CHECK(dual_outlier_scale.has_value(), op, ": a dual-scale output needs dual_outlier_scale");
-    QMAMBA_CHECK_SCALAR_SCALE(*dual_outlier_scale);
-    TORCH_CHECK(dual_outlier_scale->device() == x.device(), op, ": dual_outlier_scale must be on x's device");
-  }
-  Outputs outs{};
-  const auto opts = x.options();
-  auto alloc = [&](at::ScalarType dt, at::IntArrayRef shape, bool zero) {
-    at::Tensor t = zero ? at::zeros(shape, opts.dtype(dt)) : at::empty(shape, opts.dtype(dt));
-    results.push_back(transpose12 ? t.transpose(1, 2) : t);
-    return t.data_ptr();
-  };
-  outs.n_codes = 0;
-  if (n == 0) {
-    outs.out[0] = alloc(out_dtype, alloc_shape, false);
-    return outs;
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    void* ptr = alloc(at::kChar, alloc_shape, false);
-    if (j == dual_index) {
-      outs.dual_out = static_cast<int8_t*>(ptr);
-      outs.dual_s_in = out_scales[j].data_ptr<float>();
-    } else {
-      outs.out[outs.n_codes] = ptr;
-      outs.scale[outs.n_codes] = out_scales[j].data_ptr<float>();
-      ++outs.n_codes;
-    }
-  }
-  if (dual_index >= 0) {
-    outs.dual_s_out = dual_outlier_scale->data_ptr<float>();
-    outs.dual_enc = static_cast<int>(dual_encoding);
-    outs.dual_knee = static_cast<int>(dual_knee);
-    // every byte is written by the kernel (steps past L as 0 bits), so no fill is needed
-    if (dual_encoding == kEncMask) outs.mask = static_cast<uint8_t*>(alloc(at::kByte, mask_shape, false));
-  }
-  return outs;
-}
-
 std::vector<at::Tensor> conv1d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w,
                                     const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, bool silu,
                                     at::ScalarType out_dtype, at::TensorList out_scales, int64_t dual_index,
@@ -493,13 +336,13 @@ std::vector<at::Tensor> conv1d_int8(const at::Tensor& x, const at::Tensor& x_sca
                                     const std::optional<at::Tensor>& dual_outlier_scale) {
   TORCH_CHECK(x.dim() == 3, "conv1d_int8: x must be (B, D, L) int8 codes, got ", x.sizes());
   const int64_t B = x.size(0), D = x.size(1), L = x.size(2);
-  ConvArgs a = check_args("conv1d_int8", x, D, x_scale, w, w_scale, bias, out_dtype, out_scales);
+  ConvArgs a = check_conv_args("conv1d_int8", x, D, x_scale, w, w_scale, bias, out_dtype, out_scales);
   TORCH_CHECK(B <= 65535, "conv1d_int8: batch ", B, " exceeds the kernel's grid limit of 65535; split the batch");
   TORCH_CHECK(D * L < (int64_t(1) << 31) && D < (int64_t(1) << 31), "conv1d_int8: D * L = ", D * L,
               " is too large for the kernel's indexing; split the sequence");
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   std::vector<at::Tensor> results;
-  Outputs outs = make_outputs("conv1d_int8", x, out_dtype, out_scales, dual_index, dual_encoding, dual_knee,
+  Outputs outs = make_conv_outputs("conv1d_int8", x, out_dtype, out_scales, dual_index, dual_encoding, dual_knee,
                               dual_outlier_scale, {B, L, D}, {B, (L + kChunk - 1) / kChunk, D},
                               /*transpose12=*/true, results);
   if (B * D * L == 0) return results;
@@ -546,7 +389,7 @@ std::vector<at::Tensor> conv1d_int8_update(const at::Tensor& x, const at::Tensor
                                            int64_t dual_knee, const std::optional<at::Tensor>& dual_outlier_scale) {
   TORCH_CHECK(x.dim() == 2, "conv1d_int8_update: x must be (B, D) int8 codes of one token, got ", x.sizes());
   const int64_t B = x.size(0), D = x.size(1);
-  ConvArgs a = check_args("conv1d_int8_update", x, D, x_scale, w, w_scale, bias, out_dtype, out_scales);
+  ConvArgs a = check_conv_args("conv1d_int8_update", x, D, x_scale, w, w_scale, bias, out_dtype, out_scales);
   TORCH_CHECK(conv_state.is_cuda() && conv_state.scalar_type() == at::kChar && conv_state.dim() == 3 &&
                   conv_state.size(0) == B && conv_state.size(1) == D && conv_state.size(2) == a.K,
               "conv1d_int8_update: conv_state must be int8 CUDA codes (B, D, K) = (", B, ", ", D, ", ", a.K,
@@ -557,7 +400,7 @@ std::vector<at::Tensor> conv1d_int8_update(const at::Tensor& x, const at::Tensor
   TORCH_CHECK(B * D < (int64_t(1) << 31), "conv1d_int8_update: B * D = ", B * D, " is too large");
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   std::vector<at::Tensor> results;
-  Outputs outs = make_outputs("conv1d_int8_update", x, out_dtype, out_scales, dual_index, dual_encoding, dual_knee,
+  Outputs outs = make_conv_outputs("conv1d_int8_update", x, out_dtype, out_scales, dual_index, dual_encoding, dual_knee,
                               dual_outlier_scale, {B, D}, {B, D}, /*transpose12=*/false, results);
   if (B * D == 0) return results;
 

@@ -15,7 +15,15 @@
 // warps split K into 16-byte chunks (lane-strided, so a warp reads 512 contiguous bytes of a row per step), each x
 // chunk loaded once serves kRows weight rows, two steps are in flight per thread, partial sums are reduced with warp
 // shuffles then across warps in shared memory, and kRows * M threads run the epilogue.
+//
+// w8a8_gemv_conv_update: the same GEMV with Mamba1's conv1d decode update fused into its epilogue (in_proj -> conv1d:
+// one kernel fewer per layer and decode step). The first conv_columns output columns are the conv's input, requantized
+// in segment 0's scale exactly as above; the thread that makes code q of (row m, column n < conv_columns) then runs the
+// conv update of channel n of sequence m with q as the new input (conv_update_channel, conv1d/conv1d_update.cuh: the
+// one copy of conv1d_int8_update_kernel's math), so the codes, the conv state and the conv's outputs are bit for bit
+// those of w8a8_gemv then conv1d_int8_update. Each (m, n) has one thread: no two threads touch one state row.
 #include "common/qmamba_common.cuh"
+#include "conv1d/conv1d_update.cuh"
 
 #include <cuda_runtime.h>
 
@@ -43,6 +51,19 @@ __device__ __forceinline__ float out_scale_at(const OutScales& os, int n) {
   return os.s[seg][0];
 }
 
+// The conv update fused into the epilogue (w8a8_gemv_conv_update): the conv's channels are output columns [0, D).
+struct ConvUpdate {
+  int8_t* state;           // (M, D, K) int8 codes, updated in place
+  int64_t ssb, ssd, ssk;   // its strides
+  const int8_t* w;         // (D, K) contiguous taps
+  int K, D;
+  const float* w_scale;    // 1 or D
+  bool w_per_channel;
+  const float* bias;       // (D,) or nullptr
+  bool silu;
+  Outputs outs;            // (M, D) outputs, as conv1d_int8_update allocates them
+};
+
 __device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {
   acc = __dp4a(a.x, b.x, acc);
   acc = __dp4a(a.y, b.y, acc);
@@ -60,12 +81,15 @@ template <> __device__ __forceinline__ void store_out<at::BFloat16>(at::BFloat16
 }
 
 // MT: rows of x the kernel is compiled for (1, 2, 4, 8); M <= MT rows are real, the others re-read row 0 and are
-// never stored. T: the activation dtype the output is rounded through (and stored in, unless REQUANT).
-template <int MT, typename T, bool REQUANT>
+// never stored. T: the activation dtype the output is rounded through (and stored in, unless REQUANT). CONV (REQUANT
+// only): run the conv update of `conv` on the codes of columns [0, conv.D).
+template <int MT, typename T, bool REQUANT, bool CONV>
 __global__ void __launch_bounds__(kMaxWarps * 32, 2)  // <= 128 registers: no spills for 8 rows
 w8a8_gemv_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w, int M, int N, int K,
                  const float* __restrict__ x_scale, const float* __restrict__ w_scale, bool w_per_channel,
-                 const float* __restrict__ bias, const OutScales out_scale, void* __restrict__ out) {
+                 const float* __restrict__ bias, const OutScales out_scale, void* __restrict__ out,
+                 const ConvUpdate conv) {
+  static_assert(REQUANT || !CONV, "the fused conv update reads the requantized codes");
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int warps = blockDim.x >> 5;
@@ -154,7 +178,16 @@ w8a8_gemv_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w, int
   if (bias != nullptr) v = __fadd_rn(v, bias[n]);
   const int64_t idx = static_cast<int64_t>(m) * N + n;
   if constexpr (REQUANT) {
-    static_cast<int8_t*>(out)[idx] = quantize_rn(round_through<T>(v), __fdiv_rn(1.0f, out_scale_at(out_scale, n)));
+    const int8_t q = quantize_rn(round_through<T>(v), __fdiv_rn(1.0f, out_scale_at(out_scale, n)));
+    static_cast<int8_t*>(out)[idx] = q;
+    if constexpr (CONV) {
+      // columns [0, conv.D) are segment 0 (checked on the host): q is in the scale the conv reads its input in
+      if (n < conv.D) {
+        conv_update_channel<T>(q, conv.state + m * conv.ssb + n * conv.ssd, conv.ssk, conv.w + n * conv.K, conv.K,
+                               out_scale.s[0][0], conv.w_scale[conv.w_per_channel ? n : 0], conv.bias, n, conv.silu,
+                               conv.outs, static_cast<int64_t>(m) * conv.D + n);
+      }
+    }
   } else {
     store_out<T>(static_cast<T*>(out) + idx, v);
   }
@@ -173,64 +206,73 @@ int sm_count(int device) {
 
 template <int MT, typename T>
 void launch(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w, const at::Tensor& w_scale,
-            const float* bias, const OutScales* out_scale, at::Tensor& out, int warps, cudaStream_t stream) {
+            const float* bias, const OutScales* out_scale, const ConvUpdate* conv, at::Tensor& out, int warps,
+            cudaStream_t stream) {
   const int M = x.size(0), K = x.size(1), N = w.size(0);
   const dim3 grid((N + kRows - 1) / kRows), block(warps * 32);
   const bool per_channel = w_scale.numel() > 1;
   const OutScales none{};
-  if (out_scale != nullptr) {
-    launch_overlapped(w8a8_gemv_kernel<MT, T, true>, grid, block, 0, stream,
+  const ConvUpdate no_conv{};
+  if (conv != nullptr) {
+    launch_overlapped(w8a8_gemv_kernel<MT, T, true, true>, grid, block, 0, stream,
         x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), M, N, K, x_scale.data_ptr<float>(), w_scale.data_ptr<float>(),
-        per_channel, bias, *out_scale, out.data_ptr());
+        per_channel, bias, *out_scale, out.data_ptr(), *conv);
+  } else if (out_scale != nullptr) {
+    launch_overlapped(w8a8_gemv_kernel<MT, T, true, false>, grid, block, 0, stream,
+        x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), M, N, K, x_scale.data_ptr<float>(), w_scale.data_ptr<float>(),
+        per_channel, bias, *out_scale, out.data_ptr(), no_conv);
   } else {
-    launch_overlapped(w8a8_gemv_kernel<MT, T, false>, grid, block, 0, stream,
+    launch_overlapped(w8a8_gemv_kernel<MT, T, false, false>, grid, block, 0, stream,
         x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), M, N, K, x_scale.data_ptr<float>(), w_scale.data_ptr<float>(),
-        per_channel, bias, none, out.data_ptr());
+        per_channel, bias, none, out.data_ptr(), no_conv);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
 void launch_m(int M, const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w, const at::Tensor& w_scale,
-              const float* bias, const OutScales* out_scale, at::Tensor& out, int warps, cudaStream_t stream) {
-  if (M <= 1) launch<1, T>(x, x_scale, w, w_scale, bias, out_scale, out, warps, stream);
-  else if (M <= 2) launch<2, T>(x, x_scale, w, w_scale, bias, out_scale, out, warps, stream);
-  else if (M <= 4) launch<4, T>(x, x_scale, w, w_scale, bias, out_scale, out, warps, stream);
-  else launch<8, T>(x, x_scale, w, w_scale, bias, out_scale, out, warps, stream);
+              const float* bias, const OutScales* out_scale, const ConvUpdate* conv, at::Tensor& out, int warps,
+              cudaStream_t stream) {
+  if (M <= 1) launch<1, T>(x, x_scale, w, w_scale, bias, out_scale, conv, out, warps, stream);
+  else if (M <= 2) launch<2, T>(x, x_scale, w, w_scale, bias, out_scale, conv, out, warps, stream);
+  else if (M <= 4) launch<4, T>(x, x_scale, w, w_scale, bias, out_scale, conv, out, warps, stream);
+  else launch<8, T>(x, x_scale, w, w_scale, bias, out_scale, conv, out, warps, stream);
 }
 
-at::Tensor w8a8_gemv(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w, const at::Tensor& w_scale,
-                     const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
-                     at::TensorList out_scale, at::IntArrayRef out_bounds) {
+// The GEMV's checks and launch, for op `op`; conv: the fused conv update (its arguments checked by the caller), or
+// nullptr.
+at::Tensor gemv(const char* op, const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w,
+                const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                at::TensorList out_scale, at::IntArrayRef out_bounds, const ConvUpdate* conv) {
   QMAMBA_CHECK_CUDA(x);
   QMAMBA_CHECK_CUDA(w);
   QMAMBA_CHECK_DTYPE(x, at::kChar);
   QMAMBA_CHECK_DTYPE(w, at::kChar);
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "w8a8_gemv: x must be (M, K) and w (N, K), got ", x.sizes(), " and ",
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, op, ": x must be (M, K) and w (N, K), got ", x.sizes(), " and ",
               w.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.size(1) == K, "w8a8_gemv: x has K=", K, " columns but w is ", w.sizes(), " (expected (N, K))");
-  TORCH_CHECK(M >= 1 && M <= kMaxM, "w8a8_gemv: x must have 1..", kMaxM, " rows (tokens), got ", M,
+  TORCH_CHECK(w.size(1) == K, op, ": x has K=", K, " columns but w is ", w.sizes(), " (expected (N, K))");
+  TORCH_CHECK(M >= 1 && M <= kMaxM, op, ": x must have 1..", kMaxM, " rows (tokens), got ", M,
               "; use the GEMM (qmamba.kernels.linear.w8a8_gemm) for more");
-  TORCH_CHECK(K % 16 == 0, "w8a8_gemv: K=", K, " must be a multiple of 16 (16-byte weight loads); use the GEMM "
+  TORCH_CHECK(K % 16 == 0, op, ": K=", K, " must be a multiple of 16 (16-byte weight loads); use the GEMM "
               "(qmamba.kernels.linear.w8a8_gemm) or pad K");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "w8a8_gemv: x and w must be contiguous (call .contiguous())");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), op, ": x and w must be contiguous (call .contiguous())");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
                   reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
-              "w8a8_gemv: x and w must start at 16-byte aligned addresses (clone a view at an odd offset)");
+              op, ": x and w must start at 16-byte aligned addresses (clone a view at an odd offset)");
   // the int32 accumulator holds K products of at most 128 * 128 (DESIGN §3: split larger reductions)
   TORCH_CHECK(K * 128 * 128 < (int64_t(1) << 31) && N < (int64_t(1) << 31),
-              "w8a8_gemv: K=", K, " could overflow the int32 accumulator (needs K < 131072)");
+              op, ": K=", K, " could overflow the int32 accumulator (needs K < 131072)");
   QMAMBA_CHECK_SCALAR_SCALE(x_scale);
   TORCH_CHECK(w_scale.is_cuda() && w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
               (w_scale.numel() == 1 || w_scale.numel() == N),
-              "w8a8_gemv: w_scale must be a contiguous float32 CUDA tensor of 1 (per-tensor) or N=", N,
+              op, ": w_scale must be a contiguous float32 CUDA tensor of 1 (per-tensor) or N=", N,
               " (per-output-channel) elements, got ", w_scale.sizes(), " ", w_scale.scalar_type());
   const float* bias_ptr = nullptr;
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
     TORCH_CHECK(b.is_cuda() && b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == N,
-                "w8a8_gemv: bias must be a contiguous float32 CUDA tensor of N=", N, " elements (pass bias.float())");
+                op, ": bias must be a contiguous float32 CUDA tensor of N=", N, " elements (pass bias.float())");
     bias_ptr = b.data_ptr<float>();
   }
   OutScales scales{};
@@ -239,14 +281,14 @@ at::Tensor w8a8_gemv(const at::Tensor& x, const at::Tensor& x_scale, const at::T
     const at::TensorList ss = out_scale;
     const int64_t segs = static_cast<int64_t>(ss.size());
     TORCH_CHECK(segs <= kMaxSegments && static_cast<int64_t>(out_bounds.size()) == segs - 1,
-                "w8a8_gemv: out_scale must be 1..", kMaxSegments, " tensors with one column bound between each two, "
+                op, ": out_scale must be 1..", kMaxSegments, " tensors with one column bound between each two, "
                 "got ", segs, " scales and ", out_bounds.size(), " bounds");
     scales.per_column = segs == 1 && N > 1 && ss[0].numel() == N;
     for (int64_t i = 0; i < segs; ++i) {
       const at::Tensor& t = ss[i];
       TORCH_CHECK(t.is_cuda() && t.device() == x.device() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
                       (t.numel() == 1 || (scales.per_column && t.numel() == N)),
-                  "w8a8_gemv: out_scale must be one contiguous float32 tensor of N=", N, " elements (one scale per "
+                  op, ": out_scale must be one contiguous float32 tensor of N=", N, " elements (one scale per "
                   "output column) or one-element float32 tensors (one per segment of columns), on ", x.device());
       scales.s[i] = t.data_ptr<float>();
     }
@@ -254,7 +296,7 @@ at::Tensor w8a8_gemv(const at::Tensor& x, const at::Tensor& x_scale, const at::T
     int64_t prev = 0;
     for (int i = 0; i < kMaxSegments - 1; ++i) {
       const int64_t b = i < segs - 1 ? out_bounds[i] : INT_MAX;
-      TORCH_CHECK(i >= segs - 1 || (b > prev && b < N), "w8a8_gemv: out_bounds must increase strictly within "
+      TORCH_CHECK(i >= segs - 1 || (b > prev && b < N), op, ": out_bounds must increase strictly within "
                   "(0, N=", N, "), got ", out_bounds);
       scales.bound[i] = static_cast<int>(b);
       prev = b;
@@ -262,9 +304,9 @@ at::Tensor w8a8_gemv(const at::Tensor& x, const at::Tensor& x_scale, const at::T
     out_scale_ptr = &scales;
   }
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
-              "w8a8_gemv: out_dtype must be float32, float16 or bfloat16 (the activation dtype), got ", out_dtype);
+              op, ": out_dtype must be float32, float16 or bfloat16 (the activation dtype), got ", out_dtype);
   for (const at::Tensor* t : {&x_scale, &w, &w_scale}) {
-    TORCH_CHECK(t->device() == x.device(), "w8a8_gemv: all tensors must be on ", x.device(), ", got one on ",
+    TORCH_CHECK(t->device() == x.device(), op, ": all tensors must be on ", x.device(), ", got one on ",
                 t->device());
   }
 
@@ -282,12 +324,72 @@ at::Tensor w8a8_gemv(const at::Tensor& x, const at::Tensor& x_scale, const at::T
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int m = static_cast<int>(M);
+  auto run = [&](auto tag) {
+    launch_m<decltype(tag)>(m, x, x_scale, w, w_scale, bias_ptr, out_scale_ptr, conv, out, warps, stream);
+  };
   switch (out_dtype) {
-    case at::kFloat: launch_m<float>(m, x, x_scale, w, w_scale, bias_ptr, out_scale_ptr, out, warps, stream); break;
-    case at::kHalf: launch_m<at::Half>(m, x, x_scale, w, w_scale, bias_ptr, out_scale_ptr, out, warps, stream); break;
-    default: launch_m<at::BFloat16>(m, x, x_scale, w, w_scale, bias_ptr, out_scale_ptr, out, warps, stream); break;
+    case at::kFloat: run(float{}); break;
+    case at::kHalf: run(at::Half{}); break;
+    default: run(at::BFloat16{}); break;
   }
   return out;
+}
+
+at::Tensor w8a8_gemv(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w, const at::Tensor& w_scale,
+                     const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                     at::TensorList out_scale, at::IntArrayRef out_bounds) {
+  return gemv("w8a8_gemv", x, x_scale, w, w_scale, bias, out_dtype, out_scale, out_bounds, nullptr);
+}
+
+// w8a8_gemv with the conv1d update of its first conv_columns columns fused (see the top of this file): returns the
+// GEMV's codes (M, N) int8 (all segments), then the conv's outputs as conv1d_int8_update returns them.
+std::vector<at::Tensor> w8a8_gemv_conv_update(
+    const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w, const at::Tensor& w_scale,
+    const std::optional<at::Tensor>& bias, at::ScalarType out_dtype, at::TensorList out_scale,
+    at::IntArrayRef out_bounds, int64_t conv_columns, const at::Tensor& conv_state, const at::Tensor& conv_w,
+    const at::Tensor& conv_w_scale, const std::optional<at::Tensor>& conv_bias, bool silu,
+    at::TensorList conv_out_scales, int64_t dual_index, int64_t dual_encoding, int64_t dual_knee,
+    const std::optional<at::Tensor>& dual_outlier_scale) {
+  const char* op = "w8a8_gemv_conv_update";
+  QMAMBA_CHECK_CUDA(x);
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, op, ": x must be (M, K) and w (N, K), got ", x.sizes(), " and ",
+              w.sizes());
+  const int64_t M = x.size(0), N = w.size(0);
+  // the conv reads its input in segment 0's scale: the segment must be the conv's columns, one one-element scale
+  TORCH_CHECK(!out_scale.empty() && out_scale[0].numel() == 1, op, ": out_scale must be one one-element scale per "
+              "segment of columns, the first the conv input's (the fused conv reads the requantized codes)");
+  const int64_t first = out_bounds.empty() ? N : out_bounds[0];
+  TORCH_CHECK(conv_columns >= 1 && conv_columns == first, op, ": conv_columns (", conv_columns, ") must be the "
+              "column count of the first out_scale segment (", first, "): the conv's input is that segment");
+  const int64_t D = conv_columns;
+  ConvArgs a = check_conv_args(op, x, D, out_scale[0], conv_w, conv_w_scale, conv_bias, out_dtype, conv_out_scales);
+  TORCH_CHECK(conv_state.is_cuda() && conv_state.scalar_type() == at::kChar && conv_state.dim() == 3 &&
+                  conv_state.size(0) == M && conv_state.size(1) == D && conv_state.size(2) == a.K,
+              op, ": conv_state must be int8 CUDA codes (M, D, K) = (", M, ", ", D, ", ", a.K, "), got ",
+              conv_state.scalar_type(), " ", conv_state.sizes(),
+              "; build it with qmamba.ops.int8_conv1d.conv1d_int8_initial_state");
+  TORCH_CHECK(conv_state.device() == x.device(), op, ": conv_state is on ", conv_state.device(), " but x is on ",
+              x.device());
+  TORCH_CHECK(M * D < (int64_t(1) << 31), op, ": M * D = ", M * D, " is too large");
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  std::vector<at::Tensor> conv_results;
+  ConvUpdate conv{};
+  conv.outs = make_conv_outputs(op, x, out_dtype, conv_out_scales, dual_index, dual_encoding, dual_knee,
+                                dual_outlier_scale, {M, D}, {M, D}, /*transpose12=*/false, conv_results);
+  conv.state = conv_state.data_ptr<int8_t>();
+  conv.ssb = conv_state.stride(0);
+  conv.ssd = conv_state.stride(1);
+  conv.ssk = conv_state.stride(2);
+  conv.w = a.w.data_ptr<int8_t>();
+  conv.K = a.K;
+  conv.D = static_cast<int>(D);
+  conv.w_scale = conv_w_scale.data_ptr<float>();
+  conv.w_per_channel = a.w_per_channel;
+  conv.bias = conv_bias.has_value() ? conv_bias->data_ptr<float>() : nullptr;
+  conv.silu = silu;
+  std::vector<at::Tensor> results{gemv(op, x, x_scale, w, w_scale, bias, out_dtype, out_scale, out_bounds, &conv)};
+  results.insert(results.end(), conv_results.begin(), conv_results.end());
+  return results;
 }
 
 }  // namespace
@@ -296,6 +398,13 @@ at::Tensor w8a8_gemv(const at::Tensor& x, const at::Tensor& x_scale, const at::T
 TORCH_LIBRARY_FRAGMENT(qmamba, m) {
   m.def("w8a8_gemv(Tensor x, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias, ScalarType out_dtype, "
         "Tensor[] out_scale, int[] out_bounds) -> Tensor");
+  m.def("w8a8_gemv_conv_update(Tensor x, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias, "
+        "ScalarType out_dtype, Tensor[] out_scale, int[] out_bounds, int conv_columns, Tensor(a!) conv_state, "
+        "Tensor conv_w, Tensor conv_w_scale, Tensor? conv_bias, bool silu, Tensor[] conv_out_scales, "
+        "int dual_index, int dual_encoding, int dual_knee, Tensor? dual_outlier_scale) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(qmamba, CUDA, m) { m.impl("w8a8_gemv", &qmamba::w8a8_gemv); }
+TORCH_LIBRARY_IMPL(qmamba, CUDA, m) {
+  m.impl("w8a8_gemv", &qmamba::w8a8_gemv);
+  m.impl("w8a8_gemv_conv_update", &qmamba::w8a8_gemv_conv_update);
+}

@@ -3,7 +3,8 @@ one-token update. Each first checks in Python everything the op requires (``chec
 ``check_conv1d_update_args``, metadata only: see ``qmamba.kernels.checks``), then calls ``qmamba.kernels.load()``
 and normalizes its arguments for the op (scales to fp32 tensors on x's device, the weight to (D, K) int8, the bias
 to fp32). Contract and torch twin: ``qmamba.ops.int8_conv1d``. Prefill outputs are channel-last: (B, D, L) tensors
-with strides (L * D, 1, D).
+with strides (L * D, 1, D). ``w8a8_gemv_conv_update``: in_proj's W8A8 GEMV with the update fused into its epilogue
+(csrc/linear/gemv_int8.cu).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from qmamba.kernels.build import load
 from qmamba.kernels.checks import (INT32_LIMIT, fp32_flat, require_channel_scale, require_cuda, require_int8,
                                    require_numel, require_out_dtype, require_per_tensor_scale, shape_of)
+from qmamba.ops.int8_linear import GemvInputs
 from qmamba.quant.dual_scale import check_out_duals
 
 MAX_TAPS = 4      # csrc kMaxTaps: d_conv of every Mamba model
@@ -169,6 +171,66 @@ def conv1d_int8_update(qx: torch.Tensor, conv_state: torch.Tensor, x_scale, qw: 
                                                channel_scale(w_scale, D, dev, "w_scale"), bias, bool(silu),
                                                out_dtype, _scales(out_scales, dev), *_dual_op_args(duals, dev))
     return _split(outs, len(out_scales), duals) if out_scales else outs[0]
+
+
+def check_gemv_conv_update_args(proj: GemvInputs, conv_state, qw, w_scale, bias=None,
+                                out_dtype: torch.dtype = torch.float32, out_scales: Sequence = (),
+                                out_duals: Sequence = ()) -> tuple[int, int]:
+    """Everything ``torch.ops.qmamba.w8a8_gemv_conv_update`` requires of its arguments, on metadata only (CPU tensors
+    work): the GEMV's (``check_gemv_args``, with segment scales), then the update's on the first segment's columns;
+    raises TypeError / ValueError naming the fix. Returns (D, K): the conv's channels and taps."""
+    from qmamba.kernels.linear import check_gemv_args
+
+    op = "w8a8_gemv_conv_update"
+    if not isinstance(proj, GemvInputs):
+        raise TypeError(f"{op}: proj must be a qmamba.ops.int8_linear.GemvInputs (in_proj's GEMV inputs), got "
+                        f"{type(proj).__name__}")
+    require_int8(op, "proj.q", proj.q, 2, "(M, K) (one token per row)", fix="quantize in_proj's input first")
+    if proj.out_columns is None or not proj.out_scale:
+        raise ValueError(f"{op}: proj needs segment scales (out_scale, out_columns), the first segment the conv's "
+                         "input, which the fused update reads as codes")
+    M = proj.q.shape[0]
+    check_gemv_args(proj.q, proj.scale, proj.weight, proj.weight_scale, proj.bias, out_dtype, proj.out_scale,
+                    proj.out_columns)
+    D = proj.out_columns[0]
+    K = _check_common(op, D, proj.out_scale[0], qw, w_scale, bias, out_dtype, out_scales)
+    check_out_duals(op, out_duals, out_scales)
+    fix = "build it with qmamba.ops.int8_conv1d.conv1d_int8_initial_state"
+    require_int8(op, "conv_state", conv_state, fix=fix)
+    if shape_of(conv_state) != (M, D, K):
+        raise ValueError(f"{op}: conv_state must be int8 codes (M, D, K) = {(M, D, K)}, got {shape_of(conv_state)}; "
+                         f"{fix}")
+    if M * D >= INT32_LIMIT:
+        raise ValueError(f"{op}: M * D = {M * D} is too large for the kernel's int32 indexing; split the batch")
+    return D, K
+
+
+def w8a8_gemv_conv_update(proj: GemvInputs, conv_state: torch.Tensor, qw: torch.Tensor, w_scale,
+                          bias: torch.Tensor | None = None, silu: bool = True,
+                          out_dtype: torch.dtype = torch.float32, out_scales: Sequence = (),
+                          out_duals: Sequence = ()):
+    """in_proj's GEMV (``proj``) with the conv update of its first segment's columns fused: (codes (M, N) int8, the
+    update's result as ``conv1d_int8_update`` returns it); conv_state (M, D, K) is updated in place."""
+    from qmamba.kernels.linear import gemv_op_args
+
+    out_scales = list(out_scales)
+    D, _ = check_gemv_conv_update_args(proj, conv_state, qw, w_scale, bias, out_dtype, out_scales, out_duals)
+    duals = list(out_duals or ())
+    load()
+    op = "w8a8_gemv_conv_update"
+    # conv_state is updated in place and the GEMV's tensors are not moved: all must already be on q's device
+    require_cuda(op, "proj.q", proj.q, conv_state=conv_state, proj_weight=proj.weight, proj_scale=proj.scale,
+                 proj_weight_scale=proj.weight_scale, proj_bias=proj.bias,
+                 **{f"proj_out_scale[{i}]": s for i, s in enumerate(proj.out_scale)})
+    dev = proj.q.device
+    x, xs, w, ws, b, scales, bounds = gemv_op_args(proj.q, proj.scale, proj.weight, proj.weight_scale, proj.bias,
+                                                   proj.out_scale, proj.out_columns)
+    qw, bias = _weight_and_bias(qw, bias, D, dev)
+    outs = torch.ops.qmamba.w8a8_gemv_conv_update(x, xs, w, ws, b, out_dtype, scales, bounds, D, conv_state, qw,
+                                                  channel_scale(w_scale, D, dev, "w_scale"), bias, bool(silu),
+                                                  _scales(out_scales, dev), *_dual_op_args(duals, dev))
+    codes, rest = outs[0], list(outs[1:])
+    return codes, (_split(rest, len(out_scales), duals) if out_scales else rest[0])
 
 
 def conv1d_silu(x: torch.Tensor) -> torch.Tensor:

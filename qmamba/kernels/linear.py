@@ -124,16 +124,24 @@ def w8a8_gemv(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale
                  out_scale=None if out_columns is not None else out_scale,
                  **{f"out_scale[{i}]": s for i, s in enumerate(segments)})
     lead = qx.shape[:-1]
+    args = gemv_op_args(qx, x_scale, qw, w_scale, bias, out_scale, out_columns)
+    out = torch.ops.qmamba.w8a8_gemv(args[0], args[1], args[2], args[3], args[4], out_dtype, *args[5:])  # (M, N)
+    return out.reshape(*lead, qw.shape[0])
+
+
+def gemv_op_args(qx, x_scale, qw, w_scale, bias, out_scale, out_columns) -> tuple:
+    """(x, x_scale, w, w_scale, bias, out_scale, out_bounds) as ``torch.ops.qmamba.w8a8_gemv`` (and the GEMV with
+    the conv update fused) take them, from checked arguments: x (M, K) and w contiguous, 16-byte aligned (a view at
+    an odd offset gets a fresh copy), scales and bias flat fp32, segment scales and their bounds."""
     x2, xs, w, ws, b, os_ = _prep(qx, x_scale, qw, w_scale, bias, None if out_columns is not None else out_scale)
     if out_columns is not None:
-        scales = [s.float().reshape(1) for s in segments]
+        scales = [s.float().reshape(1) for s in out_scale]
         bounds = [int(c) for c in itertools.accumulate(out_columns)][:-1]
     else:
         scales, bounds = ([] if os_ is None else [os_]), []
-    # 16-byte vector loads need 16-byte aligned rows: a view at an odd offset gets a fresh copy
+    # 16-byte vector loads need 16-byte aligned rows
     if x2.data_ptr() % 16:
         x2 = x2.clone()
     if w.data_ptr() % 16:
         w = w.clone()
-    out = torch.ops.qmamba.w8a8_gemv(x2, xs, w, ws, b, out_dtype, scales, bounds)  # (M, N)
-    return out.reshape(*lead, w.shape[0])
+    return x2, xs, w, ws, b, scales, bounds

@@ -70,13 +70,29 @@ class Mamba1Mixer(nn.Module):
         """``forward`` on one token, advancing ``cache`` in place."""
         # each linear hands its consumers their int8 codes where they take them (int8 mode), else float slices
         di, n = self.d_inner, self.d_state
-        x, z = linear_step(self.in_proj, hidden, ((self.conv1d, "input", di), (self.scan, "z", di)))  # (B, di) each
-        x, u = self.conv1d.step(x, cache.conv_state, consumers=self.conv_consumers())
+        x, u, z = self.in_proj_conv_step(hidden, cache.conv_state)  # (B, di) each
         dt, B, C = linear_step(self.x_proj, x, ((self.dt_proj, "input", self.dt_rank), (self.scan, "B", n),
                                                 (self.scan, "C", n)))
         delta = self.dt_step(dt)  # (B, di), or dt_proj's GEMV inputs for the scan's update
         y = self.scan.step(cache.ssm_state, u, delta, self.A_log, B, C, self.D, z)
         return linear_step(self.out_proj, y)
+
+    def in_proj_conv_step(self, hidden, conv_state):
+        """in_proj then the conv update on one token: (the conv's outputs for x_proj and the scan's u, z). In int8 mode,
+        where the twins allow it (``QuantCausalConv1d.takes_projected_input``, ``QuantLinear.step_gemv_inputs``),
+        one op: in_proj's GEMV runs the conv update in its epilogue, bit for bit the two steps, one kernel fewer a
+        layer."""
+        di, conv_consumers = self.d_inner, self.conv_consumers()
+        in_consumers = ((self.conv1d, "input", di), (self.scan, "z", di))
+        takes = getattr(self.conv1d, "takes_projected_input", None)  # the int8 twins' (qmamba.qnn)
+        proj = (self.in_proj.step_gemv_inputs(hidden, in_consumers)
+                if takes is not None and takes(conv_consumers) and hasattr(self.in_proj, "step_gemv_inputs") else None)
+        if proj is not None:
+            (x, u), (z,) = self.conv1d.step_from_projection(proj, conv_state, hidden.dtype, conv_consumers)
+            return x, u, z
+        x, z = linear_step(self.in_proj, hidden, in_consumers)
+        x, u = self.conv1d.step(x, conv_state, consumers=conv_consumers)
+        return x, u, z
 
     def dt_step(self, dt):
         """dt_proj on one token, for the scan: in int8 mode, where the twins allow it (``QuantLinear.step_projection``:

@@ -25,6 +25,14 @@ Decode: ``conv_state`` (B, D, K) int8 holds the codes of the last K inputs (olde
 shifts it left by one, appends the new codes and convolves the K codes it holds, so prefill followed by updates gives
 exactly the prefill of the longer sequence. ``conv1d_int8_initial_state`` builds the state from a prefill's codes.
 
+Mamba1's in_proj fused into the update (``w8a8_gemv_conv1d_update``): in_proj's one-token GEMV (a ``GemvInputs``)
+whose first segment of columns, requantized in the conv input's scale, is the conv's input, runs the update in its
+epilogue (one kernel fewer per layer and decode step). It returns the GEMV's codes (M, N) (the other segments, e.g.
+the scan's z, are column slices) and the update's result, bit for bit the GEMV then the update:
+
+    codes = w8a8_linear_ref(q, scale, weight, weight_scale, bias, out_dtype, out_scale, out_columns)
+    conv  = conv1d_int8_update_ref(codes[:, :out_columns[0]], conv_state, out_scale[0], qw, w_scale, ...)
+
 The CUDA kernel (``backend="cuda"``, or ``"auto"`` on a GPU) returns outputs in channel-last layout: (B, D, L)
 tensors that are transposed contiguous (B, L, D) tensors, which the next GEMM reads directly; it supports K <= 4.
 """
@@ -37,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from qmamba.ops.backend import use_kernels
+from qmamba.ops.int8_linear import GemvInputs, w8a8_linear, w8a8_linear_ref
 from qmamba.quant.dual_scale import DualScale, check_out_duals, dual_quantize
 from qmamba.quant.numerics import quantize
 
@@ -181,3 +190,61 @@ def conv1d_int8_update(qx, conv_state, x_scale, qw, w_scale, bias=None, silu: bo
                                          out_duals)
     return conv1d_int8_update_ref(qx, conv_state, x_scale, qw, w_scale, bias, silu, out_dtype, out_scales,
                                   out_duals)
+
+
+def _check_gemv_inputs(op: str, proj) -> int:
+    """``proj`` a ``GemvInputs`` of one token (q 2-D) with segment scales; returns the conv's channels (the first
+    segment's column count). The GEMV's own checks (w8a8_linear_ref's) name the fix for the rest."""
+    if not isinstance(proj, GemvInputs):
+        raise TypeError(f"{op}: proj must be a qmamba.ops.int8_linear.GemvInputs (in_proj's GEMV inputs: "
+                        f"QuantLinear.step_gemv_inputs), got {type(proj).__name__}")
+    if not isinstance(proj.q, torch.Tensor) or proj.q.ndim != 2:
+        raise ValueError(f"{op}: proj.q must be the input codes of one token (M, K), got "
+                         f"{_describe(proj.q)}")
+    if not isinstance(proj.out_columns, (list, tuple)) or not proj.out_columns:
+        raise ValueError(f"{op}: proj.out_columns must list the column count of each out_scale segment (the first "
+                         f"the conv's channels), got {proj.out_columns!r}")
+    return proj.out_columns[0]
+
+
+def w8a8_gemv_conv1d_update_ref(proj: GemvInputs, conv_state: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
+                                bias: torch.Tensor | None = None, silu: bool = True,
+                                out_dtype: torch.dtype = torch.float32, out_scales: Sequence[torch.Tensor] = (),
+                                out_duals: Sequence[DualScale | None] = ()):
+    """in_proj's GEMV (``proj``), then the conv update on its first out_columns[0] columns, in the first segment's
+    scale: (codes (M, N) int8, the update's result as ``conv1d_int8_update_ref`` returns it); conv_state (M, D, K)
+    is updated in place. ``out_dtype``: the activation dtype, of both."""
+    op = "w8a8_gemv_conv1d_update"
+    channels = _check_gemv_inputs(op, proj)
+    codes = w8a8_linear_ref(proj.q, proj.scale, proj.weight, proj.weight_scale, proj.bias, out_dtype,
+                            list(proj.out_scale), list(proj.out_columns))
+    conv = conv1d_int8_update_ref(codes[:, :channels], conv_state, proj.out_scale[0], qw, w_scale, bias, silu,
+                                  out_dtype, out_scales, out_duals)
+    return codes, conv
+
+
+def w8a8_gemv_conv1d_update(proj: GemvInputs, conv_state, qw, w_scale, bias=None, silu: bool = True,
+                            out_dtype: torch.dtype = torch.float32, out_scales: Sequence[torch.Tensor] = (),
+                            backend: str = "auto", out_duals: Sequence[DualScale | None] = ()):
+    """``w8a8_gemv_conv1d_update_ref``, or qmamba's fused CUDA kernel (``torch.ops.qmamba.w8a8_gemv_conv_update``)
+    where ``backend`` allows and the GEMV fits it (1..8 rows, K a multiple of 16, at most 4 taps); on a GPU outside
+    that, the GEMM / GEMV kernel then the update kernel. The same result in every case."""
+    from qmamba.kernels.conv1d import MAX_TAPS
+    from qmamba.kernels.linear import GEMV_K_MULTIPLE, GEMV_MAX_ROWS
+
+    op = "w8a8_gemv_conv1d_update"
+    channels = _check_gemv_inputs(op, proj)
+    if not use_kernels(backend, proj.q, op):
+        return w8a8_gemv_conv1d_update_ref(proj, conv_state, qw, w_scale, bias, silu, out_dtype, out_scales,
+                                           out_duals)
+    M, K = proj.q.shape
+    if 1 <= M <= GEMV_MAX_ROWS and K % GEMV_K_MULTIPLE == 0 and qw.shape[-1] <= MAX_TAPS:
+        from qmamba.kernels import conv1d as kernel
+
+        return kernel.w8a8_gemv_conv_update(proj, conv_state, qw, w_scale, bias, silu, out_dtype, out_scales,
+                                            out_duals)
+    codes = w8a8_linear(proj.q, proj.scale, proj.weight, proj.weight_scale, proj.bias, out_dtype,
+                        list(proj.out_scale), backend, list(proj.out_columns))
+    conv = conv1d_int8_update(codes[:, :channels], conv_state, proj.out_scale[0], qw, w_scale, bias, silu, out_dtype,
+                              out_scales, backend, out_duals)
+    return codes, conv

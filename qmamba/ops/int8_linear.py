@@ -24,6 +24,7 @@ bit-identical to the reference (integer sums, then the same fp32 ops in the same
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -38,6 +39,23 @@ OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 MAX_OUT_SEGMENTS = 4  # csrc kMaxSegments
+
+
+class GemvInputs(NamedTuple):
+    """A one-token W8A8 GEMV with segment requant scales, handed to a consumer to run fused with its own op (Mamba1's
+    in_proj into the conv1d update: ``qmamba.ops.int8_conv1d.w8a8_gemv_conv1d_update``): ``q`` the input codes
+    (M, K) int8, ``scale`` their per-tensor scale, ``weight`` (N, K) int8, ``weight_scale`` 1 or N elements, ``bias``
+    (N,) or None, ``out_scale`` one one-element scale per segment of output columns and ``out_columns`` the segments'
+    column counts: the arguments of ``w8a8_linear(q, scale, weight, weight_scale, bias, out_dtype, out_scale,
+    out_columns=out_columns)``."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+    out_scale: list
+    out_columns: list
 
 
 def _check(qx, x_scale, qw, w_scale, bias, out_dtype, out_scale, out_columns=None) -> None:

@@ -29,10 +29,10 @@ from qmamba.models.parts import CausalConv1d, RMSNormGated, SelectiveScan, SSDSc
 from qmamba.qnn.codes import Codes
 from qmamba.qnn.point import QuantPoint
 from qmamba.quant.granularity import PerTensor
-from qmamba.ops.int8_conv1d import conv1d_int8, conv1d_int8_update
+from qmamba.ops.int8_conv1d import conv1d_int8, conv1d_int8_update, w8a8_gemv_conv1d_update
 from qmamba.ops.int8_gated_norm import gated_rms_norm_from_codes, gated_rms_norm_hadamard_quantize
 from qmamba.ops.int8_hadamard import hadamard_quantize
-from qmamba.ops.int8_linear import out_scale_per_column, w8a8_linear
+from qmamba.ops.int8_linear import GemvInputs, out_scale_per_column, w8a8_linear
 from qmamba.ops.int8_selective_scan import DtProjection, selective_scan_int8, selective_scan_int8_update
 from qmamba.ops.int8_ssd import (ssd_chunk_scan_int8, ssd_chunk_scan_int8_from_float, ssd_step_int8,
                                  ssd_step_int8_from_float)
@@ -379,6 +379,20 @@ class QuantLinear(QuantTwin, nn.Linear):
         sw = sw.reshape(-1) if sw.numel() > 1 else sw.reshape(())
         return DtProjection(qx, sx.reshape(()), wq, sw, None if self.bias is None else self.bias.detach())
 
+    def step_gemv_inputs(self, x: torch.Tensor, consumers) -> GemvInputs | None:
+        """The one-token GEMV ``step(x, consumers)`` would run, as its inputs (codes and scale, int8 weight and scale,
+        bias, each consumer's out scale and column count), for the first consumer to run it fused with its own op
+        (Mamba1's in_proj into the conv1d update: ``QuantCausalConv1d.step_from_projection``). The scales are the
+        ones ``step`` puts in each consumer's ``Codes``. None where that step would not run the integer GEMV emitting
+        codes: call ``step`` then."""
+        if not self._emits_codes_for(consumers):
+            return None
+        qx, sx = (x.q, x.scale) if isinstance(x, Codes) else self._step_codes("input", x)
+        wq, sw = self._step_int8_weight(self.q("weight"))
+        sw = sw.reshape(-1) if sw.numel() > 1 else sw.reshape(())
+        scales = [part._step_scale(part.q(point), qx).detach() for part, point, _ in consumers]
+        return GemvInputs(qx, sx.reshape(()), wq, sw, self.bias, scales, [c for _, _, c in consumers])
+
     def _emits_codes_for(self, consumers) -> bool:
         """Whether this layer hands ``consumers`` their codes: int8 mode, per-tensor input and weight quantized, no
         rotation, and every consumer takes codes at its point."""
@@ -492,6 +506,35 @@ class QuantCausalConv1d(QuantTwin, CausalConv1d):
 
     # ---- codes for the consumers (``forward`` / ``step`` with ``consumers``): one op emits each consumer's codes
     emit_codes = True  # hand consumers their codes when they all take them; False: always the float output
+    fuse_in_proj = True  # int8 decode: run the producer's GEMV with the update fused (step_from_projection)
+
+    def takes_projected_input(self, consumers) -> bool:
+        """Whether ``step_from_projection`` takes this conv's input as its producer's pending GEMV (``GemvInputs``)
+        for ``consumers``: int8 with the input taken as codes, ``fuse_in_proj``, and every consumer taking codes (the
+        fused op emits the codes ``step`` would: one kernel fewer a layer and step, the same codes bit for bit)."""
+        return self.fuse_in_proj and self.takes_codes("input") and self._code_points(consumers) is not None
+
+    def step_from_projection(self, proj: GemvInputs, conv_state: torch.Tensor, dtype: torch.dtype, consumers):
+        """``step`` on the codes the producer's one-token GEMV ``proj`` (``QuantLinear.step_gemv_inputs``; its first
+        segment of columns is this conv's input, ``dtype`` its activation dtype) would emit, with the GEMV and the
+        update in one op (``w8a8_gemv_conv1d_update``). Returns (the consumers' ``Codes``, as ``step`` returns them;
+        the ``Codes`` of the GEMV's other segments, as the producer's ``step`` hands them to their consumers)."""
+        if not self.takes_projected_input(consumers):
+            raise ValueError(f"{self.q('input').name if self.q('input') else 'conv1d.input'}: this conv does not take "
+                             "its input as a pending GEMV now (it needs int8 mode, fuse_in_proj and every consumer "
+                             "taking codes; check takes_projected_input(consumers)); run the producer's step and hand "
+                             "its output to step() instead")
+        self._check_state(conv_state, dtype)
+        points = self._code_points(consumers)
+        wq, sw = self._step_int8_weight(self.q("weight"))
+        scales = [self._step_scale(p, proj.q).detach() for p in points]
+        out_scales, duals = self._out_args(points, scales)
+        codes, result = w8a8_gemv_conv1d_update(proj, conv_state, wq.reshape(wq.shape[0], -1), sw.reshape(-1),
+                                                self.bias, silu=self.activation is not None, out_dtype=dtype,
+                                                out_scales=out_scales, backend=self.backend, out_duals=duals)
+        rest = codes.split(list(proj.out_columns), dim=-1)[1:]
+        return (self._as_codes(result, scales, duals, dtype),
+                [Codes(c, s, dtype) for c, s in zip(rest, proj.out_scale[1:])])
 
     def _code_points(self, consumers) -> list[QuantPoint] | None:
         """The consumers' quantization points when this conv runs integer and every consumer takes codes, else None."""

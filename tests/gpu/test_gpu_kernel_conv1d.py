@@ -313,3 +313,124 @@ def test_kernel_errors_name_the_fix():
         kconv.conv1d_int8(qx.cpu(), sx, qw, sw, bias)
     with pytest.raises(RuntimeError, match="conv_state is on cpu"):
         kconv.conv1d_int8_update(qx[..., 0], torch.zeros(1, D, 4, dtype=torch.int8), sx, qw, sw, bias)
+
+
+# ---- in_proj's W8A8 GEMV with the update fused (csrc/linear/gemv_int8.cu w8a8_gemv_conv_update) -------------------
+# (d_model, d_inner) of the Mamba1 models: in_proj d_model -> 2 * d_inner, the conv on the first d_inner columns
+FUSED_MODELS = {"mamba-130m": (768, 1536), "mamba-2.8b": (2560, 5120)}
+
+
+def _fused_inputs(model, B, out_dtype, per_channel=True, with_bias=True, dual=None, seed=0):
+    """in_proj's GEMV inputs (GemvInputs) with realistic scales (in_proj outputs of order 1, conv outputs too), a
+    random conv state, the conv's weight / scales / bias, two consumer scales (the second dual-scale if ``dual``)."""
+    from qmamba.ops.int8_linear import GemvInputs
+    from qmamba.quant.dual_scale import DualScale
+
+    d_model, D = FUSED_MODELS[model]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    i8 = lambda *s: torch.randint(-128, 128, s, dtype=torch.int8, device="cuda", generator=g)  # noqa: E731
+    rand = lambda *s: torch.rand(*s, device="cuda", generator=g)  # noqa: E731
+    N = 2 * D
+    w_scale = (rand(N) + 0.5) * 1e-4 if per_channel else torch.tensor([1e-4], device="cuda")
+    proj = GemvInputs(i8(B, d_model), torch.tensor(0.02, device="cuda"), i8(N, d_model), w_scale,
+                      rand(N) - 0.5 if with_bias else None,
+                      [torch.tensor(0.03, device="cuda"), torch.tensor(0.025, device="cuda")], [D, D])
+    conv_w = i8(D, 4)
+    conv_ws = (rand(D) + 0.5) * 1e-2 if per_channel else torch.tensor([1e-2], device="cuda")
+    conv_bias = rand(D) - 0.5 if with_bias else None
+    out_scales = [torch.tensor(0.02, device="cuda"), torch.tensor(0.015, device="cuda")]
+    duals = [] if dual is None else [None, DualScale(torch.tensor(0.1, device="cuda"), dual)]
+    return proj, i8(B, D, 4), conv_w, conv_ws, conv_bias, out_scales, duals
+
+
+def _two_kernels(proj, state, conv_w, conv_ws, conv_bias, out_dtype, out_scales, duals):
+    """The w8a8_gemv kernel, then the conv1d_int8_update kernel on its first segment."""
+    from qmamba.kernels import linear as klinear
+
+    codes = klinear.w8a8_gemv(proj.q, proj.scale, proj.weight, proj.weight_scale, proj.bias, out_dtype,
+                              proj.out_scale, proj.out_columns)
+    D = proj.out_columns[0]
+    return codes, kconv.conv1d_int8_update(codes[:, :D], state, proj.out_scale[0], conv_w, conv_ws, conv_bias, True,
+                                           out_dtype, out_scales, duals)
+
+
+def _fused_flat(result) -> list:
+    codes, conv = result
+    if isinstance(conv, tuple):
+        conv = list(conv[0]) + [m for m in conv[1] if m is not None]
+    return [codes, *(conv if isinstance(conv, list) else [conv])]
+
+
+@pytest.mark.parametrize("dual", [None, "mask", "piecewise"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per-tensor", "per-channel"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B", [1, 8])
+@pytest.mark.parametrize("model", list(FUSED_MODELS))
+def test_gemv_with_fused_update_equals_the_two_kernels(model, B, out_dtype, per_channel, dual):
+    """The fused kernel == w8a8_gemv then conv1d_int8_update, bit for bit: in_proj's codes (both segments), the
+    conv's codes (and a dual-scale consumer's codes and flags) and the state; and == the CPU-side reference run on the
+    GPU (the same math, torch ops)."""
+    from qmamba.ops.int8_conv1d import w8a8_gemv_conv1d_update_ref
+
+    proj, state, conv_w, conv_ws, conv_bias, out_scales, duals = _fused_inputs(model, B, out_dtype, per_channel,
+                                                                               dual=dual)
+    s_two, s_ref = state.clone(), state.clone()
+    for step in range(3):  # a few steps: the shifted state feeds the next
+        fused = _fused_flat(kconv.w8a8_gemv_conv_update(proj, state, conv_w, conv_ws, conv_bias, True, out_dtype,
+                                                        out_scales, duals))
+        two = _fused_flat(_two_kernels(proj, s_two, conv_w, conv_ws, conv_bias, out_dtype, out_scales, duals))
+        ref = _fused_flat(w8a8_gemv_conv1d_update_ref(proj, s_ref, conv_w, conv_ws, conv_bias, True, out_dtype,
+                                                      out_scales, duals))
+        assert len(fused) == len(two) == len(ref)
+        for a, b, c in zip(fused, two, ref):
+            assert torch.equal(a, b) and torch.equal(a, c), step
+        assert torch.equal(state, s_two) and torch.equal(state, s_ref), step
+        proj = proj._replace(q=torch.roll(proj.q, 1, dims=-1))
+
+
+def test_gemv_with_fused_update_without_bias_and_float_output():
+    proj, state, conv_w, conv_ws, _, _, _ = _fused_inputs("mamba-130m", 4, torch.float16, with_bias=False)
+    s_two = state.clone()
+    fused = _fused_flat(kconv.w8a8_gemv_conv_update(proj, state, conv_w, conv_ws, None, True, torch.float16))
+    two = _fused_flat(_two_kernels(proj, s_two, conv_w, conv_ws, None, torch.float16, [], []))
+    assert all(torch.equal(a, b) for a, b in zip(fused, two))
+    assert torch.equal(state, s_two)
+
+
+@pytest.mark.parametrize("model", list(FUSED_MODELS))
+def test_gemv_with_fused_update_in_cuda_graph(model):
+    """Captured in a CUDA graph, replays advance the state and give the two kernels' results, bit for bit."""
+    proj, state, conv_w, conv_ws, conv_bias, out_scales, _ = _fused_inputs(model, 8, torch.float16)
+    s_two = state.clone()
+    args = lambda s: (proj, s, conv_w, conv_ws, conv_bias, True, torch.float16, out_scales)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    warm = state.clone()
+    with torch.cuda.stream(side):  # warm up off the capture stream, as torch.cuda.graphs asks
+        kconv.w8a8_gemv_conv_update(*args(warm))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kconv.w8a8_gemv_conv_update(*args(state))
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        two = _two_kernels(*args(s_two)[:5], torch.float16, out_scales, [])
+        assert all(torch.equal(a, b) for a, b in zip(_fused_flat(out), _fused_flat(two)))
+        assert torch.equal(state, s_two)
+
+
+def test_gemv_with_fused_update_errors():
+    proj, state, conv_w, conv_ws, conv_bias, out_scales, _ = _fused_inputs("mamba-130m", 2, torch.float16)
+    with pytest.raises(ValueError, match=r"conv_state must be int8 codes \(M, D, K\)"):
+        kconv.w8a8_gemv_conv_update(proj, state[:1], conv_w, conv_ws, conv_bias, True, torch.float16, out_scales)
+    with pytest.raises(RuntimeError, match="conv_state is on cpu"):
+        kconv.w8a8_gemv_conv_update(proj, state.cpu(), conv_w, conv_ws, conv_bias, True, torch.float16, out_scales)
+    # the op itself: the conv's columns must be the first segment
+    from qmamba.kernels import linear as klinear
+
+    x, xs, w, ws, b, scales, bounds = klinear.gemv_op_args(proj.q, proj.scale, proj.weight, proj.weight_scale,
+                                                           proj.bias, proj.out_scale, proj.out_columns)
+    with pytest.raises(RuntimeError, match="conv_columns .* must be the column count of the first out_scale segment"):
+        torch.ops.qmamba.w8a8_gemv_conv_update(x, xs, w, ws, b, torch.float16, scales, bounds, 100, state, conv_w,
+                                               conv_ws, conv_bias, True, out_scales, -1, 0, 0, None)

@@ -394,8 +394,8 @@ def test_limits_match_csrc():
         assert m, f"{name} not found in {path}"
         return int(m.group(1))
 
-    assert kconv.MAX_TAPS == const("conv1d/conv1d_int8.cu", "kMaxTaps")
-    assert kconv.MAX_OUTS == const("conv1d/conv1d_int8.cu", "kMaxOuts")
+    assert kconv.MAX_TAPS == const("conv1d/conv1d_update.cuh", "kMaxTaps")  # shared by the update and the GEMV
+    assert kconv.MAX_OUTS == const("conv1d/conv1d_update.cuh", "kMaxOuts")
     per_thread = const("norm/add_rmsnorm_quant.cu", "kPerThread")
     assert knorm.MAX_D == per_thread * const("norm/add_rmsnorm_quant.cu", "kMaxThreads")
     assert klinear.GEMV_MAX_ROWS == const("linear/gemv_int8.cu", "kMaxM")

@@ -395,3 +395,69 @@ def test_dt_proj_fusion_only_where_the_scan_takes_delta_codes():
     with pytest.raises(ValueError, match="does not take delta as a DtProjection.*hand it dt_proj's output"):
         mixer.scan.step(torch.zeros(2, di, n), torch.randn(2, di), projection, mixer.A_log, torch.randn(2, n),
                         torch.randn(2, n), mixer.D, torch.randn(2, di))
+
+
+@pytest.mark.parametrize("converted", [True, False], ids=["converted", "prepared"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("recipe", ["quamba_w8a8", "quamba_w8a8_per_channel_weights.yaml",
+                                    "dual_scale_treatment_mamba1.yaml"])
+def test_in_proj_fused_with_the_conv_update_bit_for_bit(recipe, dtype, converted, monkeypatch):
+    """int8 Mamba1 decode on the torch backend: with the conv update fused into in_proj's GEMV
+    (``QuantCausalConv1d.step_from_projection``) the prefill and step logits equal, bit for bit, those of in_proj's
+    own step then the conv's (``fuse_in_proj`` off); fused, neither of those steps is called."""
+    torch.manual_seed(0)
+    spec = load_recipe(str(RECIPES / recipe)) if recipe.endswith(".yaml") else recipe
+    model = prepare(MambaLM(qmamba.preset("tiny")).eval(), spec).to(dtype)
+    calibrate(model, [_ids(seed=s) for s in (10, 11)], progress=False)
+    if converted:
+        convert(model)
+    set_mode(model, "int8")
+    x = _ids(seed=5)
+    mixers = [layer.mixer for layer in model.backbone.layers]
+    assert all(m.conv1d.takes_projected_input(m.conv_consumers()) for m in mixers)
+
+    def fuse(on: bool):
+        for m in mixers:
+            m.conv1d.fuse_in_proj = on
+
+    with torch.no_grad():
+        fuse(False)
+        unfused = _decode(model, x)
+        fuse(True)
+        for m in mixers:
+            def refuse(*args, **kw):
+                raise AssertionError("in_proj / conv1d ran its own step although the fused op runs both")
+
+            monkeypatch.setattr(m.in_proj, "step", refuse)
+            monkeypatch.setattr(m.conv1d, "step", refuse)
+        fused = _decode(model, x)
+    assert fused[-1].dtype == dtype
+    assert all(torch.equal(a, b) for a, b in zip(fused, unfused))
+
+
+def test_in_proj_conv_fusion_only_where_both_take_codes():
+    """The fused step only where in_proj would emit the conv's codes and the conv its consumers' (int8 mode, both
+    ``emit_codes``, ``fuse_in_proj``): else in_proj's step then the conv's, as before; a conv handed a pending GEMV
+    it cannot take says what to do."""
+    model = _model(RECIPES / "dual_scale_baseline_mamba1.yaml")
+    mixer = model.backbone.layers[0].mixer
+    di = mixer.d_inner
+    hidden = torch.randn(2, mixer.in_proj.in_features)
+    in_consumers = ((mixer.conv1d, "input", di), (mixer.scan, "z", di))
+    conv_consumers = mixer.conv_consumers()
+    assert mixer.conv1d.takes_projected_input(conv_consumers)
+    proj = mixer.in_proj.step_gemv_inputs(hidden, in_consumers)
+    assert proj is not None and proj.out_columns == [di, di]
+    mixer.in_proj.emit_codes = False
+    assert mixer.in_proj.step_gemv_inputs(hidden, in_consumers) is None
+    mixer.in_proj.emit_codes = True
+    for switch in ("emit_codes", "fuse_in_proj"):
+        setattr(mixer.conv1d, switch, False)
+        assert not mixer.conv1d.takes_projected_input(conv_consumers)
+        setattr(mixer.conv1d, switch, True)
+    set_mode(model, "fakequant")
+    assert not mixer.conv1d.takes_projected_input(conv_consumers)
+    assert mixer.in_proj.step_gemv_inputs(hidden, in_consumers) is None
+    state = torch.zeros(2, di, mixer.conv1d.kernel_size[0])
+    with pytest.raises(ValueError, match="does not take its input as a pending GEMV now"):
+        mixer.conv1d.step_from_projection(proj, state, torch.float32, conv_consumers)
