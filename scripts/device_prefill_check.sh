@@ -11,7 +11,8 @@
 #   bench    the int8 prefill's host work counted on the GPU, then benchmarks/latency.py: mamba_ssm fp16, qmamba int8
 #            and an ablation of it (ABLATION=serial|unfused, below), with the host syncs of one prefill per engine;
 #            WITH_CONV=1 first builds causal-conv1d (~3 min, its sdist in .whl) for the fp16 baseline at its fastest
-#   quick    the overlap test and the Mamba1 scan update kernels (dt_proj fused), then latency.py on mamba-2.8b
+#   quick    the overlap test, the Mamba1 scan update (dt_proj fused) and conv update kernels (also fused into
+#            in_proj's GEMV), then latency.py on mamba-2.8b
 #            (fp16, int8, int8 serial; PROFILE_ROWS=n adds the decode profile): one call
 # Logs go to $OUT. Usage: bash scripts/device_prefill_check.sh tests|kernels|bench|quick  (the machine is given back ~30 s
 # after a call: start the next one at once to find it warm)
@@ -30,7 +31,8 @@ if [ "$stage" = tests ]; then
   tail -25 "$out/prefill_gpu_tests.log"
 elif [ "$stage" = quick ]; then  # one call when device time is short: overlap + Mamba1 checks, then 2.8b latency
   timeout 150 python3 -m pytest -q -m gpu --tb=short -rf $g/test_gpu_launch_overlap.py \
-    $g/test_gpu_kernel_selective_scan.py -k "overlap or update or dispatcher" > "$out/quick_gpu_tests.log" 2>&1
+    $g/test_gpu_kernel_selective_scan.py $g/test_gpu_kernel_conv1d.py -k "overlap or update or dispatcher or gemv" \
+    > "$out/quick_gpu_tests.log" 2>&1
   tail -15 "$out/quick_gpu_tests.log"
   timeout 200 python3 benchmarks/latency.py --configs mamba-2.8b --reps 3 --profile-decode ${PROFILE_ROWS:-0} \
     --engines "mamba_ssm fp16" "qmamba int8" "qmamba int8 serial" --json "$out/latency.json" > "$out/latency.log" 2>&1
