@@ -124,14 +124,20 @@ def check_conv1d_update_args(qx, conv_state, x_scale, qw, w_scale, bias=None,
     B, D = qx.shape
     K = _check_common(op, D, x_scale, qw, w_scale, bias, out_dtype, out_scales)
     check_out_duals(op, out_duals, out_scales)
+    _check_conv_state(op, conv_state, B, D, K, "B")
+    return K
+
+
+def _check_conv_state(op: str, conv_state, rows: int, D: int, K: int, rows_name: str) -> None:
+    """conv_state must be int8 codes (rows, D, K), within the kernel's int32 indexing."""
     fix = "build it with qmamba.ops.int8_conv1d.conv1d_int8_initial_state"
     require_int8(op, "conv_state", conv_state, fix=fix)
-    if shape_of(conv_state) != (B, D, K):
-        raise ValueError(f"{op}: conv_state must be int8 codes (B, D, K) = {(B, D, K)}, got {shape_of(conv_state)}; "
-                         f"{fix}")
-    if B * D >= INT32_LIMIT:
-        raise ValueError(f"{op}: B * D = {B * D} is too large for the kernel's int32 indexing; split the batch")
-    return K
+    if shape_of(conv_state) != (rows, D, K):
+        raise ValueError(f"{op}: conv_state must be int8 codes ({rows_name}, D, K) = {(rows, D, K)}, got "
+                         f"{shape_of(conv_state)}; {fix}")
+    if rows * D >= INT32_LIMIT:
+        raise ValueError(f"{op}: {rows_name} * D = {rows * D} is too large for the kernel's int32 indexing; split the "
+                         "batch")
 
 
 def conv1d_int8(qx: torch.Tensor, x_scale, qw: torch.Tensor, w_scale, bias: torch.Tensor | None = None,
@@ -195,13 +201,7 @@ def check_gemv_conv_update_args(proj: GemvInputs, conv_state, qw, w_scale, bias=
     D = proj.out_columns[0]
     K = _check_common(op, D, proj.out_scale[0], qw, w_scale, bias, out_dtype, out_scales)
     check_out_duals(op, out_duals, out_scales)
-    fix = "build it with qmamba.ops.int8_conv1d.conv1d_int8_initial_state"
-    require_int8(op, "conv_state", conv_state, fix=fix)
-    if shape_of(conv_state) != (M, D, K):
-        raise ValueError(f"{op}: conv_state must be int8 codes (M, D, K) = {(M, D, K)}, got {shape_of(conv_state)}; "
-                         f"{fix}")
-    if M * D >= INT32_LIMIT:
-        raise ValueError(f"{op}: M * D = {M * D} is too large for the kernel's int32 indexing; split the batch")
+    _check_conv_state(op, conv_state, M, D, K, "M")
     return D, K
 
 

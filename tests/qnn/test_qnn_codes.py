@@ -335,29 +335,36 @@ def test_all_hand_offs_off_is_the_same_model(preset, recipe):
     assert all(torch.equal(a, b) for a, b in zip(fused_dec, plain_dec))
 
 
+# Mamba1's decode fusions: (the switch's owner, the switch, the parts whose own step the fused op replaces)
+FUSIONS = {"dt_proj into the scan update": (lambda m: m.scan, "fuse_dt_proj", ("dt_proj",)),
+           "conv update into in_proj's GEMV": (lambda m: m.conv1d, "fuse_in_proj", ("in_proj", "conv1d"))}
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
 @pytest.mark.parametrize("converted", [True, False], ids=["converted", "prepared"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("recipe", ["quamba_w8a8", "quamba_w8a8_per_channel_weights.yaml",
                                     "dual_scale_treatment_mamba1.yaml"])
-def test_dt_proj_fused_into_the_scan_update_bit_for_bit(recipe, dtype, converted, monkeypatch):
-    """int8 Mamba1 decode on the torch backend: with dt_proj fused (the scan's update computes delta's codes from
-    dt_proj's GEMV inputs) the prefill and step logits equal, bit for bit, those of dt_proj's own GEMV handing the
-    scan its delta codes (``fuse_dt_proj`` off); fused, dt_proj's step is never called."""
+def test_decode_fusion_bit_for_bit(recipe, dtype, converted, fusion, monkeypatch):
+    """int8 Mamba1 decode on the torch backend: with a fusion on (dt_proj computed inside the scan's update; the
+    conv update run in in_proj's GEMV epilogue) the prefill and step logits equal, bit for bit, those of the parts'
+    own steps (the switch off); fused, the replaced parts' steps are never called."""
+    owner, switch, replaced = FUSIONS[fusion]
     torch.manual_seed(0)
     spec = load_recipe(str(RECIPES / recipe)) if recipe.endswith(".yaml") else recipe
     model = prepare(MambaLM(qmamba.preset("tiny")).eval(), spec).to(dtype)
     calibrate(model, [_ids(seed=s) for s in (10, 11)], progress=False)
     if converted:
-        convert(model)  # dt_proj's weight stored as int8 codes; prepared: quantized at each step
+        convert(model)  # int8 weights stored as codes; prepared: quantized at each step
     set_mode(model, "int8")
     x = _ids(seed=5)
     mixers = [layer.mixer for layer in model.backbone.layers]
-    scans = [m for m in model.modules() if isinstance(m, QuantSelectiveScan)]
-    assert len(scans) == len(mixers) and all(scan.takes_projection("delta") for scan in scans)
+    assert all(isinstance(m.scan, QuantSelectiveScan) and m.scan.takes_projection("delta") for m in mixers)
+    assert all(m.conv1d.takes_projected_input(m.conv_consumers()) for m in mixers)
 
     def fuse(on: bool):
-        for scan in scans:
-            scan.fuse_dt_proj = on
+        for m in mixers:
+            setattr(owner(m), switch, on)
 
     with torch.no_grad():
         fuse(False)
@@ -365,9 +372,10 @@ def test_dt_proj_fused_into_the_scan_update_bit_for_bit(recipe, dtype, converted
         fuse(True)
         for m in mixers:
             def refuse(*args, **kw):
-                raise AssertionError("dt_proj ran its own step although the scan's update computes delta's codes")
+                raise AssertionError(f"{replaced} ran its own step although the fused op ({fusion}) runs it")
 
-            monkeypatch.setattr(m.dt_proj, "step", refuse)
+            for name in replaced:
+                monkeypatch.setattr(getattr(m, name), "step", refuse)
         fused = _decode(model, x)
     assert fused[-1].dtype == dtype
     assert all(torch.equal(a, b) for a, b in zip(fused, unfused))
@@ -395,44 +403,6 @@ def test_dt_proj_fusion_only_where_the_scan_takes_delta_codes():
     with pytest.raises(ValueError, match="does not take delta as a DtProjection.*hand it dt_proj's output"):
         mixer.scan.step(torch.zeros(2, di, n), torch.randn(2, di), projection, mixer.A_log, torch.randn(2, n),
                         torch.randn(2, n), mixer.D, torch.randn(2, di))
-
-
-@pytest.mark.parametrize("converted", [True, False], ids=["converted", "prepared"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("recipe", ["quamba_w8a8", "quamba_w8a8_per_channel_weights.yaml",
-                                    "dual_scale_treatment_mamba1.yaml"])
-def test_in_proj_fused_with_the_conv_update_bit_for_bit(recipe, dtype, converted, monkeypatch):
-    """int8 Mamba1 decode on the torch backend: with the conv update fused into in_proj's GEMV
-    (``QuantCausalConv1d.step_from_projection``) the prefill and step logits equal, bit for bit, those of in_proj's
-    own step then the conv's (``fuse_in_proj`` off); fused, neither of those steps is called."""
-    torch.manual_seed(0)
-    spec = load_recipe(str(RECIPES / recipe)) if recipe.endswith(".yaml") else recipe
-    model = prepare(MambaLM(qmamba.preset("tiny")).eval(), spec).to(dtype)
-    calibrate(model, [_ids(seed=s) for s in (10, 11)], progress=False)
-    if converted:
-        convert(model)
-    set_mode(model, "int8")
-    x = _ids(seed=5)
-    mixers = [layer.mixer for layer in model.backbone.layers]
-    assert all(m.conv1d.takes_projected_input(m.conv_consumers()) for m in mixers)
-
-    def fuse(on: bool):
-        for m in mixers:
-            m.conv1d.fuse_in_proj = on
-
-    with torch.no_grad():
-        fuse(False)
-        unfused = _decode(model, x)
-        fuse(True)
-        for m in mixers:
-            def refuse(*args, **kw):
-                raise AssertionError("in_proj / conv1d ran its own step although the fused op runs both")
-
-            monkeypatch.setattr(m.in_proj, "step", refuse)
-            monkeypatch.setattr(m.conv1d, "step", refuse)
-        fused = _decode(model, x)
-    assert fused[-1].dtype == dtype
-    assert all(torch.equal(a, b) for a, b in zip(fused, unfused))
 
 
 def test_in_proj_conv_fusion_only_where_both_take_codes():
