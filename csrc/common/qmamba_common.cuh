@@ -27,6 +27,14 @@ __device__ __forceinline__ int8_t code_rn(float p) { return static_cast<int8_t>(
 // q = clamp(rint(v * inv_scale), -128, 127).
 __device__ __forceinline__ int8_t quantize_rn(float v, float inv_scale) { return code_rn(__fmul_rn(v, inv_scale)); }
 
+// The int32 sum of the 16 int8 products of two 16-byte chunks, added to acc (exact: four __dp4a).
+__device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {
+  acc = __dp4a(a.x, b.x, acc);
+  acc = __dp4a(a.y, b.y, acc);
+  acc = __dp4a(a.z, b.z, acc);
+  return __dp4a(a.w, b.w, acc);
+}
+
 // SiLU as torch computes it in fp32: x / (1 + exp(-x)).
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 

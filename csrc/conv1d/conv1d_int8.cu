@@ -301,7 +301,7 @@ at::Tensor conv1d_silu(const at::Tensor& x) {
   if (n == 0) return y;
   constexpr int threads = 256;
   launch_overlapped(conv1d_silu_kernel, dim3(static_cast<unsigned>((n + threads - 1) / threads)), dim3(threads), 0,
-                    c10::cuda::getCurrentCUDAStream().stream(),x.data_ptr<float>(), y.data_ptr<float>(), n);
+                    c10::cuda::getCurrentCUDAStream().stream(), x.data_ptr<float>(), y.data_ptr<float>(), n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }
@@ -390,14 +390,7 @@ std::vector<at::Tensor> conv1d_int8_update(const at::Tensor& x, const at::Tensor
   TORCH_CHECK(x.dim() == 2, "conv1d_int8_update: x must be (B, D) int8 codes of one token, got ", x.sizes());
   const int64_t B = x.size(0), D = x.size(1);
   ConvArgs a = check_conv_args("conv1d_int8_update", x, D, x_scale, w, w_scale, bias, out_dtype, out_scales);
-  TORCH_CHECK(conv_state.is_cuda() && conv_state.scalar_type() == at::kChar && conv_state.dim() == 3 &&
-                  conv_state.size(0) == B && conv_state.size(1) == D && conv_state.size(2) == a.K,
-              "conv1d_int8_update: conv_state must be int8 CUDA codes (B, D, K) = (", B, ", ", D, ", ", a.K,
-              "), got ", conv_state.scalar_type(), " ", conv_state.sizes(),
-              "; build it with qmamba.ops.int8_conv1d.conv1d_int8_initial_state");
-  TORCH_CHECK(conv_state.device() == x.device(), "conv1d_int8_update: conv_state is on ", conv_state.device(),
-              " but x is on ", x.device());
-  TORCH_CHECK(B * D < (int64_t(1) << 31), "conv1d_int8_update: B * D = ", B * D, " is too large");
+  check_conv_state("conv1d_int8_update", conv_state, x, B, D, a.K, "B");
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   std::vector<at::Tensor> results;
   Outputs outs = make_conv_outputs("conv1d_int8_update", x, out_dtype, out_scales, dual_index, dual_encoding, dual_knee,

@@ -94,9 +94,9 @@ struct ConvArgs {
 };
 
 // Checks shared by prefill and update; returns the weight as (D, K) contiguous.
-ConvArgs check_conv_args(const char* op, const at::Tensor& x, int64_t D, const at::Tensor& x_scale, const at::Tensor& w,
-                    const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
-                    at::TensorList out_scales) {
+ConvArgs check_conv_args(const char* op, const at::Tensor& x, int64_t D, const at::Tensor& x_scale,
+                         const at::Tensor& w, const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                         at::ScalarType out_dtype, at::TensorList out_scales) {
   QMAMBA_CHECK_CUDA(x);
   TORCH_CHECK(x.scalar_type() == at::kChar, op, ": x must be int8 codes (quantize the conv input first), got ",
               x.scalar_type());
@@ -132,15 +132,28 @@ ConvArgs check_conv_args(const char* op, const at::Tensor& x, int64_t D, const a
   return {w.reshape({D, K}).contiguous(), static_cast<int>(K), w_scale.numel() == D && D != 1};
 }
 
+// The conv's decode state: int8 CUDA codes (rows, D, K) on x's device, within the kernels' int32 indexing.
+void check_conv_state(const char* op, const at::Tensor& conv_state, const at::Tensor& x, int64_t rows, int64_t D,
+                      int K, const char* rows_name) {
+  TORCH_CHECK(conv_state.is_cuda() && conv_state.scalar_type() == at::kChar && conv_state.dim() == 3 &&
+                  conv_state.size(0) == rows && conv_state.size(1) == D && conv_state.size(2) == K,
+              op, ": conv_state must be int8 CUDA codes (", rows_name, ", D, K) = (", rows, ", ", D, ", ", K, "), got ",
+              conv_state.scalar_type(), " ", conv_state.sizes(),
+              "; build it with qmamba.ops.int8_conv1d.conv1d_int8_initial_state");
+  TORCH_CHECK(conv_state.device() == x.device(), op, ": conv_state is on ", conv_state.device(), " but x is on ",
+              x.device());
+  TORCH_CHECK(rows * D < (int64_t(1) << 31), op, ": ", rows_name, " * D = ", rows * D, " is too large");
+}
+
 // Allocate the outputs, each an empty tensor of `alloc_shape` (transposed 1 <-> 2 for the channel-last prefill
 // layout), in the order of out_scales, and point the kernel's Outputs at them. Output `dual_index` (>= 0), if any, is
 // dual-scale (issue 5): `dual_encoding` (1 mask, 2 piecewise) with outlier scale `dual_outlier_scale`; the mask
 // encoding appends its packed flags to `results`, allocated as `mask_shape` (transposed likewise), left unfilled: the
 // kernels write every byte.
 Outputs make_conv_outputs(const char* op, const at::Tensor& x, at::ScalarType out_dtype, at::TensorList out_scales,
-                     int64_t dual_index, int64_t dual_encoding, int64_t dual_knee,
-                     const std::optional<at::Tensor>& dual_outlier_scale, at::IntArrayRef alloc_shape,
-                     at::IntArrayRef mask_shape, bool transpose12, std::vector<at::Tensor>& results) {
+                          int64_t dual_index, int64_t dual_encoding, int64_t dual_knee,
+                          const std::optional<at::Tensor>& dual_outlier_scale, at::IntArrayRef alloc_shape,
+                          at::IntArrayRef mask_shape, bool transpose12, std::vector<at::Tensor>& results) {
   const int64_t n = static_cast<int64_t>(out_scales.size());
   if (dual_index < 0) {
     TORCH_CHECK(!dual_outlier_scale.has_value(), op, ": dual_outlier_scale given without a dual_index");

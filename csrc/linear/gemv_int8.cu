@@ -64,13 +64,6 @@ struct ConvUpdate {
   Outputs outs;            // (M, D) outputs, as conv1d_int8_update allocates them
 };
 
-__device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {
-  acc = __dp4a(a.x, b.x, acc);
-  acc = __dp4a(a.y, b.y, acc);
-  acc = __dp4a(a.z, b.z, acc);
-  return __dp4a(a.w, b.w, acc);
-}
-
 template <typename T> __device__ __forceinline__ void store_out(T* p, float v);
 template <> __device__ __forceinline__ void store_out<float>(float* p, float v) { *p = v; }
 template <> __device__ __forceinline__ void store_out<at::Half>(at::Half* p, float v) {
@@ -363,14 +356,7 @@ std::vector<at::Tensor> w8a8_gemv_conv_update(
               "column count of the first out_scale segment (", first, "): the conv's input is that segment");
   const int64_t D = conv_columns;
   ConvArgs a = check_conv_args(op, x, D, out_scale[0], conv_w, conv_w_scale, conv_bias, out_dtype, conv_out_scales);
-  TORCH_CHECK(conv_state.is_cuda() && conv_state.scalar_type() == at::kChar && conv_state.dim() == 3 &&
-                  conv_state.size(0) == M && conv_state.size(1) == D && conv_state.size(2) == a.K,
-              op, ": conv_state must be int8 CUDA codes (M, D, K) = (", M, ", ", D, ", ", a.K, "), got ",
-              conv_state.scalar_type(), " ", conv_state.sizes(),
-              "; build it with qmamba.ops.int8_conv1d.conv1d_int8_initial_state");
-  TORCH_CHECK(conv_state.device() == x.device(), op, ": conv_state is on ", conv_state.device(), " but x is on ",
-              x.device());
-  TORCH_CHECK(M * D < (int64_t(1) << 31), op, ": M * D = ", M * D, " is too large");
+  check_conv_state(op, conv_state, x, M, D, a.K, "M");
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   std::vector<at::Tensor> conv_results;
   ConvUpdate conv{};

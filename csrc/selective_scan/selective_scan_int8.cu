@@ -208,13 +208,6 @@ struct UpdateParams {
   bool dt_vec;  // R % 16 == 0 and every dt / weight row 16-byte aligned: 16-byte loads and __dp4a (one flag for all)
 };
 
-__device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {
-  acc = __dp4a(a.x, b.x, acc);
-  acc = __dp4a(a.y, b.y, acc);
-  acc = __dp4a(a.z, b.z, acc);
-  return __dp4a(a.w, b.w, acc);
-}
-
 // Channel d's delta code from batch element b's dt codes: dt_proj's W8A8 GEMV with its REQUANT epilogue, copied from
 // gemv_int8.cu op for op (integer sums: any order; then the same fp32 roundings, never contracted into an FMA), so the
 // code is bit-identical to the GEMV's. The dt row is the same for every thread of the block (one batch element per
