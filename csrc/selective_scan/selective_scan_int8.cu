@@ -210,10 +210,12 @@ struct UpdateParams {
 
 // Channel d's delta code from batch element b's dt codes: dt_proj's W8A8 GEMV with its REQUANT epilogue, copied from
 // gemv_int8.cu op for op (integer sums: any order; then the same fp32 roundings, never contracted into an FMA), so the
-// code is bit-identical to the GEMV's. The dt row is the same for every thread of the block (one batch element per
+// code is bit-identical to the GEMV's. The channel's KP lanes (lane = its index in the group) split the row: lane l
+// sums 16-byte chunks l, l + KP, ... (bytes l, l + KP, ... without dt_vec), and a shuffle reduction over the group
+// gives every lane the whole sum. The dt row is the same for every channel of the block (one batch element per
 // block): its loads are broadcasts from L1.
-template <typename T>
-__device__ __forceinline__ int8_t dt_proj_code(const UpdateParams& p, int b, int d) {
+template <typename T, int KP>
+__device__ __forceinline__ int8_t dt_proj_code(const UpdateParams& p, int b, int d, int lane) {
   const int8_t* x = p.dt + b * p.dt_sb;
   const int8_t* w = p.dt_w + static_cast<int64_t>(d) * p.dt_rank;
   int acc = 0;
@@ -221,40 +223,42 @@ __device__ __forceinline__ int8_t dt_proj_code(const UpdateParams& p, int b, int
     const int4* x4 = reinterpret_cast<const int4*>(x);
     const int4* w4 = reinterpret_cast<const int4*>(w);
     const int chunks = p.dt_rank >> 4;
-#pragma unroll 2
-    for (int c = 0; c < chunks; ++c) acc = dot16(__ldg(w4 + c), __ldg(x4 + c), acc);
+    for (int c = lane; c < chunks; c += KP) acc = dot16(__ldg(w4 + c), __ldg(x4 + c), acc);
   } else {
-    for (int k = 0; k < p.dt_rank; ++k) acc += static_cast<int>(x[k]) * static_cast<int>(__ldg(w + k));
+    for (int k = lane; k < p.dt_rank; k += KP) acc += static_cast<int>(x[k]) * static_cast<int>(__ldg(w + k));
   }
+#pragma unroll
+  for (int off = KP >> 1; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   const float s = __fmul_rn(*p.dt_scale, p.dt_w_scale[p.dt_w_per_channel ? d : 0]);
   float v = __fmul_rn(__int2float_rn(acc), s);
   if (p.dt_bias != nullptr) v = __fadd_rn(v, p.dt_bias[d * p.dt_bias_s]);
   return quantize_rn(round_through<T>(v), __fdiv_rn(1.0f, *p.delta_scale));
 }
 
-// One thread per (batch, channel); B / C of the batch element are dequantized once per block into shared memory.
-template <typename T>
+// KP lanes (consecutive, one warp) per (batch, channel), kUpdateThreads / KP channels per block: lane l holds states
+// l, l + KP, ... (so a warp's state and A loads are contiguous runs for a (batch, D, N) contiguous state), and the
+// partial sums of C h are reduced with shuffles; every load of a step is one round trip, which is what the update
+// waits on (a few MB of state at most: latency, not bandwidth, is its cost). Every lane of a group computes the
+// channel's scalars (u, delta, gate: same addresses, one transaction); lane 0 writes y. Channels past dim run
+// clamped to the last one and write nothing, so every lane of the warp takes part in the shuffles.
+template <typename T, int KP>
 __global__ void __launch_bounds__(kUpdateThreads) selective_scan_int8_update_kernel(const UpdateParams p) {
+  constexpr int kChans = kUpdateThreads / KP;
+  constexpr int kMaxNpl = KP < 32 ? 1 : kMaxState / 32;  // KP < 32 only when N <= KP
   const int b = blockIdx.y;
-  const int d = blockIdx.x * kUpdateThreads + threadIdx.x;
-  // dt_proj's weight is read-only: the first batch element's blocks send this thread's row to L2 before the prologue,
-  // while the kernel before this one (x_proj's GEMV, whose output is dt) may still be running (launch_overlapped)
-  if (p.dt != nullptr && b == 0 && d < p.dim) {
+  const int lane = threadIdx.x % KP;
+  const int d_raw = blockIdx.x * kChans + threadIdx.x / KP;
+  const bool d_ok = d_raw < p.dim;
+  const int d = d_ok ? d_raw : p.dim - 1;
+  // dt_proj's weight is read-only: the first batch element's blocks send its rows to L2 before the prologue, while
+  // the kernel before this one (x_proj's GEMV, whose output is dt) may still be running (launch_overlapped)
+  if (p.dt != nullptr && b == 0 && d_ok) {
     const int8_t* w = p.dt_w + static_cast<int64_t>(d) * p.dt_rank;
-    for (int off = 0; off < p.dt_rank; off += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(w + off));
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(w + p.dt_rank - 1));  // the row's last line
+    for (int off = lane * 128; off < p.dt_rank; off += KP * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(w + off));
+    if (lane == 0) asm volatile("prefetch.global.L2 [%0];" ::"l"(w + p.dt_rank - 1));  // the row's last line
   }
   kernel_prologue();  // see launch_overlapped (common/qmamba_common.cuh)
-  __shared__ float sB[kMaxState], sC[kMaxState];
   const int N = p.nstate;
-  const float sBs = *p.B_scale, sCs = *p.C_scale;
-  for (int s = threadIdx.x; s < N; s += kUpdateThreads) {
-    sB[s] = deq<T>(p.B[b * p.B_sb + s * p.B_sn], sBs);
-    sC[s] = deq<T>(p.C[b * p.C_sb + s * p.C_sn], sCs);
-  }
-  __syncthreads();
-  if (d >= p.dim) return;
-
   const int8_t qu = p.u[b * p.u_sb + d * p.u_sd];
   float uu;
   if (p.u_dual.enc != kEncSingle) {
@@ -263,20 +267,27 @@ __global__ void __launch_bounds__(kUpdateThreads) selective_scan_int8_update_ker
   } else {
     uu = deq<T>(qu, *p.u_scale);
   }
-  const int8_t qdelta = p.dt != nullptr ? dt_proj_code<T>(p, b, d) : p.delta[b * p.dl_sb + d * p.dl_sd];
+  const int8_t qdelta = p.dt != nullptr ? dt_proj_code<T, KP>(p, b, d, lane) : p.delta[b * p.dl_sb + d * p.dl_sd];
   float dl = deq<T>(qdelta, *p.delta_scale);
   if (p.delta_bias != nullptr) dl = dl + p.delta_bias[d * p.bias_s];
   if (p.softplus) dl = softplus(dl);
   const float du = dl * uu;
   float* st = p.state + b * p.st_sb + d * p.st_sd;
   const float* Ad = p.A + d * p.A_sd;
+  const float sBs = *p.B_scale, sCs = *p.C_scale;
   float y = 0.0f;
-#pragma unroll 4
-  for (int s = 0; s < N; ++s) {
-    const float hs = expf(dl * Ad[s * p.A_sn]) * st[s * p.st_sn] + du * sB[s];
-    st[s * p.st_sn] = hs;
-    y += sC[s] * hs;
+#pragma unroll
+  for (int j = 0; j < kMaxNpl; ++j) {
+    const int s = lane + j * KP;
+    if (s < N) {
+      const float hs = expf(dl * Ad[s * p.A_sn]) * st[s * p.st_sn] + du * deq<T>(p.B[b * p.B_sb + s * p.B_sn], sBs);
+      if (d_ok) st[s * p.st_sn] = hs;
+      y += deq<T>(p.C[b * p.C_sb + s * p.C_sn], sCs) * hs;
+    }
   }
+#pragma unroll
+  for (int off = KP >> 1; off > 0; off >>= 1) y += __shfl_xor_sync(0xffffffffu, y, off);
+  if (!d_ok || lane != 0) return;
   y = y + uu * p.D[d * p.D_s];
   if (p.z != nullptr) y = y * silu(deq<T>(p.z[b * p.z_sb + d * p.z_sd], *p.z_scale));
   static_cast<T*>(p.y)[static_cast<int64_t>(b) * p.dim + d] = static_cast<T>(y);
@@ -534,6 +545,17 @@ void dt_proj_args(UpdateParams& p, const at::Tensor& u, const at::Tensor& dt,
   p.dt_vec = rank % 16 == 0 && aligned(p.dt) && aligned(p.dt_w) && (batch == 1 || p.dt_sb % 16 == 0);
 }
 
+template <int KP>
+void launch_update(const UpdateParams& p, at::ScalarType out_dtype, int64_t dim, int64_t batch, cudaStream_t stream) {
+  constexpr int kChans = kUpdateThreads / KP;
+  const dim3 grid((dim + kChans - 1) / kChans, batch);
+  switch (out_dtype) {
+    case at::kFloat: launch_overlapped(selective_scan_int8_update_kernel<float, KP>, grid, dim3(kUpdateThreads), 0, stream, p); break;
+    case at::kHalf: launch_overlapped(selective_scan_int8_update_kernel<at::Half, KP>, grid, dim3(kUpdateThreads), 0, stream, p); break;
+    default: launch_overlapped(selective_scan_int8_update_kernel<at::BFloat16, KP>, grid, dim3(kUpdateThreads), 0, stream, p); break;
+  }
+}
+
 at::Tensor selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, const at::Tensor& u_scale,
                                       const std::optional<at::Tensor>& delta, const at::Tensor& delta_scale,
                                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& B_scale,
@@ -629,12 +651,16 @@ at::Tensor selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, co
   if (delta_bias.has_value()) p.bias_s = delta_bias->stride(0);
   p.softplus = delta_softplus;
 
-  const dim3 grid((dim + kUpdateThreads - 1) / kUpdateThreads, batch);
+  // KP lanes per channel: the state size rounded up to a power of two, at most a warp (then 8 states a lane)
+  const int kp = std::min(32, next_pow2(static_cast<int>(nstate)));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  switch (out_dtype) {
-    case at::kFloat: launch_overlapped(selective_scan_int8_update_kernel<float>, grid, dim3(kUpdateThreads), 0, stream, p); break;
-    case at::kHalf: launch_overlapped(selective_scan_int8_update_kernel<at::Half>, grid, dim3(kUpdateThreads), 0, stream, p); break;
-    default: launch_overlapped(selective_scan_int8_update_kernel<at::BFloat16>, grid, dim3(kUpdateThreads), 0, stream, p); break;
+  switch (kp) {
+    case 1: launch_update<1>(p, out_dtype, dim, batch, stream); break;
+    case 2: launch_update<2>(p, out_dtype, dim, batch, stream); break;
+    case 4: launch_update<4>(p, out_dtype, dim, batch, stream); break;
+    case 8: launch_update<8>(p, out_dtype, dim, batch, stream); break;
+    case 16: launch_update<16>(p, out_dtype, dim, batch, stream); break;
+    default: launch_update<32>(p, out_dtype, dim, batch, stream); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
