@@ -30,7 +30,7 @@ if [ "$stage" = tests ]; then
     $g/test_gpu_kernel_ssd.py -k "not test_gpu_kernel_ssd or from_float" > "$out/prefill_gpu_tests.log" 2>&1
   tail -25 "$out/prefill_gpu_tests.log"
 elif [ "$stage" = quick ]; then  # one call when device time is short: overlap + Mamba1 checks, then 2.8b latency
-  timeout 150 python3 -m pytest -q -m gpu --tb=short -rf $g/test_gpu_launch_overlap.py \
+  timeout 200 python3 -m pytest -q -m gpu --tb=short -rf $g/test_gpu_cpp_checks.py $g/test_gpu_launch_overlap.py \
     $g/test_gpu_kernel_selective_scan.py $g/test_gpu_kernel_conv1d.py -k "overlap or update or dispatcher or gemv" \
     > "$out/quick_gpu_tests.log" 2>&1
   tail -15 "$out/quick_gpu_tests.log"

@@ -11,6 +11,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 
+#include "common/check.h"
+
 namespace qmamba {
 
 // q = clamp(rint(p), -128, 127) for an already scaled p; rint = round half to even, never roundf. One saturating
@@ -184,8 +186,9 @@ void launch_overlapped(void (*kernel)(Params...), dim3 grid, dim3 block, size_t 
 
 }  // namespace qmamba
 
-#define QMAMBA_CHECK_CUDA(x) TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor")
-#define QMAMBA_CHECK_DTYPE(x, dt) TORCH_CHECK((x).scalar_type() == (dt), #x " must be " #dt ", got ", (x).scalar_type())
+#define QMAMBA_CHECK_CUDA(x) QMAMBA_CHECK((x).is_cuda(), #x " must be a CUDA tensor")
+#define QMAMBA_CHECK_DTYPE(x, dt) \
+  QMAMBA_CHECK((x).scalar_type() == (dt), #x " must be " #dt ", got ", (x).scalar_type())
 #define QMAMBA_CHECK_SCALAR_SCALE(x) \
-  TORCH_CHECK((x).is_cuda() && (x).scalar_type() == at::kFloat && (x).numel() == 1, \
-              #x " must be a one-element float32 CUDA tensor (a per-tensor scale)")
+  QMAMBA_CHECK((x).is_cuda() && (x).scalar_type() == at::kFloat && (x).numel() == 1, \
+               #x " must be a one-element float32 CUDA tensor (a per-tensor scale)")

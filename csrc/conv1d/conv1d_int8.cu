@@ -294,7 +294,8 @@ __global__ void conv1d_silu_kernel(const float* __restrict__ x, float* __restric
 
 at::Tensor conv1d_silu(const at::Tensor& x) {
   QMAMBA_CHECK_CUDA(x);
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "conv1d_silu: x must be a contiguous float32 tensor");
+  QMAMBA_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(),
+               "conv1d_silu: x must be a contiguous float32 tensor");
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x);
   const int64_t n = x.numel();
@@ -324,8 +325,8 @@ void dispatch_out_dtype(at::ScalarType t, F&& f) {
     case at::kFloat: f(float{}); break;
     case at::kHalf: f(at::Half{}); break;
     case at::kBFloat16: f(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, "conv1d_int8: out_dtype must be float32, float16 or bfloat16 (the activation dtype), "
-                                "got ", t);
+    default: QMAMBA_CHECK(false, "conv1d_int8: out_dtype must be float32, float16 or bfloat16 (the activation dtype), "
+                                 "got ", t);
   }
 }
 
@@ -334,12 +335,12 @@ std::vector<at::Tensor> conv1d_int8(const at::Tensor& x, const at::Tensor& x_sca
                                     at::ScalarType out_dtype, at::TensorList out_scales, int64_t dual_index,
                                     int64_t dual_encoding, int64_t dual_knee,
                                     const std::optional<at::Tensor>& dual_outlier_scale) {
-  TORCH_CHECK(x.dim() == 3, "conv1d_int8: x must be (B, D, L) int8 codes, got ", x.sizes());
+  QMAMBA_CHECK(x.dim() == 3, "conv1d_int8: x must be (B, D, L) int8 codes, got ", x.sizes());
   const int64_t B = x.size(0), D = x.size(1), L = x.size(2);
   ConvArgs a = check_conv_args("conv1d_int8", x, D, x_scale, w, w_scale, bias, out_dtype, out_scales);
-  TORCH_CHECK(B <= 65535, "conv1d_int8: batch ", B, " exceeds the kernel's grid limit of 65535; split the batch");
-  TORCH_CHECK(D * L < (int64_t(1) << 31) && D < (int64_t(1) << 31), "conv1d_int8: D * L = ", D * L,
-              " is too large for the kernel's indexing; split the sequence");
+  QMAMBA_CHECK(B <= 65535, "conv1d_int8: batch ", B, " exceeds the kernel's grid limit of 65535; split the batch");
+  QMAMBA_CHECK(D * L < (int64_t(1) << 31) && D < (int64_t(1) << 31), "conv1d_int8: D * L = ", D * L,
+               " is too large for the kernel's indexing; split the sequence");
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   std::vector<at::Tensor> results;
   Outputs outs = make_conv_outputs("conv1d_int8", x, out_dtype, out_scales, dual_index, dual_encoding, dual_knee,
@@ -387,7 +388,7 @@ std::vector<at::Tensor> conv1d_int8_update(const at::Tensor& x, const at::Tensor
                                            const std::optional<at::Tensor>& bias, bool silu, at::ScalarType out_dtype,
                                            at::TensorList out_scales, int64_t dual_index, int64_t dual_encoding,
                                            int64_t dual_knee, const std::optional<at::Tensor>& dual_outlier_scale) {
-  TORCH_CHECK(x.dim() == 2, "conv1d_int8_update: x must be (B, D) int8 codes of one token, got ", x.sizes());
+  QMAMBA_CHECK(x.dim() == 2, "conv1d_int8_update: x must be (B, D) int8 codes of one token, got ", x.sizes());
   const int64_t B = x.size(0), D = x.size(1);
   ConvArgs a = check_conv_args("conv1d_int8_update", x, D, x_scale, w, w_scale, bias, out_dtype, out_scales);
   check_conv_state("conv1d_int8_update", conv_state, x, B, D, a.K, "B");

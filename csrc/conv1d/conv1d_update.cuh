@@ -98,51 +98,51 @@ ConvArgs check_conv_args(const char* op, const at::Tensor& x, int64_t D, const a
                          const at::Tensor& w, const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                          at::ScalarType out_dtype, at::TensorList out_scales) {
   QMAMBA_CHECK_CUDA(x);
-  TORCH_CHECK(x.scalar_type() == at::kChar, op, ": x must be int8 codes (quantize the conv input first), got ",
-              x.scalar_type());
+  QMAMBA_CHECK(x.scalar_type() == at::kChar, op, ": x must be int8 codes (quantize the conv input first), got ",
+               x.scalar_type());
   const auto dev = x.device();
   QMAMBA_CHECK_SCALAR_SCALE(x_scale);
-  TORCH_CHECK(w.is_cuda() && w.scalar_type() == at::kChar && w.dim() >= 2 && w.size(0) == D,
-              op, ": w must be int8 CUDA weight codes (D, K) or (D, 1, K) with D = ", D, ", got ", w.sizes());
+  QMAMBA_CHECK(w.is_cuda() && w.scalar_type() == at::kChar && w.dim() >= 2 && w.size(0) == D,
+               op, ": w must be int8 CUDA weight codes (D, K) or (D, 1, K) with D = ", D, ", got ", w.sizes());
   const int64_t K = w.size(-1);
-  TORCH_CHECK(w.numel() == D * K, op, ": w must be (D, K) or (D, 1, K), got ", w.sizes());
-  TORCH_CHECK(K >= 1 && K <= kMaxTaps, op, ": the kernel supports 1 <= K <= ", kMaxTaps, " taps (d_conv), got K = ",
-              K, "; use backend='torch' for longer convolutions");
-  TORCH_CHECK(w_scale.is_cuda() && w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
-                  (w_scale.numel() == 1 || w_scale.numel() == D),
-              op, ": w_scale must be a contiguous float32 CUDA tensor of 1 (per-tensor) or D = ", D,
-              " (per-channel) elements, got ", w_scale.scalar_type(), " ", w_scale.sizes());
+  QMAMBA_CHECK(w.numel() == D * K, op, ": w must be (D, K) or (D, 1, K), got ", w.sizes());
+  QMAMBA_CHECK(K >= 1 && K <= kMaxTaps, op, ": the kernel supports 1 <= K <= ", kMaxTaps, " taps (d_conv), got K = ",
+               K, "; use backend='torch' for longer convolutions");
+  QMAMBA_CHECK(w_scale.is_cuda() && w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
+                   (w_scale.numel() == 1 || w_scale.numel() == D),
+               op, ": w_scale must be a contiguous float32 CUDA tensor of 1 (per-tensor) or D = ", D,
+               " (per-channel) elements, got ", w_scale.scalar_type(), " ", w_scale.sizes());
   if (bias.has_value()) {
     const auto& bt = *bias;
-    TORCH_CHECK(bt.is_cuda() && bt.scalar_type() == at::kFloat && bt.is_contiguous() && bt.numel() == D,
-                op, ": bias must be a contiguous float32 CUDA tensor of D = ", D, " elements, got ", bt.scalar_type(),
-                " ", bt.sizes(), " (the Python wrapper converts it)");
-    TORCH_CHECK(bt.device() == dev, op, ": bias is on ", bt.device(), " but x is on ", dev);
+    QMAMBA_CHECK(bt.is_cuda() && bt.scalar_type() == at::kFloat && bt.is_contiguous() && bt.numel() == D,
+                 op, ": bias must be a contiguous float32 CUDA tensor of D = ", D, " elements, got ", bt.scalar_type(),
+                 " ", bt.sizes(), " (the Python wrapper converts it)");
+    QMAMBA_CHECK(bt.device() == dev, op, ": bias is on ", bt.device(), " but x is on ", dev);
   }
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
-              op, ": out_dtype must be float32, float16 or bfloat16 (the activation dtype), got ", out_dtype);
-  TORCH_CHECK(out_scales.size() <= static_cast<size_t>(kMaxOuts), op, ": at most ", kMaxOuts,
-              " out_scales (int8 consumers), got ", out_scales.size());
+  QMAMBA_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
+               op, ": out_dtype must be float32, float16 or bfloat16 (the activation dtype), got ", out_dtype);
+  QMAMBA_CHECK(out_scales.size() <= static_cast<size_t>(kMaxOuts), op, ": at most ", kMaxOuts,
+               " out_scales (int8 consumers), got ", out_scales.size());
   for (const auto& s : out_scales) {
     QMAMBA_CHECK_SCALAR_SCALE(s);
-    TORCH_CHECK(s.device() == dev, op, ": an out_scale is on ", s.device(), " but x is on ", dev);
+    QMAMBA_CHECK(s.device() == dev, op, ": an out_scale is on ", s.device(), " but x is on ", dev);
   }
-  TORCH_CHECK(x_scale.device() == dev && w.device() == dev && w_scale.device() == dev,
-              op, ": x, x_scale, w and w_scale must be on one device");
+  QMAMBA_CHECK(x_scale.device() == dev && w.device() == dev && w_scale.device() == dev,
+               op, ": x, x_scale, w and w_scale must be on one device");
   return {w.reshape({D, K}).contiguous(), static_cast<int>(K), w_scale.numel() == D && D != 1};
 }
 
 // The conv's decode state: int8 CUDA codes (rows, D, K) on x's device, within the kernels' int32 indexing.
 void check_conv_state(const char* op, const at::Tensor& conv_state, const at::Tensor& x, int64_t rows, int64_t D,
                       int K, const char* rows_name) {
-  TORCH_CHECK(conv_state.is_cuda() && conv_state.scalar_type() == at::kChar && conv_state.dim() == 3 &&
-                  conv_state.size(0) == rows && conv_state.size(1) == D && conv_state.size(2) == K,
-              op, ": conv_state must be int8 CUDA codes (", rows_name, ", D, K) = (", rows, ", ", D, ", ", K, "), got ",
-              conv_state.scalar_type(), " ", conv_state.sizes(),
-              "; build it with qmamba.ops.int8_conv1d.conv1d_int8_initial_state");
-  TORCH_CHECK(conv_state.device() == x.device(), op, ": conv_state is on ", conv_state.device(), " but x is on ",
-              x.device());
-  TORCH_CHECK(rows * D < (int64_t(1) << 31), op, ": ", rows_name, " * D = ", rows * D, " is too large");
+  QMAMBA_CHECK(conv_state.is_cuda() && conv_state.scalar_type() == at::kChar && conv_state.dim() == 3 &&
+                   conv_state.size(0) == rows && conv_state.size(1) == D && conv_state.size(2) == K,
+               op, ": conv_state must be int8 CUDA codes (", rows_name, ", D, K) = (", rows, ", ", D, ", ", K,
+               "), got ", conv_state.scalar_type(), " ", conv_state.sizes(),
+               "; build it with qmamba.ops.int8_conv1d.conv1d_int8_initial_state");
+  QMAMBA_CHECK(conv_state.device() == x.device(), op, ": conv_state is on ", conv_state.device(), " but x is on ",
+               x.device());
+  QMAMBA_CHECK(rows * D < (int64_t(1) << 31), op, ": ", rows_name, " * D = ", rows * D, " is too large");
 }
 
 // Allocate the outputs, each an empty tensor of `alloc_shape` (transposed 1 <-> 2 for the channel-last prefill
@@ -156,16 +156,16 @@ Outputs make_conv_outputs(const char* op, const at::Tensor& x, at::ScalarType ou
                           at::IntArrayRef mask_shape, bool transpose12, std::vector<at::Tensor>& results) {
   const int64_t n = static_cast<int64_t>(out_scales.size());
   if (dual_index < 0) {
-    TORCH_CHECK(!dual_outlier_scale.has_value(), op, ": dual_outlier_scale given without a dual_index");
+    QMAMBA_CHECK(!dual_outlier_scale.has_value(), op, ": dual_outlier_scale given without a dual_index");
   } else {
-    TORCH_CHECK(dual_index < n, op, ": dual_index ", dual_index, " names no output (", n, " out_scales)");
-    TORCH_CHECK(dual_encoding == kEncMask || dual_encoding == kEncPiecewise, op,
-                ": dual_encoding must be 1 (mask) or 2 (piecewise), got ", dual_encoding);
-    TORCH_CHECK(dual_encoding != kEncPiecewise || (dual_knee >= 1 && dual_knee <= 126), op,
-                ": the piecewise knee must be in 1..126, got ", dual_knee);
-    TORCH_CHECK(dual_outlier_scale.has_value(), op, ": a dual-scale output needs dual_outlier_scale");
+    QMAMBA_CHECK(dual_index < n, op, ": dual_index ", dual_index, " names no output (", n, " out_scales)");
+    QMAMBA_CHECK(dual_encoding == kEncMask || dual_encoding == kEncPiecewise, op,
+                 ": dual_encoding must be 1 (mask) or 2 (piecewise), got ", dual_encoding);
+    QMAMBA_CHECK(dual_encoding != kEncPiecewise || (dual_knee >= 1 && dual_knee <= 126), op,
+                 ": the piecewise knee must be in 1..126, got ", dual_knee);
+    QMAMBA_CHECK(dual_outlier_scale.has_value(), op, ": a dual-scale output needs dual_outlier_scale");
     QMAMBA_CHECK_SCALAR_SCALE(*dual_outlier_scale);
-    TORCH_CHECK(dual_outlier_scale->device() == x.device(), op, ": dual_outlier_scale must be on x's device");
+    QMAMBA_CHECK(dual_outlier_scale->device() == x.device(), op, ": dual_outlier_scale must be on x's device");
   }
   Outputs outs{};
   const auto opts = x.options();

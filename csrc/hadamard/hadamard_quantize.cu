@@ -161,7 +161,7 @@ void launch(const at::Tensor& x, const at::Tensor& scale, at::Tensor& out, int64
   const int64_t per_cta = tpb < 32 ? 32 / tpb : 1;
   const int64_t threads = tpb * per_cta;
   const int64_t grid = (total + per_cta - 1) / per_cta;
-  TORCH_CHECK(grid < (int64_t(1) << 31), "hadamard_quantize: ", total, " Hadamard blocks exceed the grid limit");
+  QMAMBA_CHECK(grid < (int64_t(1) << 31), "hadamard_quantize: ", total, " Hadamard blocks exceed the grid limit");
   int log_b = 0;
   while ((int64_t(1) << log_b) < b) ++log_b;
   // torch multiplies the fp32 tensor by the Python double 1/sqrt(b) converted to fp32 (IEEE sqrt and division are
@@ -190,17 +190,17 @@ void launch(const at::Tensor& x, const at::Tensor& scale, at::Tensor& out, int64
 
 at::Tensor hadamard_quantize(const at::Tensor& x, const at::Tensor& scale, int64_t bits) {
   QMAMBA_CHECK_CUDA(x);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) >= 1 && (x.size(1) == 1 || x.stride(1) == 1),
-              "hadamard_quantize: x must be (M, n) with a contiguous last dim, got sizes ", x.sizes(), " strides ",
-              x.strides());
+  QMAMBA_CHECK(x.dim() == 2 && x.size(1) >= 1 && (x.size(1) == 1 || x.stride(1) == 1),
+               "hadamard_quantize: x must be (M, n) with a contiguous last dim, got sizes ", x.sizes(), " strides ",
+               x.strides());
   QMAMBA_CHECK_SCALAR_SCALE(scale);
-  TORCH_CHECK(scale.device() == x.device(), "hadamard_quantize: scale is on ", scale.device(), " but x is on ",
-              x.device());
-  TORCH_CHECK(bits >= 2 && bits <= 8, "hadamard_quantize: bits must be in 2..8, got ", bits);
+  QMAMBA_CHECK(scale.device() == x.device(), "hadamard_quantize: scale is on ", scale.device(), " but x is on ",
+               x.device());
+  QMAMBA_CHECK(bits >= 2 && bits <= 8, "hadamard_quantize: bits must be in 2..8, got ", bits);
   const int64_t n = x.size(1);
   const int64_t b = n & -n;
-  TORCH_CHECK(b <= kMaxBlock, "hadamard_quantize: Hadamard blocks of up to ", kMaxBlock, " elements, got ", b,
-              " (n = ", n, "); use backend='torch'");
+  QMAMBA_CHECK(b <= kMaxBlock, "hadamard_quantize: Hadamard blocks of up to ", kMaxBlock, " elements, got ", b,
+               " (n = ", n, "); use backend='torch'");
   const int qmin = -(1 << (bits - 1)), qmax = (1 << (bits - 1)) - 1;
 
   const c10::cuda::OptionalCUDAGuard guard(x.device());
@@ -210,7 +210,7 @@ at::Tensor hadamard_quantize(const at::Tensor& x, const at::Tensor& scale, int64
     case at::kFloat: launch<float>(x, scale, out, n, b, qmin, qmax); break;
     case at::kHalf: launch<at::Half>(x, scale, out, n, b, qmin, qmax); break;
     case at::kBFloat16: launch<at::BFloat16>(x, scale, out, n, b, qmin, qmax); break;
-    default: TORCH_CHECK(false, "hadamard_quantize: x must be float32, float16 or bfloat16, got ", x.scalar_type());
+    default: QMAMBA_CHECK(false, "hadamard_quantize: x must be float32, float16 or bfloat16, got ", x.scalar_type());
   }
   return out;
 }

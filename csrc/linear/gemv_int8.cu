@@ -241,31 +241,31 @@ at::Tensor gemv(const char* op, const at::Tensor& x, const at::Tensor& x_scale, 
   QMAMBA_CHECK_CUDA(w);
   QMAMBA_CHECK_DTYPE(x, at::kChar);
   QMAMBA_CHECK_DTYPE(w, at::kChar);
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, op, ": x must be (M, K) and w (N, K), got ", x.sizes(), " and ",
-              w.sizes());
+  QMAMBA_CHECK(x.dim() == 2 && w.dim() == 2, op, ": x must be (M, K) and w (N, K), got ", x.sizes(), " and ",
+               w.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.size(1) == K, op, ": x has K=", K, " columns but w is ", w.sizes(), " (expected (N, K))");
-  TORCH_CHECK(M >= 1 && M <= kMaxM, op, ": x must have 1..", kMaxM, " rows (tokens), got ", M,
-              "; use the GEMM (qmamba.kernels.linear.w8a8_gemm) for more");
-  TORCH_CHECK(K % 16 == 0, op, ": K=", K, " must be a multiple of 16 (16-byte weight loads); use the GEMM "
-              "(qmamba.kernels.linear.w8a8_gemm) or pad K");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), op, ": x and w must be contiguous (call .contiguous())");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
-                  reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
-              op, ": x and w must start at 16-byte aligned addresses (clone a view at an odd offset)");
+  QMAMBA_CHECK(w.size(1) == K, op, ": x has K=", K, " columns but w is ", w.sizes(), " (expected (N, K))");
+  QMAMBA_CHECK(M >= 1 && M <= kMaxM, op, ": x must have 1..", kMaxM, " rows (tokens), got ", M,
+               "; use the GEMM (qmamba.kernels.linear.w8a8_gemm) for more");
+  QMAMBA_CHECK(K % 16 == 0, op, ": K=", K, " must be a multiple of 16 (16-byte weight loads); use the GEMM "
+               "(qmamba.kernels.linear.w8a8_gemm) or pad K");
+  QMAMBA_CHECK(x.is_contiguous() && w.is_contiguous(), op, ": x and w must be contiguous (call .contiguous())");
+  QMAMBA_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
+               op, ": x and w must start at 16-byte aligned addresses (clone a view at an odd offset)");
   // the int32 accumulator holds K products of at most 128 * 128 (DESIGN §3: split larger reductions)
-  TORCH_CHECK(K * 128 * 128 < (int64_t(1) << 31) && N < (int64_t(1) << 31),
-              op, ": K=", K, " could overflow the int32 accumulator (needs K < 131072)");
+  QMAMBA_CHECK(K * 128 * 128 < (int64_t(1) << 31) && N < (int64_t(1) << 31),
+               op, ": K=", K, " could overflow the int32 accumulator (needs K < 131072)");
   QMAMBA_CHECK_SCALAR_SCALE(x_scale);
-  TORCH_CHECK(w_scale.is_cuda() && w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
-              (w_scale.numel() == 1 || w_scale.numel() == N),
-              op, ": w_scale must be a contiguous float32 CUDA tensor of 1 (per-tensor) or N=", N,
-              " (per-output-channel) elements, got ", w_scale.sizes(), " ", w_scale.scalar_type());
+  QMAMBA_CHECK(w_scale.is_cuda() && w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
+               (w_scale.numel() == 1 || w_scale.numel() == N),
+               op, ": w_scale must be a contiguous float32 CUDA tensor of 1 (per-tensor) or N=", N,
+               " (per-output-channel) elements, got ", w_scale.sizes(), " ", w_scale.scalar_type());
   const float* bias_ptr = nullptr;
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
-    TORCH_CHECK(b.is_cuda() && b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == N,
-                op, ": bias must be a contiguous float32 CUDA tensor of N=", N, " elements (pass bias.float())");
+    QMAMBA_CHECK(b.is_cuda() && b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == N,
+                 op, ": bias must be a contiguous float32 CUDA tensor of N=", N, " elements (pass bias.float())");
     bias_ptr = b.data_ptr<float>();
   }
   OutScales scales{};
@@ -273,34 +273,34 @@ at::Tensor gemv(const char* op, const at::Tensor& x, const at::Tensor& x_scale, 
   if (!out_scale.empty()) {  // empty: the float output
     const at::TensorList ss = out_scale;
     const int64_t segs = static_cast<int64_t>(ss.size());
-    TORCH_CHECK(segs <= kMaxSegments && static_cast<int64_t>(out_bounds.size()) == segs - 1,
-                op, ": out_scale must be 1..", kMaxSegments, " tensors with one column bound between each two, "
-                "got ", segs, " scales and ", out_bounds.size(), " bounds");
+    QMAMBA_CHECK(segs <= kMaxSegments && static_cast<int64_t>(out_bounds.size()) == segs - 1,
+                 op, ": out_scale must be 1..", kMaxSegments, " tensors with one column bound between each two, "
+                 "got ", segs, " scales and ", out_bounds.size(), " bounds");
     scales.per_column = segs == 1 && N > 1 && ss[0].numel() == N;
     for (int64_t i = 0; i < segs; ++i) {
       const at::Tensor& t = ss[i];
-      TORCH_CHECK(t.is_cuda() && t.device() == x.device() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
-                      (t.numel() == 1 || (scales.per_column && t.numel() == N)),
-                  op, ": out_scale must be one contiguous float32 tensor of N=", N, " elements (one scale per "
-                  "output column) or one-element float32 tensors (one per segment of columns), on ", x.device());
+      QMAMBA_CHECK(t.is_cuda() && t.device() == x.device() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                       (t.numel() == 1 || (scales.per_column && t.numel() == N)),
+                   op, ": out_scale must be one contiguous float32 tensor of N=", N, " elements (one scale per "
+                   "output column) or one-element float32 tensors (one per segment of columns), on ", x.device());
       scales.s[i] = t.data_ptr<float>();
     }
     for (int64_t i = segs; i < kMaxSegments; ++i) scales.s[i] = scales.s[0];
     int64_t prev = 0;
     for (int i = 0; i < kMaxSegments - 1; ++i) {
       const int64_t b = i < segs - 1 ? out_bounds[i] : INT_MAX;
-      TORCH_CHECK(i >= segs - 1 || (b > prev && b < N), op, ": out_bounds must increase strictly within "
-                  "(0, N=", N, "), got ", out_bounds);
+      QMAMBA_CHECK(i >= segs - 1 || (b > prev && b < N), op, ": out_bounds must increase strictly within "
+                   "(0, N=", N, "), got ", out_bounds);
       scales.bound[i] = static_cast<int>(b);
       prev = b;
     }
     out_scale_ptr = &scales;
   }
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
-              op, ": out_dtype must be float32, float16 or bfloat16 (the activation dtype), got ", out_dtype);
+  QMAMBA_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
+               op, ": out_dtype must be float32, float16 or bfloat16 (the activation dtype), got ", out_dtype);
   for (const at::Tensor* t : {&x_scale, &w, &w_scale}) {
-    TORCH_CHECK(t->device() == x.device(), op, ": all tensors must be on ", x.device(), ", got one on ",
-                t->device());
+    QMAMBA_CHECK(t->device() == x.device(), op, ": all tensors must be on ", x.device(), ", got one on ",
+                 t->device());
   }
 
   const c10::cuda::OptionalCUDAGuard guard(x.device());
@@ -345,15 +345,15 @@ std::vector<at::Tensor> w8a8_gemv_conv_update(
     const std::optional<at::Tensor>& dual_outlier_scale) {
   const char* op = "w8a8_gemv_conv_update";
   QMAMBA_CHECK_CUDA(x);
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, op, ": x must be (M, K) and w (N, K), got ", x.sizes(), " and ",
-              w.sizes());
+  QMAMBA_CHECK(x.dim() == 2 && w.dim() == 2, op, ": x must be (M, K) and w (N, K), got ", x.sizes(), " and ",
+               w.sizes());
   const int64_t M = x.size(0), N = w.size(0);
   // the conv reads its input in segment 0's scale: the segment must be the conv's columns, one one-element scale
-  TORCH_CHECK(!out_scale.empty() && out_scale[0].numel() == 1, op, ": out_scale must be one one-element scale per "
-              "segment of columns, the first the conv input's (the fused conv reads the requantized codes)");
+  QMAMBA_CHECK(!out_scale.empty() && out_scale[0].numel() == 1, op, ": out_scale must be one one-element scale per "
+               "segment of columns, the first the conv input's (the fused conv reads the requantized codes)");
   const int64_t first = out_bounds.empty() ? N : out_bounds[0];
-  TORCH_CHECK(conv_columns >= 1 && conv_columns == first, op, ": conv_columns (", conv_columns, ") must be the "
-              "column count of the first out_scale segment (", first, "): the conv's input is that segment");
+  QMAMBA_CHECK(conv_columns >= 1 && conv_columns == first, op, ": conv_columns (", conv_columns, ") must be the "
+               "column count of the first out_scale segment (", first, "): the conv's input is that segment");
   const int64_t D = conv_columns;
   ConvArgs a = check_conv_args(op, x, D, out_scale[0], conv_w, conv_w_scale, conv_bias, out_dtype, conv_out_scales);
   check_conv_state(op, conv_state, x, M, D, a.K, "M");

@@ -92,7 +92,7 @@ void dispatch_float(at::ScalarType t, const char* what, F&& f) {
     case at::kFloat: f(float{}); break;
     case at::kHalf: f(at::Half{}); break;
     case at::kBFloat16: f(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, "add_rmsnorm_quant: ", what, " must be float32, float16 or bfloat16, got ", t);
+    default: QMAMBA_CHECK(false, "add_rmsnorm_quant: ", what, " must be float32, float16 or bfloat16, got ", t);
   }
 }
 
@@ -100,27 +100,27 @@ std::vector<at::Tensor> add_rmsnorm_quant(const at::Tensor& hidden, const std::o
                                           const at::Tensor& weight, double eps, const at::Tensor& in_scale,
                                           bool residual_in_fp32) {
   QMAMBA_CHECK_CUDA(hidden);
-  TORCH_CHECK(hidden.dim() >= 1, "add_rmsnorm_quant: hidden must be (..., d), got a 0-dim tensor");
+  QMAMBA_CHECK(hidden.dim() >= 1, "add_rmsnorm_quant: hidden must be (..., d), got a 0-dim tensor");
   const int64_t d = hidden.size(-1);
-  TORCH_CHECK(d >= 1 && d <= kMaxD, "add_rmsnorm_quant: the kernel normalizes rows of 1..", kMaxD,
-              " elements, got d = ", d, "; use backend='torch'");
+  QMAMBA_CHECK(d >= 1 && d <= kMaxD, "add_rmsnorm_quant: the kernel normalizes rows of 1..", kMaxD,
+               " elements, got d = ", d, "; use backend='torch'");
   const auto dev = hidden.device();
-  TORCH_CHECK(weight.is_cuda() && weight.device() == dev && weight.dim() == 1 && weight.size(0) == d,
-              "add_rmsnorm_quant: weight must be a (", d, ",) tensor on ", dev, ", got ", weight.sizes(), " on ",
-              weight.device());
+  QMAMBA_CHECK(weight.is_cuda() && weight.device() == dev && weight.dim() == 1 && weight.size(0) == d,
+               "add_rmsnorm_quant: weight must be a (", d, ",) tensor on ", dev, ", got ", weight.sizes(), " on ",
+               weight.device());
   QMAMBA_CHECK_SCALAR_SCALE(in_scale);
-  TORCH_CHECK(in_scale.device() == dev, "add_rmsnorm_quant: in_scale is on ", in_scale.device(), " but hidden is on ",
-              dev);
+  QMAMBA_CHECK(in_scale.device() == dev, "add_rmsnorm_quant: in_scale is on ", in_scale.device(), " but hidden is on ",
+               dev);
   const auto h_dtype = hidden.scalar_type();
   bool r_float = false;
   if (residual.has_value()) {
     const auto& r = *residual;
-    TORCH_CHECK(r.is_cuda() && r.device() == dev && r.sizes() == hidden.sizes(),
-                "add_rmsnorm_quant: residual must have hidden's shape ", hidden.sizes(), " on ", dev, ", got ",
-                r.sizes(), " on ", r.device());
-    TORCH_CHECK(r.scalar_type() == h_dtype || r.scalar_type() == at::kFloat,
-                "add_rmsnorm_quant: residual must have hidden's dtype (", h_dtype, ") or float32, got ",
-                r.scalar_type());
+    QMAMBA_CHECK(r.is_cuda() && r.device() == dev && r.sizes() == hidden.sizes(),
+                 "add_rmsnorm_quant: residual must have hidden's shape ", hidden.sizes(), " on ", dev, ", got ",
+                 r.sizes(), " on ", r.device());
+    QMAMBA_CHECK(r.scalar_type() == h_dtype || r.scalar_type() == at::kFloat,
+                 "add_rmsnorm_quant: residual must have hidden's dtype (", h_dtype, ") or float32, got ",
+                 r.scalar_type());
     r_float = r.scalar_type() == at::kFloat;
   }
   const at::ScalarType sum_dtype = r_float ? at::kFloat : h_dtype;  // torch's promotion of hidden + residual
@@ -135,7 +135,7 @@ std::vector<at::Tensor> add_rmsnorm_quant(const at::Tensor& hidden, const std::o
   at::Tensor codes = at::empty({T, d}, hidden.options().dtype(at::kChar));
   at::Tensor residual_out = at::empty({T, d}, hidden.options().dtype(p_dtype));
   if (T == 0) return {codes, residual_out};
-  TORCH_CHECK(T < (int64_t(1) << 31), "add_rmsnorm_quant: ", T, " rows exceed the kernel's grid limit");
+  QMAMBA_CHECK(T < (int64_t(1) << 31), "add_rmsnorm_quant: ", T, " rows exceed the kernel's grid limit");
 
   // about 4 elements per thread: enough threads to hide latency at T = 1 (decode), few enough to keep many rows
   // resident; at most kPerThread per thread

@@ -139,28 +139,28 @@ void dispatch_float(at::ScalarType t, F&& f) {
     case at::kFloat: f(float{}); break;
     case at::kHalf: f(at::Half{}); break;
     case at::kBFloat16: f(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, "quantize_int8: x must be float32, float16 or bfloat16, got ", t);
+    default: QMAMBA_CHECK(false, "quantize_int8: x must be float32, float16 or bfloat16, got ", t);
   }
 }
 
 at::Tensor quantize_int8(const at::Tensor& x, const at::Tensor& scale, int64_t axis, int64_t bits) {
   // Backstop checks: qmamba/kernels/quantize.py checks all of this in Python first.
   QMAMBA_CHECK_CUDA(x);
-  TORCH_CHECK(bits >= 2 && bits <= 8, "quantize_int8: bits must be in 2..8, got ", bits);
-  TORCH_CHECK(scale.is_cuda() && scale.device() == x.device() && scale.scalar_type() == at::kFloat,
-              "quantize_int8: scale must be a float32 tensor on ", x.device(), ", got ", scale.scalar_type(), " on ",
-              scale.device());
+  QMAMBA_CHECK(bits >= 2 && bits <= 8, "quantize_int8: bits must be in 2..8, got ", bits);
+  QMAMBA_CHECK(scale.is_cuda() && scale.device() == x.device() && scale.scalar_type() == at::kFloat,
+               "quantize_int8: scale must be a float32 tensor on ", x.device(), ", got ", scale.scalar_type(), " on ",
+               scale.device());
   const int64_t n_scale = scale.numel();
   const bool per_channel = n_scale != 1;
   int64_t channels = 1, inner = 1;
   if (per_channel) {
     const int64_t nd = x.dim();
-    TORCH_CHECK(nd >= 1 && axis >= -nd && axis < nd, "quantize_int8: axis ", axis, " is out of range for x of shape ",
-                x.sizes());
+    QMAMBA_CHECK(nd >= 1 && axis >= -nd && axis < nd, "quantize_int8: axis ", axis, " is out of range for x of shape ",
+                 x.sizes());
     const int64_t a = axis < 0 ? axis + nd : axis;
     channels = x.size(a);
-    TORCH_CHECK(n_scale == channels, "quantize_int8: scale must have 1 (per-tensor) or x.shape[", axis, "] = ",
-                channels, " (per-channel) elements, got ", n_scale);
+    QMAMBA_CHECK(n_scale == channels, "quantize_int8: scale must have 1 (per-tensor) or x.shape[", axis, "] = ",
+                 channels, " (per-channel) elements, got ", n_scale);
     for (int64_t d = a + 1; d < nd; ++d) inner *= x.size(d);
   }
 

@@ -254,7 +254,8 @@ __global__ void __launch_bounds__(kUpdateThreads) selective_scan_int8_update_ker
   // the kernel before this one (x_proj's GEMV, whose output is dt) may still be running (launch_overlapped)
   if (p.dt != nullptr && b == 0 && d_ok) {
     const int8_t* w = p.dt_w + static_cast<int64_t>(d) * p.dt_rank;
-    for (int off = lane * 128; off < p.dt_rank; off += KP * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(w + off));
+    for (int off = lane * 128; off < p.dt_rank; off += KP * 128)
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(w + off));
     if (lane == 0) asm volatile("prefetch.global.L2 [%0];" ::"l"(w + p.dt_rank - 1));  // the row's last line
   }
   kernel_prologue();  // see launch_overlapped (common/qmamba_common.cuh)
@@ -323,28 +324,28 @@ int choose_states_per_lane(int nstate, int64_t batch, int64_t dim, int sms) {
 }
 
 void check_code(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.is_cuda(), "selective_scan_int8: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.scalar_type() == at::kChar, "selective_scan_int8: ", name, " must hold int8 codes, got ",
-              t.scalar_type(), " (quantize it first)");
-  TORCH_CHECK(t.dim() == dim, "selective_scan_int8: ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  QMAMBA_CHECK(t.is_cuda(), "selective_scan_int8: ", name, " must be a CUDA tensor");
+  QMAMBA_CHECK(t.scalar_type() == at::kChar, "selective_scan_int8: ", name, " must hold int8 codes, got ",
+               t.scalar_type(), " (quantize it first)");
+  QMAMBA_CHECK(t.dim() == dim, "selective_scan_int8: ", name, " must be ", dim, "-D, got shape ", t.sizes());
 }
 
 void check_float(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& like) {
-  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "selective_scan_int8: ", name,
-              " must be on the device of u (", like.device(), ")");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "selective_scan_int8: ", name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, "selective_scan_int8: ", name, " must have shape ", shape, ", got ", t.sizes());
+  QMAMBA_CHECK(t.is_cuda() && t.device() == like.device(), "selective_scan_int8: ", name,
+               " must be on the device of u (", like.device(), ")");
+  QMAMBA_CHECK(t.scalar_type() == at::kFloat, "selective_scan_int8: ", name, " must be float32, got ", t.scalar_type());
+  QMAMBA_CHECK(t.sizes() == shape, "selective_scan_int8: ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
 void check_scale(const at::Tensor& s, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(s.is_cuda() && s.device() == like.device() && s.scalar_type() == at::kFloat && s.numel() == 1,
-              "selective_scan_int8: ", name, " must be a one-element float32 tensor on the device of u "
-              "(a per-tensor scale), got ", s.scalar_type(), " ", s.sizes(), " on ", s.device());
+  QMAMBA_CHECK(s.is_cuda() && s.device() == like.device() && s.scalar_type() == at::kFloat && s.numel() == 1,
+               "selective_scan_int8: ", name, " must be a one-element float32 tensor on the device of u "
+               "(a per-tensor scale), got ", s.scalar_type(), " ", s.sizes(), " on ", s.device());
 }
 
 void check_out_dtype(at::ScalarType out_dtype) {
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
-              "selective_scan_int8: out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  QMAMBA_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
+               "selective_scan_int8: out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
 }
 
 template <typename T, int ENC>
@@ -373,16 +374,16 @@ void launch_scan(const ScanParams& p, int npl, cudaStream_t stream) {
 // u_encoding: 0 single scale, 1 mask, 2 piecewise; u_outlier_scale / u_mask as that encoding needs them.
 DualScaleArgs dual_args(const char* op, int64_t enc, int64_t knee, const std::optional<at::Tensor>& s_out,
                         const std::optional<at::Tensor>& mask, const at::Tensor& u) {
-  TORCH_CHECK(enc >= kEncSingle && enc <= kEncPiecewise, op, ": u_encoding must be 0 (single), 1 (mask) or 2 "
-              "(piecewise), got ", enc);
-  TORCH_CHECK((enc == kEncSingle) == !s_out.has_value(), op, ": u_outlier_scale goes with a dual-scale u_encoding");
-  TORCH_CHECK((enc == kEncMask) == mask.has_value(), op, ": u_mask goes with the mask encoding (u_encoding 1) only");
-  TORCH_CHECK(enc != kEncPiecewise || (knee >= 1 && knee <= 126), op, ": the piecewise knee must be in 1..126, got ",
-              knee);
+  QMAMBA_CHECK(enc >= kEncSingle && enc <= kEncPiecewise, op, ": u_encoding must be 0 (single), 1 (mask) or 2 "
+               "(piecewise), got ", enc);
+  QMAMBA_CHECK((enc == kEncSingle) == !s_out.has_value(), op, ": u_outlier_scale goes with a dual-scale u_encoding");
+  QMAMBA_CHECK((enc == kEncMask) == mask.has_value(), op, ": u_mask goes with the mask encoding (u_encoding 1) only");
+  QMAMBA_CHECK(enc != kEncPiecewise || (knee >= 1 && knee <= 126), op, ": the piecewise knee must be in 1..126, got ",
+               knee);
   if (s_out.has_value()) check_scale(*s_out, "u_outlier_scale", u);
   if (mask.has_value()) {
-    TORCH_CHECK(mask->is_cuda() && mask->device() == u.device() && mask->scalar_type() == at::kByte, op,
-                ": u_mask must be a uint8 CUDA tensor on u's device");
+    QMAMBA_CHECK(mask->is_cuda() && mask->device() == u.device() && mask->scalar_type() == at::kByte, op,
+                 ": u_mask must be a uint8 CUDA tensor on u's device");
   }
   DualScaleArgs a{};
   a.enc = static_cast<int>(enc);
@@ -404,27 +405,27 @@ std::vector<at::Tensor> selective_scan_int8(const at::Tensor& u, const at::Tenso
   check_code(u, "u", 3);
   const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2);
   check_code(delta, "delta", 3);
-  TORCH_CHECK(delta.sizes() == u.sizes(), "selective_scan_int8: delta must have u's shape ", u.sizes(), ", got ",
-              delta.sizes());
-  TORCH_CHECK(B.dim() == 3, "selective_scan_int8: B must be (batch, N, L) (Mamba1: no groups), got shape ", B.sizes());
+  QMAMBA_CHECK(delta.sizes() == u.sizes(), "selective_scan_int8: delta must have u's shape ", u.sizes(), ", got ",
+               delta.sizes());
+  QMAMBA_CHECK(B.dim() == 3, "selective_scan_int8: B must be (batch, N, L) (Mamba1: no groups), got shape ", B.sizes());
   check_code(B, "B", 3);
   check_code(C, "C", 3);
   const int64_t nstate = B.size(1);
-  TORCH_CHECK(B.size(0) == batch && B.size(2) == len && C.sizes() == B.sizes(), "selective_scan_int8: B and C must be "
-              "(batch, N, L) = (", batch, ", N, ", len, "), got ", B.sizes(), " and ", C.sizes());
-  TORCH_CHECK(nstate >= 1 && nstate <= kMaxState, "selective_scan_int8: the state size N must be in 1..", kMaxState,
-              ", got ", nstate);
+  QMAMBA_CHECK(B.size(0) == batch && B.size(2) == len && C.sizes() == B.sizes(), "selective_scan_int8: B and C must be "
+               "(batch, N, L) = (", batch, ", N, ", len, "), got ", B.sizes(), " and ", C.sizes());
+  QMAMBA_CHECK(nstate >= 1 && nstate <= kMaxState, "selective_scan_int8: the state size N must be in 1..", kMaxState,
+               ", got ", nstate);
   check_float(A, "A", {dim, nstate}, u);
   check_float(D, "D", {dim}, u);
   check_scale(u_scale, "u_scale", u);
   check_scale(delta_scale, "delta_scale", u);
   check_scale(B_scale, "B_scale", u);
   check_scale(C_scale, "C_scale", u);
-  TORCH_CHECK(z.has_value() == z_scale.has_value(), "selective_scan_int8: give z and z_scale together (or neither)");
+  QMAMBA_CHECK(z.has_value() == z_scale.has_value(), "selective_scan_int8: give z and z_scale together (or neither)");
   if (z.has_value()) {
     check_code(*z, "z", 3);
-    TORCH_CHECK(z->sizes() == u.sizes(), "selective_scan_int8: z must have u's shape ", u.sizes(), ", got ",
-                z->sizes());
+    QMAMBA_CHECK(z->sizes() == u.sizes(), "selective_scan_int8: z must have u's shape ", u.sizes(), ", got ",
+                 z->sizes());
     check_scale(*z_scale, "z_scale", u);
   }
   if (delta_bias.has_value()) check_float(*delta_bias, "delta_bias", {dim}, u);
@@ -432,13 +433,13 @@ std::vector<at::Tensor> selective_scan_int8(const at::Tensor& u, const at::Tenso
   check_out_dtype(out_dtype);
   const DualScaleArgs dual = dual_args("selective_scan_int8", u_encoding, u_knee, u_outlier_scale, u_mask, u);
   if (u_mask.has_value()) {
-    TORCH_CHECK(u_mask->dim() == 3 && u_mask->size(0) == batch && u_mask->size(1) == dim &&
-                    u_mask->size(2) == (len + 7) / 8,
-                "selective_scan_int8: u_mask must be (batch, D, ceil(L / 8)) = (", batch, ", ", dim, ", ",
-                (len + 7) / 8, "), got ", u_mask->sizes());
+    QMAMBA_CHECK(u_mask->dim() == 3 && u_mask->size(0) == batch && u_mask->size(1) == dim &&
+                     u_mask->size(2) == (len + 7) / 8,
+                 "selective_scan_int8: u_mask must be (batch, D, ceil(L / 8)) = (", batch, ", ", dim, ", ",
+                 (len + 7) / 8, "), got ", u_mask->sizes());
   }
-  TORCH_CHECK(dim < (1LL << 31) && len < (1LL << 31) && batch < 65536,
-              "selective_scan_int8: sizes out of range (batch < 65536, channels and length < 2^31)");
+  QMAMBA_CHECK(dim < (1LL << 31) && len < (1LL << 31) && batch < 65536,
+               "selective_scan_int8: sizes out of range (batch < 65536, channels and length < 2^31)");
 
   const c10::cuda::OptionalCUDAGuard guard(u.device());
   // y channel-last: (batch, L, dim) memory seen as (batch, dim, L), so out_proj reads it as (batch * L, dim).
@@ -508,28 +509,28 @@ void dt_proj_args(UpdateParams& p, const at::Tensor& u, const at::Tensor& dt,
                   const std::optional<at::Tensor>& dt_scale, const std::optional<at::Tensor>& dt_weight,
                   const std::optional<at::Tensor>& dt_weight_scale, const std::optional<at::Tensor>& dt_bias) {
   const int64_t batch = u.size(0), dim = u.size(1);
-  TORCH_CHECK(dt_scale.has_value() && dt_weight.has_value() && dt_weight_scale.has_value(),
-              "selective_scan_int8_update: dt (the fused dt_proj's input codes) needs dt_scale, dt_weight and "
-              "dt_weight_scale too");
+  QMAMBA_CHECK(dt_scale.has_value() && dt_weight.has_value() && dt_weight_scale.has_value(),
+               "selective_scan_int8_update: dt (the fused dt_proj's input codes) needs dt_scale, dt_weight and "
+               "dt_weight_scale too");
   check_code(dt, "dt", 2);
   const int64_t rank = dt.size(1);
-  TORCH_CHECK(dt.size(0) == batch && rank >= 1 && (dt.stride(1) == 1 || rank == 1),
-              "selective_scan_int8_update: dt must be (batch, R) = (", batch, ", R >= 1) with a contiguous last dim, "
-              "got shape ", dt.sizes(), " strides ", dt.strides());
+  QMAMBA_CHECK(dt.size(0) == batch && rank >= 1 && (dt.stride(1) == 1 || rank == 1),
+               "selective_scan_int8_update: dt must be (batch, R) = (", batch, ", R >= 1) with a contiguous last dim, "
+               "got shape ", dt.sizes(), " strides ", dt.strides());
   const at::Tensor& w = *dt_weight;
   check_code(w, "dt_weight", 2);
-  TORCH_CHECK(w.size(0) == dim && w.size(1) == rank && w.is_contiguous(), "selective_scan_int8_update: dt_weight "
-              "must be dt_proj's contiguous (D, R) = (", dim, ", ", rank, ") int8 weight, got ", w.sizes());
+  QMAMBA_CHECK(w.size(0) == dim && w.size(1) == rank && w.is_contiguous(), "selective_scan_int8_update: dt_weight "
+               "must be dt_proj's contiguous (D, R) = (", dim, ", ", rank, ") int8 weight, got ", w.sizes());
   check_scale(*dt_scale, "dt_scale", u);
   const at::Tensor& ws = *dt_weight_scale;
-  TORCH_CHECK(ws.is_cuda() && ws.device() == u.device() && ws.scalar_type() == at::kFloat && ws.is_contiguous() &&
-                  (ws.numel() == 1 || ws.numel() == dim),
-              "selective_scan_int8_update: dt_weight_scale must be a contiguous float32 tensor of 1 (per-tensor) or "
-              "D=", dim, " (per-channel) elements on the device of u, got ", ws.sizes(), " ", ws.scalar_type());
+  QMAMBA_CHECK(ws.is_cuda() && ws.device() == u.device() && ws.scalar_type() == at::kFloat && ws.is_contiguous() &&
+                   (ws.numel() == 1 || ws.numel() == dim),
+               "selective_scan_int8_update: dt_weight_scale must be a contiguous float32 tensor of 1 (per-tensor) or "
+               "D=", dim, " (per-channel) elements on the device of u, got ", ws.sizes(), " ", ws.scalar_type());
   if (dt_bias.has_value()) check_float(*dt_bias, "dt_bias", {dim}, u);
   // the int32 accumulator holds R products of at most 128 * 128 (DESIGN §3)
-  TORCH_CHECK(rank * 128 * 128 < (int64_t(1) << 31), "selective_scan_int8_update: dt_rank R=", rank,
-              " could overflow the int32 accumulator (needs R < 131072)");
+  QMAMBA_CHECK(rank * 128 * 128 < (int64_t(1) << 31), "selective_scan_int8_update: dt_rank R=", rank,
+               " could overflow the int32 accumulator (needs R < 131072)");
   p.dt = dt.data_ptr<int8_t>();
   p.dt_w = w.data_ptr<int8_t>();
   p.dt_scale = dt_scale->data_ptr<float>();
@@ -571,23 +572,23 @@ at::Tensor selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, co
                                       const std::optional<at::Tensor>& dt_bias) {
   check_code(u, "u", 2);
   const int64_t batch = u.size(0), dim = u.size(1);
-  TORCH_CHECK(delta.has_value() != dt.has_value(), "selective_scan_int8_update: give exactly one of delta (the delta "
-              "codes) and dt (dt_proj's input codes, dt_proj fused), got ", delta.has_value() ? "both" : "neither");
-  TORCH_CHECK(dt.has_value() || !(dt_scale.has_value() || dt_weight.has_value() || dt_weight_scale.has_value() ||
-                                  dt_bias.has_value()),
-              "selective_scan_int8_update: dt_scale, dt_weight, dt_weight_scale and dt_bias go with dt only");
+  QMAMBA_CHECK(delta.has_value() != dt.has_value(), "selective_scan_int8_update: give exactly one of delta (the delta "
+               "codes) and dt (dt_proj's input codes, dt_proj fused), got ", delta.has_value() ? "both" : "neither");
+  QMAMBA_CHECK(dt.has_value() || !(dt_scale.has_value() || dt_weight.has_value() || dt_weight_scale.has_value() ||
+                                   dt_bias.has_value()),
+               "selective_scan_int8_update: dt_scale, dt_weight, dt_weight_scale and dt_bias go with dt only");
   if (delta.has_value()) {
     check_code(*delta, "delta", 2);
-    TORCH_CHECK(delta->sizes() == u.sizes(), "selective_scan_int8_update: delta must have u's shape (batch, D) ",
-                u.sizes(), ", got ", delta->sizes());
+    QMAMBA_CHECK(delta->sizes() == u.sizes(), "selective_scan_int8_update: delta must have u's shape (batch, D) ",
+                 u.sizes(), ", got ", delta->sizes());
   }
   check_code(B, "B", 2);
   check_code(C, "C", 2);
   const int64_t nstate = B.size(1);
-  TORCH_CHECK(B.size(0) == batch && C.sizes() == B.sizes(), "selective_scan_int8_update: B and C must be (batch, N) "
-              "with batch ", batch, ", got ", B.sizes(), " and ", C.sizes());
-  TORCH_CHECK(nstate >= 1 && nstate <= kMaxState, "selective_scan_int8_update: the state size N must be in 1..",
-              kMaxState, ", got ", nstate);
+  QMAMBA_CHECK(B.size(0) == batch && C.sizes() == B.sizes(), "selective_scan_int8_update: B and C must be (batch, N) "
+               "with batch ", batch, ", got ", B.sizes(), " and ", C.sizes());
+  QMAMBA_CHECK(nstate >= 1 && nstate <= kMaxState, "selective_scan_int8_update: the state size N must be in 1..",
+               kMaxState, ", got ", nstate);
   check_float(state, "state", {batch, dim, nstate}, u);
   check_float(A, "A", {dim, nstate}, u);
   check_float(D, "D", {dim}, u);
@@ -595,23 +596,23 @@ at::Tensor selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, co
   check_scale(delta_scale, "delta_scale", u);
   check_scale(B_scale, "B_scale", u);
   check_scale(C_scale, "C_scale", u);
-  TORCH_CHECK(z.has_value() == z_scale.has_value(),
-              "selective_scan_int8_update: give z and z_scale together (or neither)");
+  QMAMBA_CHECK(z.has_value() == z_scale.has_value(),
+               "selective_scan_int8_update: give z and z_scale together (or neither)");
   if (z.has_value()) {
     check_code(*z, "z", 2);
-    TORCH_CHECK(z->sizes() == u.sizes(), "selective_scan_int8_update: z must have u's shape ", u.sizes(), ", got ",
-                z->sizes());
+    QMAMBA_CHECK(z->sizes() == u.sizes(), "selective_scan_int8_update: z must have u's shape ", u.sizes(), ", got ",
+                 z->sizes());
     check_scale(*z_scale, "z_scale", u);
   }
   if (delta_bias.has_value()) check_float(*delta_bias, "delta_bias", {dim}, u);
   check_out_dtype(out_dtype);
   const DualScaleArgs dual = dual_args("selective_scan_int8_update", u_encoding, u_knee, u_outlier_scale, u_mask, u);
   if (u_mask.has_value()) {
-    TORCH_CHECK(u_mask->dim() == 2 && u_mask->size(0) == batch && u_mask->size(1) == dim,
-                "selective_scan_int8_update: u_mask must be (batch, D) (one byte per element, the flag in bit 0), got ",
-                u_mask->sizes());
+    QMAMBA_CHECK(u_mask->dim() == 2 && u_mask->size(0) == batch && u_mask->size(1) == dim,
+                 "selective_scan_int8_update: u_mask must be (batch, D) (one byte per element, the flag in bit 0), "
+                 "got ", u_mask->sizes());
   }
-  TORCH_CHECK(batch < 65536 && dim < (1LL << 31), "selective_scan_int8_update: batch must be < 65536");
+  QMAMBA_CHECK(batch < 65536 && dim < (1LL << 31), "selective_scan_int8_update: batch must be < 65536");
   UpdateParams p{};
   if (dt.has_value()) dt_proj_args(p, u, *dt, dt_scale, dt_weight, dt_weight_scale, dt_bias);
 

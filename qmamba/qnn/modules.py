@@ -363,6 +363,12 @@ class QuantLinear(QuantTwin, nn.Linear):
             return self._int8_linear(qx, sx, *self._step_int8_weight(qw), dtype)
         return F.linear(self._step_act("input", x).to(dtype), self._step_weight(qw).to(dtype), self.bias)
 
+    def _step_gemv_operands(self, x) -> tuple:
+        """(input codes, their scale as a 0-d tensor, int8 weight, its scale: 0-d or flat per channel) of the
+        one-token integer GEMV, from x or the Codes a producer handed over."""
+        qx, sx = (x.q, x.scale) if isinstance(x, Codes) else self._step_codes("input", x)
+        wq, sw = self._step_int8_weight(self.q("weight"))
+        return qx, sx.reshape(()), wq, (sw.reshape(-1) if sw.numel() > 1 else sw.reshape(()))
 
     def step_projection(self, x: torch.Tensor, consumer) -> DtProjection | None:
         """This layer's one-token GEMV handed to its single consumer ``consumer`` (part, point) to compute itself
@@ -374,10 +380,7 @@ class QuantLinear(QuantTwin, nn.Linear):
         takes = getattr(part, "takes_projection", None)
         if takes is None or not takes(point) or not self._emits_codes_for([(part, point, self.out_features)]):
             return None
-        qx, sx = (x.q, x.scale) if isinstance(x, Codes) else self._step_codes("input", x)
-        wq, sw = self._step_int8_weight(self.q("weight"))
-        sw = sw.reshape(-1) if sw.numel() > 1 else sw.reshape(())
-        return DtProjection(qx, sx.reshape(()), wq, sw, None if self.bias is None else self.bias.detach())
+        return DtProjection(*self._step_gemv_operands(x), None if self.bias is None else self.bias.detach())
 
     def step_gemv_inputs(self, x: torch.Tensor, consumers) -> GemvInputs | None:
         """The one-token GEMV ``step(x, consumers)`` would run, as its inputs (codes and scale, int8 weight and scale,
@@ -387,11 +390,9 @@ class QuantLinear(QuantTwin, nn.Linear):
         codes: call ``step`` then."""
         if not self._emits_codes_for(consumers):
             return None
-        qx, sx = (x.q, x.scale) if isinstance(x, Codes) else self._step_codes("input", x)
-        wq, sw = self._step_int8_weight(self.q("weight"))
-        sw = sw.reshape(-1) if sw.numel() > 1 else sw.reshape(())
+        qx, sx, wq, sw = self._step_gemv_operands(x)
         scales = [part._step_scale(part.q(point), qx).detach() for part, point, _ in consumers]
-        return GemvInputs(qx, sx.reshape(()), wq, sw, self.bias, scales, [c for _, _, c in consumers])
+        return GemvInputs(qx, sx, wq, sw, self.bias, scales, [c for _, _, c in consumers])
 
     def _emits_codes_for(self, consumers) -> bool:
         """Whether this layer hands ``consumers`` their codes: int8 mode, per-tensor input and weight quantized, no
