@@ -10,11 +10,12 @@
 set -uo pipefail
 mode=${1:?save DIR | restore}
 cache=$HOME/.cache/qmamba
-key=$(find csrc -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)
+sums=$(find csrc -type f | LC_ALL=C sort | xargs sha256sum)  # one line a source: hash, path
+key=$(echo "$sums" | sha256sum | cut -c1-16)
 if [ "$mode" = save ]; then
   [ -d "$cache/kernels" ] || { echo "kernels_cache: nothing built in $cache/kernels"; exit 1; }
   echo "$key" > "$cache/kernels/csrc.key"
-  find csrc -type f | LC_ALL=C sort | xargs sha256sum > "$cache/kernels/csrc.sums"
+  echo "$sums" > "$cache/kernels/csrc.sums"
   tar czf "${2:?save needs a directory}/qmamba_kernels_cache.tgz" -C "$cache" kernels && echo "kernels_cache: saved ($key)"
 else
   f=.whl/qmamba_kernels_cache.tgz
@@ -27,14 +28,11 @@ else
     mkdir -p "$cache" && mv "$t/kernels" "$cache/" || exit 0
     # unchanged sources oldest, then the carried objects, then the changed sources (now): ninja rebuilds those only
     find "$cache/kernels" -type f -exec touch -d "@$((now - 60))" {} +
-    changed=0
-    while read -r f; do
-      if grep -q "^$(sha256sum "$f" | cut -c1-64)  $f\$" "$cache/kernels/csrc.sums"; then
-        touch -d "@$((now - 120))" "$f"
-      else
-        touch -d "@$now" "$f"; changed=$((changed + 1))
-      fi
-    done < <(find csrc -type f | LC_ALL=C sort)
+    # the current lines not in the carried build's list: the sources changed or added since
+    changed=$(LC_ALL=C comm -13 <(LC_ALL=C sort "$cache/kernels/csrc.sums") <(echo "$sums" | LC_ALL=C sort) | cut -c67-)
+    find csrc -type f -exec touch -d "@$((now - 120))" {} +
+    [ -z "$changed" ] || echo "$changed" | xargs touch -d "@$now"
+    changed=$(echo -n "$changed" | grep -c .)
     echo "kernels_cache: restored a build of another csrc/; $changed changed file(s) will be rebuilt"
     exit 0
   fi

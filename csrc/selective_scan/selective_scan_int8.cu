@@ -66,6 +66,15 @@ __device__ __forceinline__ float deq_u(int8_t q, bool flag, float su, float su_o
 }
 
 // ENC: u's encoding, a compile-time constant (kEncSingle: the single-scale code, as it always ran).
+// The sum of v over each group of `lanes` consecutive lanes (a power of two <= 32; groups aligned within the warp),
+// in every lane of its group; every lane of the warp must take part. The same xor tree wherever it is called, so a
+// sum is the same whatever kernel makes it.
+template <typename V>
+__device__ __forceinline__ V group_sum(V v, int lanes) {
+  for (int off = lanes >> 1; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
 template <typename T, int NPL, int ENC>
 __global__ void __launch_bounds__(kScanThreads) selective_scan_int8_kernel(const ScanParams p) {
   kernel_prologue();  // first: see launch_overlapped (common/qmamba_common.cuh)
@@ -162,7 +171,7 @@ __global__ void __launch_bounds__(kScanThreads) selective_scan_int8_kernel(const
         h[j] = dA * h[j] + du * Bt[j];
         part += Ct[j] * h[j];
       }
-      for (int off = KP >> 1; off > 0; off >>= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
+      part = group_sum(part, KP);
       if (k == 0) sY[t * CH + c] = part;
     }
     __syncthreads();
@@ -227,8 +236,7 @@ __device__ __forceinline__ int8_t dt_proj_code(const UpdateParams& p, int b, int
   } else {
     for (int k = lane; k < p.dt_rank; k += KP) acc += static_cast<int>(x[k]) * static_cast<int>(__ldg(w + k));
   }
-#pragma unroll
-  for (int off = KP >> 1; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  acc = group_sum(acc, KP);
   const float s = __fmul_rn(*p.dt_scale, p.dt_w_scale[p.dt_w_per_channel ? d : 0]);
   float v = __fmul_rn(__int2float_rn(acc), s);
   if (p.dt_bias != nullptr) v = __fadd_rn(v, p.dt_bias[d * p.dt_bias_s]);
@@ -286,8 +294,7 @@ __global__ void __launch_bounds__(kUpdateThreads) selective_scan_int8_update_ker
       y += deq<T>(p.C[b * p.C_sb + s * p.C_sn], sCs) * hs;
     }
   }
-#pragma unroll
-  for (int off = KP >> 1; off > 0; off >>= 1) y += __shfl_xor_sync(0xffffffffu, y, off);
+  y = group_sum(y, KP);
   if (!d_ok || lane != 0) return;
   y = y + uu * p.D[d * p.D_s];
   if (p.z != nullptr) y = y * silu(deq<T>(p.z[b * p.z_sb + d * p.z_sd], *p.z_scale));
