@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) conv1d_int8_kernel(
 }
 
 // One thread per (b, c): shift the state left by one, append x, convolve the K codes the state now holds
-// (conv_update_channel, shared with the GEMV that fuses this update into its epilogue).
+// (conv_channel_load / conv_channel_run, shared with the GEMV that fuses this update into its epilogue).
 template <typename T>
 __global__ void conv1d_int8_update_kernel(const int8_t* __restrict__ x, int64_t sxb, int64_t sxd, int8_t* state,
                                           int64_t ssb, int64_t ssd, int64_t ssk, const int8_t* __restrict__ w, int K,
@@ -277,8 +277,9 @@ __global__ void conv1d_int8_update_kernel(const int8_t* __restrict__ x, int64_t 
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<int64_t>(B) * D) return;
   const int b = static_cast<int>(idx / D), c = static_cast<int>(idx % D);
-  conv_update_channel<T>(x[b * sxb + c * sxd], state + b * ssb + c * ssd, ssk, w + c * K, K, *x_scale,
-                         w_scale[w_per_channel ? c : 0], bias, c, silu_on, outs, idx);
+  int8_t* s = state + b * ssb + c * ssd;
+  const ConvChannel ch = conv_channel_load(s, ssk, w + c * K, K, w_scale[w_per_channel ? c : 0], bias, c, outs);
+  conv_channel_run<T>(ch, x[b * sxb + c * sxd], s, ssk, K, *x_scale, bias != nullptr, silu_on, outs, idx);
 }
 
 // The prefill epilogue's SiLU (silu_fast, `silu` where it is out of range) on an fp32 tensor, elementwise: what its

@@ -43,42 +43,77 @@ __device__ __forceinline__ float epilogue(int acc, float scale, float bias, bool
   return round_through<T>(v);
 }
 
-// The update of channel c of one sequence: `xnew` its new input code, `s` its state (K codes, stride ssk), `wc` its K
-// taps, `x_scale` the input's per-tensor scale, `w_scale` the channel's weight scale, `bias` the conv bias (D) or
-// nullptr; the outputs are written at element `idx` of each (B, D) output.
-template <typename T>
-__device__ __forceinline__ void conv_update_channel(int8_t xnew, int8_t* s, int64_t ssk, const int8_t* wc, int K,
-                                                    float x_scale, float w_scale, const float* bias, int c,
-                                                    bool silu_on, const Outputs& outs, int64_t idx) {
-  // win[j] (right-aligned like the taps): the state's codes 1..K-1, then x; zero where j < kMaxTaps - K
-  int8_t win[kMaxTaps];
-#pragma unroll
-  for (int j = 0; j < kMaxTaps; ++j) {
-    const int i = j - (kMaxTaps - K);
-    win[j] = i < 0 ? int8_t(0) : (i == K - 1 ? xnew : s[(i + 1) * ssk]);
-  }
-  int acc = 0;
+// The update of channel c of one sequence in two parts, so a caller can issue every load the update needs before the
+// work that makes its new input (the GEMV's dot products) and wait on none of them after it:
+//   conv_channel_load: the state's codes 1..K-1 (`s`, stride ssk), the K taps `wc`, the weight scale `w_scale`, the
+//                      bias (D floats, or nullptr), and the output scales' reciprocals;
+//   conv_channel_run:  shift the state in place with the new input code `xnew`, the K-tap sum, the epilogue, and the
+//                      outputs at element `idx` of each (B, D) output (`x_scale`: the input's per-tensor scale).
+// conv1d_int8_update_kernel runs the two back to back: one copy of the math.
+static_assert(kMaxTaps == 4, "a conv window is packed into one 32-bit word (__dp4a)");
+
+struct ConvChannel {
+  int win;    // the window's codes, right-aligned in bytes (byte j holds state code j - (kMaxTaps - K) + 1; byte
+              // kMaxTaps - 1 the new input, filled by conv_channel_run), zero-padded on the left
+  int taps;   // the taps, right-aligned the same way (byte j = w[c, j - (kMaxTaps - K)]), zero-padded
+  float w_scale, bias;
+  float out_inv[kMaxOuts];           // 1 / scale of each single-scale code output
+  float dual_s_in, dual_in_inv, dual_out_inv;
+};
+
+__device__ __forceinline__ ConvChannel conv_channel_load(const int8_t* s, int64_t ssk, const int8_t* wc, int K,
+                                                         float w_scale, const float* bias, int c,
+                                                         const Outputs& outs) {
+  ConvChannel ch{};
+  unsigned win = 0, taps = 0;
 #pragma unroll
   for (int j = 0; j < kMaxTaps; ++j) {
     const int i = j - (kMaxTaps - K);
     if (i >= 0) {
-      s[i * ssk] = win[j];
-      acc += static_cast<int>(wc[i]) * static_cast<int>(win[j]);
+      taps |= static_cast<unsigned>(static_cast<uint8_t>(wc[i])) << (8 * j);
+      if (i < K - 1) win |= static_cast<unsigned>(static_cast<uint8_t>(s[(i + 1) * ssk])) << (8 * j);
     }
   }
-  const float scale = __fmul_rn(x_scale, w_scale);
-  const float v = epilogue<T>(acc, scale, bias != nullptr ? bias[c] : 0.0f, bias != nullptr, silu_on);
+  ch.win = static_cast<int>(win);
+  ch.taps = static_cast<int>(taps);
+  ch.w_scale = w_scale;
+  ch.bias = bias != nullptr ? bias[c] : 0.0f;
+#pragma unroll
+  for (int j = 0; j < kMaxOuts; ++j) ch.out_inv[j] = j < outs.n_codes ? 1.0f / *outs.scale[j] : 0.0f;
+  if (outs.dual_out != nullptr) {
+    ch.dual_s_in = *outs.dual_s_in;
+    ch.dual_in_inv = 1.0f / ch.dual_s_in;
+    ch.dual_out_inv = 1.0f / *outs.dual_s_out;
+  }
+  return ch;
+}
+
+// The byte j of a packed window as a signed code.
+__device__ __forceinline__ int8_t win_byte(int packed, int j) { return static_cast<int8_t>(packed >> (8 * j)); }
+
+template <typename T>
+__device__ __forceinline__ void conv_channel_run(const ConvChannel& ch, int8_t xnew, int8_t* s, int64_t ssk, int K,
+                                                 float x_scale, bool has_bias, bool silu_on, const Outputs& outs,
+                                                 int64_t idx) {
+  const int win = (ch.win & 0x00ffffff) | (static_cast<int>(static_cast<uint8_t>(xnew)) << 24);
+#pragma unroll
+  for (int j = 0; j < kMaxTaps; ++j) {
+    const int i = j - (kMaxTaps - K);
+    if (i >= 0) s[i * ssk] = win_byte(win, j);
+  }
+  const int acc = __dp4a(ch.taps, win, 0);  // zero taps on the left: the K-tap sum, exact in int32
+  const float scale = __fmul_rn(x_scale, ch.w_scale);
+  const float v = epilogue<T>(acc, scale, ch.bias, has_bias, silu_on);
   if (outs.n_codes == 0 && outs.dual_out == nullptr) {
     static_cast<T*>(outs.out[0])[idx] = static_cast<T>(v);
     return;
   }
 #pragma unroll
   for (int j = 0; j < kMaxOuts; ++j)
-    if (j < outs.n_codes) static_cast<int8_t*>(outs.out[j])[idx] = quantize_rn(v, 1.0f / *outs.scale[j]);
+    if (j < outs.n_codes) static_cast<int8_t*>(outs.out[j])[idx] = quantize_rn(v, ch.out_inv[j]);
   if (outs.dual_out != nullptr) {
     bool flag = false;
-    const float s_in = *outs.dual_s_in;
-    outs.dual_out[idx] = dual_encode(v, outs.dual_enc, outs.dual_knee, s_in, 1.0f / s_in, 1.0f / *outs.dual_s_out,
+    outs.dual_out[idx] = dual_encode(v, outs.dual_enc, outs.dual_knee, ch.dual_s_in, ch.dual_in_inv, ch.dual_out_inv,
                                      flag);
     if (outs.mask != nullptr) outs.mask[idx] = static_cast<uint8_t>(flag);
   }

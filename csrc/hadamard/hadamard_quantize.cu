@@ -74,6 +74,7 @@ __global__ void __launch_bounds__(1024) hadamard_quantize_kernel(
     const T* __restrict__ x, int64_t row_stride, int nblocks, int log_b, int64_t total, float rsqrt_b,
     const float* __restrict__ scale, int qmin, int qmax, bool vec, int8_t* __restrict__ out) {
   kernel_prologue();  // first: see launch_overlapped (common/qmamba_common.cuh)
+  const float inv = __fdiv_rn(1.0f, *scale);  // loaded with the row, not after the butterflies
   // one float of padding per 32: both the per-thread runs (stride E) and the group reads (stride 1) hit 32 banks
   constexpr int kSmem = E >= 8 ? 32 * E * E + E * E : 1;
   __shared__ float smem[kSmem];
@@ -131,7 +132,6 @@ __global__ void __launch_bounds__(1024) hadamard_quantize_kernel(
   }
 
   if (!valid) return;
-  const float inv = __fdiv_rn(1.0f, *scale);
   alignas(16) int8_t q[E];
 #pragma unroll
   for (int j = 0; j < E; ++j) {

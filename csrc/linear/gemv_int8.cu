@@ -19,8 +19,9 @@
 // w8a8_gemv_conv_update: the same GEMV with Mamba1's conv1d decode update fused into its epilogue (in_proj -> conv1d:
 // one kernel fewer per layer and decode step). The first conv_columns output columns are the conv's input, requantized
 // in segment 0's scale exactly as above; the thread that makes code q of (row m, column n < conv_columns) then runs the
-// conv update of channel n of sequence m with q as the new input (conv_update_channel, conv1d/conv1d_update.cuh: the
-// one copy of conv1d_int8_update_kernel's math), so the codes, the conv state and the conv's outputs are bit for bit
+// conv update of channel n of sequence m with q as the new input (conv_channel_load / conv_channel_run,
+// conv1d/conv1d_update.cuh: the one copy of conv1d_int8_update_kernel's math; the loads are issued before the dot
+// products), so the codes, the conv state and the conv's outputs are bit for bit
 // those of w8a8_gemv then conv1d_int8_update. Each (m, n) has one thread: no two threads touch one state row.
 #include "common/qmamba_common.cuh"
 #include "conv1d/conv1d_update.cuh"
@@ -47,8 +48,13 @@ struct OutScales {
 
 __device__ __forceinline__ float out_scale_at(const OutScales& os, int n) {
   if (os.per_column) return os.s[0][n];
-  const int seg = (n >= os.bound[0]) + (n >= os.bound[1]) + (n >= os.bound[2]);
-  return os.s[seg][0];
+  // bounds increase (unused ones are INT_MAX): the last segment whose first column is <= n. Selects, not a runtime
+  // index into the parameter struct (which would copy it to local memory: a stack frame and a load in the epilogue)
+  const float* s = os.s[0];
+  if (n >= os.bound[0]) s = os.s[1];
+  if (n >= os.bound[1]) s = os.s[2];
+  if (n >= os.bound[2]) s = os.s[3];
+  return s[0];
 }
 
 // The conv update fused into the epilogue (w8a8_gemv_conv_update): the conv's channels are output columns [0, D).
@@ -106,6 +112,28 @@ w8a8_gemv_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w, int
     }
   }
   kernel_prologue();  // see launch_overlapped (common/qmamba_common.cuh)
+  // the epilogue's operands (scales, bias, the fused conv's state, taps and scales) do not depend on the sums: the
+  // kRows * MT threads that run it load them now, so their round trips overlap the weight stream instead of following
+  // it
+  const int t = threadIdx.x;
+  const int er = t / MT, em = t % MT, en = n0 + er;
+  const bool epi = t < kRows * MT && en < N && em < M;
+  float e_scale = 0.0f, e_bias = 0.0f, e_out_scale = 1.0f, e_inv = 0.0f;
+  ConvChannel e_conv{};
+  if (epi) {
+    // __fmul_rn / __fadd_rn are never contracted into an FMA: the same two roundings as the torch reference
+    e_scale = __fmul_rn(x_scale[0], w_scale[w_per_channel ? en : 0]);
+    if (bias != nullptr) e_bias = bias[en];
+    if constexpr (REQUANT) {
+      e_out_scale = out_scale_at(out_scale, en);
+      e_inv = __fdiv_rn(1.0f, e_out_scale);
+    }
+    if constexpr (CONV) {
+      if (en < conv.D)
+        e_conv = conv_channel_load(conv.state + em * conv.ssb + en * conv.ssd, conv.ssk, conv.w + en * conv.K, conv.K,
+                                   conv.w_scale[conv.w_per_channel ? en : 0], conv.bias, en, conv.outs);
+    }
+  }
   const int4* xrow[MT];
 #pragma unroll
   for (int m = 0; m < MT; ++m) xrow[m] = reinterpret_cast<const int4*>(x + static_cast<int64_t>(m < M ? m : 0) * K);
@@ -159,26 +187,20 @@ w8a8_gemv_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w, int
     }
   __syncthreads();
 
-  const int t = threadIdx.x;
-  if (t >= kRows * MT) return;
-  const int r = t / MT, m = t % MT, n = n0 + r;
-  if (n >= N || m >= M) return;
+  if (!epi) return;
   int total = 0;
   for (int i = 0; i < warps; ++i) total += partial[i][t];
-  // __fmul_rn / __fadd_rn are never contracted into an FMA: the same two roundings as the torch reference
-  const float s = __fmul_rn(x_scale[0], w_scale[w_per_channel ? n : 0]);
-  float v = __fmul_rn(__int2float_rn(total), s);
-  if (bias != nullptr) v = __fadd_rn(v, bias[n]);
-  const int64_t idx = static_cast<int64_t>(m) * N + n;
+  float v = __fmul_rn(__int2float_rn(total), e_scale);
+  if (bias != nullptr) v = __fadd_rn(v, e_bias);
+  const int64_t idx = static_cast<int64_t>(em) * N + en;
   if constexpr (REQUANT) {
-    const int8_t q = quantize_rn(round_through<T>(v), __fdiv_rn(1.0f, out_scale_at(out_scale, n)));
+    const int8_t q = quantize_rn(round_through<T>(v), e_inv);
     static_cast<int8_t*>(out)[idx] = q;
     if constexpr (CONV) {
       // columns [0, conv.D) are segment 0 (checked on the host): q is in the scale the conv reads its input in
-      if (n < conv.D) {
-        conv_update_channel<T>(q, conv.state + m * conv.ssb + n * conv.ssd, conv.ssk, conv.w + n * conv.K, conv.K,
-                               out_scale.s[0][0], conv.w_scale[conv.w_per_channel ? n : 0], conv.bias, n, conv.silu,
-                               conv.outs, static_cast<int64_t>(m) * conv.D + n);
+      if (en < conv.D) {
+        conv_channel_run<T>(e_conv, q, conv.state + em * conv.ssb + en * conv.ssd, conv.ssk, conv.K, e_out_scale,
+                            conv.bias != nullptr, conv.silu, conv.outs, static_cast<int64_t>(em) * conv.D + en);
       }
     }
   } else {

@@ -55,13 +55,18 @@ __global__ void __launch_bounds__(kMaxThreads) add_rmsnorm_quant_kernel(
   residual_out += off;
   if (residual != nullptr) residual += off;
 
+  // the weight and the scale are loaded with the row, not after the sum: one round trip of memory before the sum
   float xv[kPerThread];
+  W wv[kPerThread];
+  const float in_s = *in_scale;
   float ss = 0.0f;
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
     const int i = threadIdx.x + j * blockDim.x;
     xv[j] = 0.0f;
+    wv[j] = W(0.0f);
     if (i < d) {
+      wv[j] = weight[i];
       float r = static_cast<float>(hidden[i]);
       // the add runs in fp32 and rounds to S, as torch's elementwise add does
       if (residual != nullptr) r = round_through<S>(r + static_cast<float>(residual[i]));
@@ -75,12 +80,12 @@ __global__ void __launch_bounds__(kMaxThreads) add_rmsnorm_quant_kernel(
   // the mean as torch's CUDA reduction projects it (sum * (1 / n)), rsqrt as torch.rsqrt on CUDA (rsqrtf), then
   // two separately rounded multiplies
   const float rstd = rsqrtf(ss * (1.0f / static_cast<float>(d)) + eps);
-  const float inv = 1.0f / *in_scale;
+  const float inv = 1.0f / in_s;
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
     const int i = threadIdx.x + j * blockDim.x;
     if (i < d) {
-      const float y = round_through<W>(__fmul_rn(__fmul_rn(xv[j], rstd), static_cast<float>(weight[i])));
+      const float y = round_through<W>(__fmul_rn(__fmul_rn(xv[j], rstd), static_cast<float>(wv[j])));
       codes[i] = quantize_rn(y, inv);
     }
   }

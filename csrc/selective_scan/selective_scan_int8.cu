@@ -217,6 +217,20 @@ struct UpdateParams {
   bool dt_vec;  // R % 16 == 0 and every dt / weight row 16-byte aligned: 16-byte loads and __dp4a (one flag for all)
 };
 
+// dt_proj's requant epilogue operands for channel d, loaded before its dot (they do not depend on it):
+// s = dt_scale * w_scale[d], its bias, and 1 / delta_scale, as the GEMV computes them.
+struct DtEpilogue {
+  float scale, bias, inv;
+};
+
+__device__ __forceinline__ DtEpilogue dt_epilogue_load(const UpdateParams& p, int d) {
+  DtEpilogue ep;
+  ep.scale = __fmul_rn(*p.dt_scale, p.dt_w_scale[p.dt_w_per_channel ? d : 0]);
+  ep.bias = p.dt_bias != nullptr ? p.dt_bias[d * p.dt_bias_s] : 0.0f;
+  ep.inv = __fdiv_rn(1.0f, *p.delta_scale);
+  return ep;
+}
+
 // Channel d's delta code from batch element b's dt codes: dt_proj's W8A8 GEMV with its REQUANT epilogue, copied from
 // gemv_int8.cu op for op (integer sums: any order; then the same fp32 roundings, never contracted into an FMA), so the
 // code is bit-identical to the GEMV's. The channel's KP lanes (lane = its index in the group) split the row: lane l
@@ -224,7 +238,7 @@ struct UpdateParams {
 // gives every lane the whole sum. The dt row is the same for every channel of the block (one batch element per
 // block): its loads are broadcasts from L1.
 template <typename T, int KP>
-__device__ __forceinline__ int8_t dt_proj_code(const UpdateParams& p, int b, int d, int lane) {
+__device__ __forceinline__ int8_t dt_proj_code(const UpdateParams& p, int b, int d, int lane, const DtEpilogue& ep) {
   const int8_t* x = p.dt + b * p.dt_sb;
   const int8_t* w = p.dt_w + static_cast<int64_t>(d) * p.dt_rank;
   int acc = 0;
@@ -237,10 +251,9 @@ __device__ __forceinline__ int8_t dt_proj_code(const UpdateParams& p, int b, int
     for (int k = lane; k < p.dt_rank; k += KP) acc += static_cast<int>(x[k]) * static_cast<int>(__ldg(w + k));
   }
   acc = group_sum(acc, KP);
-  const float s = __fmul_rn(*p.dt_scale, p.dt_w_scale[p.dt_w_per_channel ? d : 0]);
-  float v = __fmul_rn(__int2float_rn(acc), s);
-  if (p.dt_bias != nullptr) v = __fadd_rn(v, p.dt_bias[d * p.dt_bias_s]);
-  return quantize_rn(round_through<T>(v), __fdiv_rn(1.0f, *p.delta_scale));
+  float v = __fmul_rn(__int2float_rn(acc), ep.scale);
+  if (p.dt_bias != nullptr) v = __fadd_rn(v, ep.bias);
+  return quantize_rn(round_through<T>(v), ep.inv);
 }
 
 // KP lanes (consecutive, one warp) per (batch, channel), kUpdateThreads / KP channels per block: lane l holds states
@@ -267,37 +280,59 @@ __global__ void __launch_bounds__(kUpdateThreads) selective_scan_int8_update_ker
     if (lane == 0) asm volatile("prefetch.global.L2 [%0];" ::"l"(w + p.dt_rank - 1));  // the row's last line
   }
   kernel_prologue();  // see launch_overlapped (common/qmamba_common.cuh)
+  // every load of the step is issued first, before the work that waits on one (dt_proj's dot, the dequantizes): the
+  // step then waits on one round trip of memory, not on a chain of them
   const int N = p.nstate;
   const int8_t qu = p.u[b * p.u_sb + d * p.u_sd];
-  float uu;
-  if (p.u_dual.enc != kEncSingle) {
-    const bool flag = p.u_mask != nullptr && (p.u_mask[b * p.um_sb + d * p.um_sd] & 1);
-    uu = deq_u<T>(qu, flag, *p.u_scale, *p.u_dual.s_out, p.u_dual.enc, p.u_dual.knee);
-  } else {
-    uu = deq<T>(qu, *p.u_scale);
-  }
-  const int8_t qdelta = p.dt != nullptr ? dt_proj_code<T, KP>(p, b, d, lane) : p.delta[b * p.dl_sb + d * p.dl_sd];
-  float dl = deq<T>(qdelta, *p.delta_scale);
-  if (p.delta_bias != nullptr) dl = dl + p.delta_bias[d * p.bias_s];
-  if (p.softplus) dl = softplus(dl);
-  const float du = dl * uu;
+  const bool dual = p.u_dual.enc != kEncSingle;
+  const bool flag = dual && p.u_mask != nullptr && (p.u_mask[b * p.um_sb + d * p.um_sd] & 1);
+  const float su = *p.u_scale, su_out = dual ? *p.u_dual.s_out : 0.0f;
+  const float sdl = *p.delta_scale, sBs = *p.B_scale, sCs = *p.C_scale;
+  const float dbias = p.delta_bias != nullptr ? p.delta_bias[d * p.bias_s] : 0.0f;
+  const float Dd = p.D[d * p.D_s];
+  const int8_t qz = p.z != nullptr ? p.z[b * p.z_sb + d * p.z_sd] : int8_t(0);
+  const float sz = p.z != nullptr ? *p.z_scale : 0.0f;
   float* st = p.state + b * p.st_sb + d * p.st_sd;
   const float* Ad = p.A + d * p.A_sd;
-  const float sBs = *p.B_scale, sCs = *p.C_scale;
+  float h[kMaxNpl], a[kMaxNpl];
+  int8_t qB[kMaxNpl], qC[kMaxNpl];
+#pragma unroll
+  for (int j = 0; j < kMaxNpl; ++j) {
+    const int s = lane + j * KP;
+    if (s < N) {
+      h[j] = st[s * p.st_sn];
+      a[j] = Ad[s * p.A_sn];
+      qB[j] = p.B[b * p.B_sb + s * p.B_sn];
+      qC[j] = p.C[b * p.C_sb + s * p.C_sn];
+    }
+  }
+  int8_t qdelta;
+  if (p.dt != nullptr) {
+    const DtEpilogue ep = dt_epilogue_load(p, d);
+    qdelta = dt_proj_code<T, KP>(p, b, d, lane, ep);
+  } else {
+    qdelta = p.delta[b * p.dl_sb + d * p.dl_sd];
+  }
+
+  const float uu = dual ? deq_u<T>(qu, flag, su, su_out, p.u_dual.enc, p.u_dual.knee) : deq<T>(qu, su);
+  float dl = deq<T>(qdelta, sdl);
+  if (p.delta_bias != nullptr) dl = dl + dbias;
+  if (p.softplus) dl = softplus(dl);
+  const float du = dl * uu;
   float y = 0.0f;
 #pragma unroll
   for (int j = 0; j < kMaxNpl; ++j) {
     const int s = lane + j * KP;
     if (s < N) {
-      const float hs = expf(dl * Ad[s * p.A_sn]) * st[s * p.st_sn] + du * deq<T>(p.B[b * p.B_sb + s * p.B_sn], sBs);
+      const float hs = expf(dl * a[j]) * h[j] + du * deq<T>(qB[j], sBs);
       if (d_ok) st[s * p.st_sn] = hs;
-      y += deq<T>(p.C[b * p.C_sb + s * p.C_sn], sCs) * hs;
+      y += deq<T>(qC[j], sCs) * hs;
     }
   }
   y = group_sum(y, KP);
   if (!d_ok || lane != 0) return;
-  y = y + uu * p.D[d * p.D_s];
-  if (p.z != nullptr) y = y * silu(deq<T>(p.z[b * p.z_sb + d * p.z_sd], *p.z_scale));
+  y = y + uu * Dd;
+  if (p.z != nullptr) y = y * silu(deq<T>(qz, sz));
   static_cast<T*>(p.y)[static_cast<int64_t>(b) * p.dim + d] = static_cast<T>(y);
 }
 
