@@ -148,7 +148,8 @@ DRY_OPS = {
     "w8a8_gemv_conv_update": _dry_gemv_conv_update,
     "selective_scan_int8": _dry_scan,
     # args[13]: out_dtype (op argument 15; delta, args[1], is None when dt_proj is fused: dt etc. come last)
-    "selective_scan_int8_update": lambda state, u, *args: torch.empty(u.shape, dtype=args[13], device=u.device),
+    "selective_scan_int8_update": lambda state, u, *args: [torch.empty(u.shape, dtype=args[13], device=u.device)]
+    + ([] if args[23] is None else [torch.empty(u.shape, dtype=torch.int8, device=u.device)]),
 }
 
 

@@ -14,10 +14,12 @@
 #   quick    the overlap test, the Mamba1 scan update (dt_proj fused) and conv update kernels (also fused into
 #            in_proj's GEMV), then latency.py on mamba-2.8b
 #            (fp16, int8, int8 serial; PROFILE_ROWS=n adds the decode profile): one call
-#   decode   every decode kernel's GPU tests (GEMV, conv update and the GEMV that fuses it, scan update, norm,
-#            Hadamard, overlapped launches), then latency.py on mamba-2.8b (fp16, int8) with the decode profile: one
-#            call after a change to the decode kernels
-# Logs go to $OUT. Usage: bash scripts/device_prefill_check.sh tests|kernels|bench|quick|decode  (the machine is given back ~30 s
+#   decode   every decode kernel's GPU tests (GEMV, conv update and the GEMV that fuses it, scan update with its
+#            fused dt_proj and rotation, norm, Hadamard, overlapped launches, the C++ checks, the codes hand-offs);
+#            then, in the next call on the warm machine:
+#   latency  latency.py on mamba-2.8b (fp16, int8, int8 without the rotation in the scan update) with the decode
+#            profile, then mamba2-2.7b (fp16, int8)
+# Logs go to $OUT. Usage: bash scripts/device_prefill_check.sh tests|kernels|bench|quick|decode|latency  (the machine is given back ~30 s
 # after a call: start the next one at once to find it warm)
 set -uo pipefail
 stage=${1:-tests}
@@ -41,14 +43,19 @@ elif [ "$stage" = quick ]; then  # one call when device time is short: overlap +
     --engines "mamba_ssm fp16" "qmamba int8" "qmamba int8 serial" --json "$out/latency.json" > "$out/latency.log" 2>&1
   grep -E "TTFT|speedup|FAILED|copy bandwidth|^    " "$out/latency.log" | head -40
 elif [ "$stage" = decode ]; then
-  timeout 170 python3 -m pytest -q -m gpu --tb=short -rf $g/test_gpu_kernel_linear.py $g/test_gpu_kernel_norm.py \
-    $g/test_gpu_kernel_hadamard.py $g/test_gpu_launch_overlap.py $g/test_gpu_kernel_selective_scan.py \
-    $g/test_gpu_kernel_conv1d.py -k "not test_gpu_kernel_selective_scan and not test_gpu_kernel_conv1d or update or gemv" \
+  timeout $((585 - SECONDS)) python3 -m pytest -q -m gpu --tb=short -rf $g/test_gpu_kernel_linear.py \
+    $g/test_gpu_kernel_norm.py $g/test_gpu_kernel_hadamard.py $g/test_gpu_launch_overlap.py $g/test_gpu_cpp_checks.py \
+    $g/test_gpu_codes.py $g/test_gpu_kernel_selective_scan.py $g/test_gpu_kernel_conv1d.py \
+    -k "not test_gpu_kernel_selective_scan and not test_gpu_kernel_conv1d or update or gemv" \
     > "$out/decode_gpu_tests.log" 2>&1
-  tail -15 "$out/decode_gpu_tests.log"
-  timeout $((580 - SECONDS)) python3 benchmarks/latency.py --configs mamba-2.8b --reps 3 --profile-decode ${PROFILE_ROWS:-8} \
-    --engines "mamba_ssm fp16" "qmamba int8" --json "$out/latency.json" > "$out/latency.log" 2>&1
-  grep -E "TTFT|speedup|FAILED|copy bandwidth|^    " "$out/latency.log" | head -40
+  tail -25 "$out/decode_gpu_tests.log"
+elif [ "$stage" = latency ]; then
+  timeout 330 python3 benchmarks/latency.py --configs mamba-2.8b --reps 3 --profile-decode ${PROFILE_ROWS:-8} \
+    --engines "mamba_ssm fp16" "qmamba int8" "qmamba int8 unrotated" --json "$out/latency.json" > "$out/latency.log" 2>&1
+  grep -E "TTFT|speedup|FAILED|copy bandwidth|^    " "$out/latency.log" | head -50
+  timeout $((585 - SECONDS)) python3 benchmarks/latency.py --configs mamba2-2.7b --reps 3 \
+    --engines "mamba_ssm fp16" "qmamba int8" --json "$out/latency_mamba2.json" > "$out/latency_mamba2.log" 2>&1
+  grep -E "TTFT|speedup|FAILED|copy bandwidth" "$out/latency_mamba2.log" | head -20
 elif [ "$stage" = kernels ]; then
   timeout 480 python3 -m pytest -q -m gpu --tb=short -rf $g/test_gpu_kernel_gated_norm.py $g/test_gpu_kernel_ssd.py \
     $g/test_gpu_kernel_linear.py $g/test_gpu_kernel_norm.py > "$out/kernel_gpu_tests.log" 2>&1

@@ -127,14 +127,17 @@ def selective_scan_int8(u, u_scale, delta, delta_scale, A, B, B_scale, C, C_scal
 
 def selective_scan_int8_update(state, u, u_scale, delta, delta_scale, A, B, B_scale, C, C_scale, D, z, z_scale,
                                delta_bias, delta_softplus, out_dtype, u_encoding, u_knee, u_outlier_scale, u_mask,
-                               dt, dt_scale, dt_weight, dt_weight_scale, dt_bias):
-    from qmamba.ops.int8_selective_scan import DtProjection, selective_scan_int8_update_ref
+                               dt, dt_scale, dt_weight, dt_weight_scale, dt_bias, out_scale, out_bits,
+                               out_counters):
+    from qmamba.ops.int8_selective_scan import DtProjection, RotatedOutput, selective_scan_int8_update_ref
 
-    # dt given (delta None): dt_proj fused, its inputs as the reference takes them
+    # dt given (delta None): dt_proj fused, its inputs as the reference takes them; out_scale: y rotated too
     dt_proj = None if dt is None else DtProjection(dt, dt_scale, dt_weight, dt_weight_scale, dt_bias)
-    return selective_scan_int8_update_ref(state, u, u_scale, delta, delta_scale, A, B, B_scale, C, C_scale, D, z,
-                                          z_scale, delta_bias, delta_softplus, out_dtype,
-                                          _dual(u_encoding, u_knee, u_outlier_scale), u_mask, dt_proj)
+    rotated = None if out_scale is None else RotatedOutput(out_scale, out_bits, out_counters)
+    out = selective_scan_int8_update_ref(state, u, u_scale, delta, delta_scale, A, B, B_scale, C, C_scale, D, z,
+                                         z_scale, delta_bias, delta_softplus, out_dtype,
+                                         _dual(u_encoding, u_knee, u_outlier_scale), u_mask, dt_proj, rotated)
+    return [out] if rotated is None else list(out)
 
 
 OPS = {"quantize_int8": quantize_int8, "hadamard_quantize": hadamard_quantize, "conv1d_int8": conv1d_int8,

@@ -46,7 +46,7 @@ for preset_name, recipe, precision in CASES:
     if precision.startswith("fp16"):
         fp16_float_leftovers_(model)
     for module in model.modules():
-        for flag in ("emit_codes", "float_inputs"):
+        for flag in ("emit_codes", "float_inputs", "emit_rotated"):
             if hasattr(module, flag):
                 setattr(module, flag, not precision.endswith("unfused"))
     with torch.no_grad():

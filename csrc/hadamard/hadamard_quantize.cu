@@ -16,55 +16,12 @@
 // remaining h (the warp-index bits, W = threads / 32 <= E warps) after one round trip through shared memory in which
 // each thread takes whole groups of W elements spaced 32 E apart. Blocks of fewer than 32 threads share a CTA.
 #include "common/qmamba_common.cuh"
+#include "hadamard/hadamard_block.cuh"
 
 #include <cmath>
 
 namespace qmamba {
 namespace {
-
-constexpr int kMaxBlock = 8192;  // b <= 32 * E * E with E = 16: the cross-warp stages fit one thread's registers
-
-// Elements per thread for a Hadamard block of b elements (b a power of two <= kMaxBlock).
-inline int elems_per_thread(int64_t b) { return b <= 2048 ? static_cast<int>(b < 8 ? b : 8) : 16; }
-
-// Load E consecutive elements upcast to fp32: 16-byte vector loads where the caller checked alignment.
-template <typename T, int E>
-__device__ __forceinline__ void load_elems(const T* __restrict__ p, float (&v)[E], bool vec) {
-  constexpr int kBytes = E * static_cast<int>(sizeof(T));
-  if constexpr (kBytes % 16 == 0) {
-    if (vec) {
-      alignas(16) T tmp[E];
-#pragma unroll
-      for (int c = 0; c < kBytes / 16; ++c) reinterpret_cast<uint4*>(tmp)[c] = reinterpret_cast<const uint4*>(p)[c];
-#pragma unroll
-      for (int j = 0; j < E; ++j) v[j] = static_cast<float>(tmp[j]);
-      return;
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < E; ++j) v[j] = static_cast<float>(p[j]);
-}
-
-// The butterfly stages h = 1 .. E/2 on one thread's E elements (their block offset is a multiple of E, so the pair
-// rule (i & h) == 0 is the same on local indices).
-template <int E>
-__device__ __forceinline__ void butterflies_in_thread(float (&v)[E], int count) {
-#pragma unroll
-  for (int h = 1; h < E; h <<= 1) {
-    if (h < count) {
-#pragma unroll
-      for (int i = 0; i < E; ++i) {
-        if ((i & h) == 0 && i < count) {
-          const float a = v[i], c = v[i + h];
-          v[i] = __fadd_rn(a, c);
-          v[i + h] = __fsub_rn(a, c);
-        }
-      }
-    }
-  }
-}
-
-__device__ __forceinline__ int padded(int e) { return e + (e >> 5); }
 
 // x: rows of n = nblocks * b elements, row stride row_stride (elements), last dim contiguous. out: (rows, n) int8,
 // contiguous, so Hadamard block g starts at out + g * b. Each CTA handles blockDim.x / tpb blocks (tpb = b / E threads
@@ -75,79 +32,15 @@ __global__ void __launch_bounds__(1024) hadamard_quantize_kernel(
     const float* __restrict__ scale, int qmin, int qmax, bool vec, int8_t* __restrict__ out) {
   kernel_prologue();  // first: see launch_overlapped (common/qmamba_common.cuh)
   const float inv = __fdiv_rn(1.0f, *scale);  // loaded with the row, not after the butterflies
-  // one float of padding per 32: both the per-thread runs (stride E) and the group reads (stride 1) hit 32 banks
-  constexpr int kSmem = E >= 8 ? 32 * E * E + E * E : 1;
-  __shared__ float smem[kSmem];
+  __shared__ float smem[kSmemFloats<E>];
   const int b = 1 << log_b;
   const int tpb = b / E;
   const int t = static_cast<int>(threadIdx.x) % tpb;  // thread within its Hadamard block
   const int64_t g = static_cast<int64_t>(blockIdx.x) * (blockDim.x / tpb) + threadIdx.x / tpb;
   const bool valid = g < total;  // only CTAs shared by several small blocks can have idle groups
-
-  float v[E];
-  if (valid) {
-    const int64_t row = g / nblocks, blk = g % nblocks;
-    load_elems<T, E>(x + row * row_stride + blk * b + static_cast<int64_t>(t) * E, v, vec);
-  } else {
-#pragma unroll
-    for (int j = 0; j < E; ++j) v[j] = 0.0f;  // idle lanes still take part in the shuffles
-  }
-
-  // stages h < E: inside the thread
-  butterflies_in_thread<E>(v, E);
-
-  // stages h = m E for lane bits m < min(tpb, 32): the partner holds y[i ^ h]. blockDim.x is a multiple of 32 and
-  // a group of tpb < 32 threads is tpb-aligned inside its warp, so lane ^ m stays in the group and the mask is full.
-  const int lane_span = tpb < 32 ? tpb : 32;
-  for (int m = 1; m < lane_span; m <<= 1) {
-    const bool upper = (t & m) != 0;  // holds y[i + h]: its result is y[i] - y[i + h] = partner - own
-#pragma unroll
-    for (int j = 0; j < E; ++j) {
-      const float p = __shfl_xor_sync(0xffffffffu, v[j], m);
-      v[j] = upper ? __fsub_rn(p, v[j]) : __fadd_rn(v[j], p);
-    }
-  }
-
-  // stages h >= 32 E: the warp-index bits (one Hadamard block per CTA here, W = tpb / 32 warps, W <= E)
-  if (tpb > 32) {
-    const int W = tpb / 32;
-    const int span = 32 * E;  // distance between the W elements of one group
-#pragma unroll
-    for (int j = 0; j < E; ++j) smem[padded(t * E + j)] = v[j];
-    __syncthreads();
-    for (int q = 0; q < E / W; ++q) {
-      const int r = t + q * tpb;  // groups r = 0 .. span - 1, consecutive across lanes (no bank conflicts)
-      float z[E];
-#pragma unroll
-      for (int k = 0; k < E; ++k) z[k] = k < W ? smem[padded(r + k * span)] : 0.0f;
-      butterflies_in_thread<E>(z, W);  // stage h = k_h * span pairs group members k, k + k_h, in torch's order
-#pragma unroll
-      for (int k = 0; k < E; ++k) {
-        if (k < W) smem[padded(r + k * span)] = z[k];
-      }
-    }
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < E; ++j) v[j] = smem[padded(t * E + j)];
-  }
-
-  if (!valid) return;
-  alignas(16) int8_t q[E];
-#pragma unroll
-  for (int j = 0; j < E; ++j) {
-    int c = __float2int_rn(__fmul_rn(__fmul_rn(v[j], rsqrt_b), inv));
-    c = c < qmin ? qmin : (c > qmax ? qmax : c);
-    q[j] = static_cast<int8_t>(c);
-  }
-  int8_t* dst = out + g * b + static_cast<int64_t>(t) * E;  // E-byte aligned: out is fresh, b and t * E multiples
-  if constexpr (E == 16) {
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(q);
-  } else if constexpr (E == 8) {
-    *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(q);
-  } else {
-#pragma unroll
-    for (int j = 0; j < E; ++j) dst[j] = q[j];
-  }
+  const int64_t row = valid ? g / nblocks : 0, blk = valid ? g % nblocks : 0;
+  hadamard_quantize_group<T, E, false>(x + row * row_stride + blk * b, valid, t, tpb, rsqrt_b, inv, qmin, qmax, vec,
+                                       smem, out + g * b);
 }
 
 template <typename T>

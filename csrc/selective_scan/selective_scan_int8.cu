@@ -23,8 +23,10 @@
 // y is allocated channel-last). NPL is picked per launch: fewer states per lane when (batch x channels) is too small
 // to fill the GPU.
 #include "common/qmamba_common.cuh"
+#include "hadamard/hadamard_block.cuh"
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace qmamba {
@@ -215,6 +217,15 @@ struct UpdateParams {
   int dt_rank;
   bool dt_w_per_channel;
   bool dt_vec;  // R % 16 == 0 and every dt / weight row 16-byte aligned: 16-byte loads and __dp4a (one flag for all)
+  // out_proj's rotated input made here (hq_out != nullptr; the ROTATE kernel): hq_out (batch, dim) int8 =
+  // hadamard_quantize(y, hq_scale, bits), Hadamard blocks of 2^hq_log_b channels, hq_counters (batch, dim / block)
+  // int32 zeros between calls (the kernel leaves them so)
+  int8_t* hq_out;
+  const float* hq_scale;
+  int* hq_counters;
+  int hq_log_b, hq_qmin, hq_qmax;
+  float hq_rsqrt_b;
+  bool hq_vec;
 };
 
 // dt_proj's requant epilogue operands for channel d, loaded before its dot (they do not depend on it):
@@ -262,7 +273,36 @@ __device__ __forceinline__ int8_t dt_proj_code(const UpdateParams& p, int b, int
 // waits on (a few MB of state at most: latency, not bandwidth, is its cost). Every lane of a group computes the
 // channel's scalars (u, delta, gate: same addresses, one transaction); lane 0 writes y. Channels past dim run
 // clamped to the last one and write nothing, so every lane of the warp takes part in the shuffles.
+// The rotation of out_proj's input fused into the update (ROTATE): the CTAs of a Hadamard block of channels count
+// themselves in when their y are stored; the last one (its y and everyone else's visible: fences on both sides of the
+// count) rotates and quantizes the block with hadamard_quantize_group, the Hadamard kernel's own math, reading y
+// through L2. It resets the count, so the counters are zeros again for the next call (and graph replay).
 template <typename T, int KP>
+__device__ __forceinline__ void rotate_quantize_block(const UpdateParams& p, int b, float inv) {
+  constexpr int kChans = kUpdateThreads / KP;
+  constexpr int E = 8;  // elems_per_thread of every block the host allows (8 <= 2^hq_log_b <= 8 * kUpdateThreads)
+  __shared__ float smem[kSmemFloats<E>];
+  __shared__ int last;
+  const int hb = 1 << p.hq_log_b;
+  const int g = (blockIdx.x * kChans) >> p.hq_log_b;  // one Hadamard block per CTA: hb >= kChans (host-checked)
+  __syncthreads();  // this CTA's y are stored
+  if (threadIdx.x == 0) {
+    __threadfence();
+    int* count = p.hq_counters + b * (p.dim >> p.hq_log_b) + g;
+    last = atomicAdd(count, 1) == hb / kChans - 1;
+    if (last) *count = 0;  // every CTA of the block has counted
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int64_t off = static_cast<int64_t>(b) * p.dim + static_cast<int64_t>(g) * hb;
+  const int tpb = hb / E;
+  hadamard_quantize_group<T, E, true>(static_cast<const T*>(p.y) + off, static_cast<int>(threadIdx.x) < tpb,
+                                      threadIdx.x, tpb, p.hq_rsqrt_b, inv, p.hq_qmin, p.hq_qmax, p.hq_vec, smem,
+                                      p.hq_out + off);
+}
+
+template <typename T, int KP, bool ROTATE>
 __global__ void __launch_bounds__(kUpdateThreads) selective_scan_int8_update_kernel(const UpdateParams p) {
   constexpr int kChans = kUpdateThreads / KP;
   constexpr int kMaxNpl = KP < 32 ? 1 : kMaxState / 32;  // KP < 32 only when N <= KP
@@ -292,6 +332,7 @@ __global__ void __launch_bounds__(kUpdateThreads) selective_scan_int8_update_ker
   const float Dd = p.D[d * p.D_s];
   const int8_t qz = p.z != nullptr ? p.z[b * p.z_sb + d * p.z_sd] : int8_t(0);
   const float sz = p.z != nullptr ? *p.z_scale : 0.0f;
+  const float hq_inv = ROTATE ? __fdiv_rn(1.0f, *p.hq_scale) : 0.0f;
   float* st = p.state + b * p.st_sb + d * p.st_sd;
   const float* Ad = p.A + d * p.A_sd;
   float h[kMaxNpl], a[kMaxNpl];
@@ -330,10 +371,12 @@ __global__ void __launch_bounds__(kUpdateThreads) selective_scan_int8_update_ker
     }
   }
   y = group_sum(y, KP);
-  if (!d_ok || lane != 0) return;
-  y = y + uu * Dd;
-  if (p.z != nullptr) y = y * silu(deq<T>(qz, sz));
-  static_cast<T*>(p.y)[static_cast<int64_t>(b) * p.dim + d] = static_cast<T>(y);
+  if (d_ok && lane == 0) {
+    y = y + uu * Dd;
+    if (p.z != nullptr) y = y * silu(deq<T>(qz, sz));
+    static_cast<T*>(p.y)[static_cast<int64_t>(b) * p.dim + d] = static_cast<T>(y);
+  }
+  if constexpr (ROTATE) rotate_quantize_block<T, KP>(p, b, hq_inv);
 }
 
 // ---- host side -----------------------------------------------------------------------------------------------------
@@ -591,15 +634,40 @@ void dt_proj_args(UpdateParams& p, const at::Tensor& u, const at::Tensor& dt,
 template <int KP>
 void launch_update(const UpdateParams& p, at::ScalarType out_dtype, int64_t dim, int64_t batch, cudaStream_t stream) {
   constexpr int kChans = kUpdateThreads / KP;
-  const dim3 grid((dim + kChans - 1) / kChans, batch);
+  const dim3 grid((dim + kChans - 1) / kChans, batch), block(kUpdateThreads);
+  auto go = [&](auto kernel) { launch_overlapped(kernel, grid, block, 0, stream, p); };
+  const bool rotate = p.hq_out != nullptr;
   switch (out_dtype) {
-    case at::kFloat: launch_overlapped(selective_scan_int8_update_kernel<float, KP>, grid, dim3(kUpdateThreads), 0, stream, p); break;
-    case at::kHalf: launch_overlapped(selective_scan_int8_update_kernel<at::Half, KP>, grid, dim3(kUpdateThreads), 0, stream, p); break;
-    default: launch_overlapped(selective_scan_int8_update_kernel<at::BFloat16, KP>, grid, dim3(kUpdateThreads), 0, stream, p); break;
+    case at::kFloat:
+      rotate ? go(selective_scan_int8_update_kernel<float, KP, true>)
+             : go(selective_scan_int8_update_kernel<float, KP, false>);
+      break;
+    case at::kHalf:
+      rotate ? go(selective_scan_int8_update_kernel<at::Half, KP, true>)
+             : go(selective_scan_int8_update_kernel<at::Half, KP, false>);
+      break;
+    default:
+      rotate ? go(selective_scan_int8_update_kernel<at::BFloat16, KP, true>)
+             : go(selective_scan_int8_update_kernel<at::BFloat16, KP, false>);
+      break;
   }
 }
 
-at::Tensor selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, const at::Tensor& u_scale,
+// The channels of one Hadamard block of a rotated update's output (dim's largest power-of-two divisor, as
+// qmamba.ops.hadamard.hadamard_block), or an error naming why the update cannot rotate this shape.
+int rotated_block_log2(int64_t dim, int kp) {
+  const int64_t hb = dim & -dim;
+  const int64_t chans = kUpdateThreads / kp;
+  QMAMBA_CHECK(hb >= 8 && hb >= chans && hb <= 8 * kUpdateThreads, "selective_scan_int8_update: out_scale (the "
+               "rotated output) needs Hadamard blocks of 8..", 8 * kUpdateThreads, " channels and at least ", chans,
+               " (the channels of one update block at this state size), got ", hb, " (D = ", dim, "); run "
+               "hadamard_quantize on y instead");
+  int lg = 0;
+  while ((int64_t(1) << lg) < hb) ++lg;
+  return lg;
+}
+
+std::vector<at::Tensor> selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, const at::Tensor& u_scale,
                                       const std::optional<at::Tensor>& delta, const at::Tensor& delta_scale,
                                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& B_scale,
                                       const at::Tensor& C, const at::Tensor& C_scale, const at::Tensor& D,
@@ -611,7 +679,9 @@ at::Tensor selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, co
                                       const std::optional<at::Tensor>& dt_scale,
                                       const std::optional<at::Tensor>& dt_weight,
                                       const std::optional<at::Tensor>& dt_weight_scale,
-                                      const std::optional<at::Tensor>& dt_bias) {
+                                      const std::optional<at::Tensor>& dt_bias,
+                                      const std::optional<at::Tensor>& out_scale, int64_t out_bits,
+                                      const std::optional<at::Tensor>& out_counters) {
   check_code(u, "u", 2);
   const int64_t batch = u.size(0), dim = u.size(1);
   QMAMBA_CHECK(delta.has_value() != dt.has_value(), "selective_scan_int8_update: give exactly one of delta (the delta "
@@ -658,9 +728,40 @@ at::Tensor selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, co
   UpdateParams p{};
   if (dt.has_value()) dt_proj_args(p, u, *dt, dt_scale, dt_weight, dt_weight_scale, dt_bias);
 
+  // out_scale: also the codes of hadamard_quantize(y, out_scale, out_bits) (out_proj's rotated input), made here
+  QMAMBA_CHECK(out_scale.has_value() == out_counters.has_value(), "selective_scan_int8_update: give out_scale and "
+               "out_counters together (or neither)");
+  const int kp = std::min(32, next_pow2(static_cast<int>(nstate)));  // lanes per channel (see launch_update)
+  int hq_log_b = 0;
+  if (out_scale.has_value()) {
+    check_scale(*out_scale, "out_scale", u);
+    QMAMBA_CHECK(out_bits >= 2 && out_bits <= 8, "selective_scan_int8_update: out_bits must be in 2..8, got ",
+                 out_bits);
+    hq_log_b = rotated_block_log2(dim, kp);
+    const at::Tensor& cnt = *out_counters;
+    QMAMBA_CHECK(cnt.is_cuda() && cnt.device() == u.device() && cnt.scalar_type() == at::kInt &&
+                     cnt.is_contiguous() && cnt.numel() == batch * (dim >> hq_log_b),
+                 "selective_scan_int8_update: out_counters must be a contiguous int32 tensor of batch * D / block = ",
+                 batch * (dim >> hq_log_b), " zeros on the device of u (the update leaves them zero), got ",
+                 cnt.scalar_type(), " ", cnt.sizes());
+  }
+
   const c10::cuda::OptionalCUDAGuard guard(u.device());
   at::Tensor y = at::empty({batch, dim}, u.options().dtype(out_dtype));
-  if (batch == 0 || dim == 0) return y;
+  std::vector<at::Tensor> results{y};
+  if (out_scale.has_value()) {
+    results.push_back(at::empty({batch, dim}, u.options().dtype(at::kChar)));
+    p.hq_out = results[1].data_ptr<int8_t>();
+    p.hq_scale = out_scale->data_ptr<float>();
+    p.hq_counters = out_counters->data_ptr<int>();
+    p.hq_log_b = hq_log_b;
+    p.hq_qmin = -(1 << (out_bits - 1));
+    p.hq_qmax = (1 << (out_bits - 1)) - 1;
+    // as hadamard_quantize's launch: the Python double 1/sqrt(b) converted to fp32
+    p.hq_rsqrt_b = static_cast<float>(1.0 / std::sqrt(static_cast<double>(int64_t(1) << hq_log_b)));
+    p.hq_vec = ((int64_t(1) << hq_log_b) * static_cast<int64_t>(at::elementSize(out_dtype))) % 16 == 0;
+  }
+  if (batch == 0 || dim == 0) return results;
 
   p.state = state.data_ptr<float>();
   p.u = u.data_ptr<int8_t>();
@@ -694,8 +795,8 @@ at::Tensor selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, co
   if (delta_bias.has_value()) p.bias_s = delta_bias->stride(0);
   p.softplus = delta_softplus;
 
-  // KP lanes per channel: the state size rounded up to a power of two, at most a warp (then 8 states a lane)
-  const int kp = std::min(32, next_pow2(static_cast<int>(nstate)));
+  // KP lanes per channel (kp above): the state size rounded up to a power of two, at most a warp (then 8 states a
+  // lane)
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   switch (kp) {
     case 1: launch_update<1>(p, out_dtype, dim, batch, stream); break;
@@ -706,7 +807,7 @@ at::Tensor selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, co
     default: launch_update<32>(p, out_dtype, dim, batch, stream); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return y;
+  return results;
 }
 
 }  // namespace
@@ -717,12 +818,14 @@ TORCH_LIBRARY_FRAGMENT(qmamba, m) {
         "Tensor B_scale, Tensor C, Tensor C_scale, Tensor D, Tensor? z, Tensor? z_scale, Tensor? delta_bias, "
         "bool delta_softplus, ScalarType out_dtype, Tensor? initial_state, int u_encoding, int u_knee, "
         "Tensor? u_outlier_scale, Tensor? u_mask) -> Tensor[]");
-  // delta: the delta codes, or None with dt (and dt_scale, dt_weight, dt_weight_scale, dt_bias): dt_proj fused
+  // delta: the delta codes, or None with dt (and dt_scale, dt_weight, dt_weight_scale, dt_bias): dt_proj fused;
+  // out_scale (with out_bits, out_counters): also out_proj's rotated input codes -> [y, codes], else [y]
   m.def("selective_scan_int8_update(Tensor(a!) state, Tensor u, Tensor u_scale, Tensor? delta, Tensor delta_scale, "
         "Tensor A, Tensor B, Tensor B_scale, Tensor C, Tensor C_scale, Tensor D, Tensor? z, Tensor? z_scale, "
         "Tensor? delta_bias, bool delta_softplus, ScalarType out_dtype, int u_encoding, int u_knee, "
         "Tensor? u_outlier_scale, Tensor? u_mask, Tensor? dt, Tensor? dt_scale, Tensor? dt_weight, "
-        "Tensor? dt_weight_scale, Tensor? dt_bias) -> Tensor");
+        "Tensor? dt_weight_scale, Tensor? dt_bias, Tensor? out_scale, int out_bits, Tensor(b!)? out_counters) "
+        "-> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(qmamba, CUDA, m) {

@@ -15,7 +15,8 @@ import torch
 from qmamba.kernels.build import load
 from qmamba.kernels.checks import (INT32_LIMIT, fp32_flat, require_channel_scale, require_cuda, require_int8,
                                    require_out_dtype, require_per_tensor_scale, require_shape, shape_of)
-from qmamba.ops.int8_selective_scan import DtProjection, check_delta_source
+from qmamba.ops.int8_selective_scan import (DtProjection, RotatedOutput, check_delta_source, kernel_rotates,
+                                           rotated_counters_size)
 from qmamba.quant.dual_scale import DualScale, check_dual_mask
 
 MAX_STATE = 256     # csrc kMaxState: N <= 32 lanes x 8 states per lane
@@ -133,9 +134,26 @@ def check_dt_projection(op: str, dt_proj: DtProjection, batch: int, dim: int) ->
                          "run dt_proj on its own (qdelta from qmamba.ops.int8_linear.w8a8_linear)")
 
 
+def check_rotated_output(op: str, rotated: RotatedOutput, batch: int, dim: int, nstate: int) -> None:
+    """What the update kernel requires of a ``RotatedOutput`` (see ``kernel_rotates``), on metadata only."""
+    if not kernel_rotates(dim, nstate):
+        raise ValueError(f"{op}: the update kernel cannot rotate y at D={dim}, N={nstate} (it needs one Hadamard block "
+                         "of 8..1024 channels to hold whole update blocks); call it without rotated and "
+                         "hadamard_quantize y (qmamba.ops.int8_selective_scan.selective_scan_int8_update does)")
+    if not 2 <= int(rotated.bits) <= 8:
+        raise ValueError(f"{op}: rotated.bits must be in 2..8, got {rotated.bits}")
+    require_per_tensor_scale(op, "rotated.scale", rotated.scale)
+    c, n = rotated.counters, rotated_counters_size(batch, dim)
+    if c.dtype != torch.int32 or c.numel() != n or not c.is_contiguous():
+        raise ValueError(f"{op}: rotated.counters must be a contiguous int32 tensor of {n} zeros (one per sequence and "
+                         f"Hadamard block; keep it between calls: the kernel leaves it zero), got {c.dtype} "
+                         f"{tuple(c.shape)}")
+
+
 def check_selective_scan_update_args(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D=None,
                                      qz=None, z_scale=None, delta_bias=None, out_dtype=torch.float32, u_dual=None,
-                                     u_mask=None, dt_proj: DtProjection | None = None) -> tuple[int, int, int]:
+                                     u_mask=None, dt_proj: DtProjection | None = None,
+                                     rotated: RotatedOutput | None = None) -> tuple[int, int, int]:
     """Everything ``torch.ops.qmamba.selective_scan_int8_update`` requires of its arguments, on metadata only (CPU
     tensors work); raises TypeError / ValueError naming the fix. Returns (batch, D, N)."""
     op = "selective_scan_int8_update"
@@ -161,6 +179,8 @@ def check_selective_scan_update_args(state, qu, u_scale, qdelta, delta_scale, A,
     _check_params(op, dim, nstate, A, D, qz, z_scale, shape_of(qu), 2, delta_bias, out_dtype,
                   dict(u_scale=u_scale, delta_scale=delta_scale, B_scale=B_scale, C_scale=C_scale))
     check_dual_u(op, qu, u_dual, u_mask, update=True)
+    if rotated is not None:
+        check_rotated_output(op, rotated, batch, dim, nstate)
     if batch >= MAX_BATCH or dim >= INT32_LIMIT:
         raise ValueError(f"{op}: batch must be < {MAX_BATCH} (and channels < 2^31), got {shape_of(qu)}; split the "
                          "batch")
@@ -206,22 +226,27 @@ def _dt_proj_op_args(dt_proj: DtProjection | None, like: torch.Tensor) -> tuple:
 def selective_scan_int8_update(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D=None, qz=None,
                                z_scale=None, delta_bias=None, delta_softplus=True, out_dtype=torch.float32,
                                u_dual: DualScale | None = None, u_mask: torch.Tensor | None = None,
-                               dt_proj: DtProjection | None = None):
+                               dt_proj: DtProjection | None = None, rotated: RotatedOutput | None = None):
     """One token. ``state`` (batch, D, N) fp32 is updated in place (it must already be fp32: a converted copy would
     not be the caller's state); qu, qdelta, qz (batch, D) int8; qB, qC (batch, N) int8; a dual-scale u: u_dual and
     (mask encoding) u_mask (batch, D) uint8, the flag in bit 0. ``dt_proj`` instead of qdelta (None): dt_proj fused,
     the kernel computes the delta codes from dt_proj's inputs as its GEMV would (``qmamba.ops.int8_selective_scan``).
-    Returns y (batch, D) in out_dtype."""
+    Returns y (batch, D) in out_dtype; with ``rotated`` (where ``kernel_rotates``), (y, out_proj's rotated input
+    codes (batch, D) int8), the kernel rotating and quantizing y itself."""
     check_selective_scan_update_args(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz,
-                                     z_scale, delta_bias, out_dtype, u_dual, u_mask, dt_proj)
+                                     z_scale, delta_bias, out_dtype, u_dual, u_mask, dt_proj, rotated)
     load()
     fused = {} if dt_proj is None else {"dt_proj.q": dt_proj.q, "dt_proj.weight": dt_proj.weight,
                                         "dt_proj.weight_scale": dt_proj.weight_scale, "dt_proj.bias": dt_proj.bias}
+    if rotated is not None:
+        fused["rotated.counters"] = rotated.counters
     require_cuda("selective_scan_int8_update", "u", qu, state=state, delta=qdelta, A=A, B=qB, C=qC, D=D, z=qz,
                  delta_bias=delta_bias, u_mask=u_mask, **fused)
     A = _f32(A)
     D = _f32(D) if D is not None else torch.zeros(qu.shape[1], dtype=torch.float32, device=qu.device)
-    return torch.ops.qmamba.selective_scan_int8_update(
+    out = torch.ops.qmamba.selective_scan_int8_update(
         state, qu, _scale(u_scale, qu), qdelta, _scale(delta_scale, qu), A, qB, _scale(B_scale, qu), qC,
         _scale(C_scale, qu), D, qz, _scale(z_scale, qu) if qz is not None else None, _f32(delta_bias),
-        bool(delta_softplus), out_dtype, *_dual_op_args(u_dual, u_mask, qu), *_dt_proj_op_args(dt_proj, qu))
+        bool(delta_softplus), out_dtype, *_dual_op_args(u_dual, u_mask, qu), *_dt_proj_op_args(dt_proj, qu),
+        *((None, 8, None) if rotated is None else (_scale(rotated.scale, qu), int(rotated.bits), rotated.counters)))
+    return out[0] if rotated is None else (out[0], out[1])

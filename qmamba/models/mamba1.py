@@ -74,8 +74,7 @@ class Mamba1Mixer(nn.Module):
         dt, B, C = linear_step(self.x_proj, x, ((self.dt_proj, "input", self.dt_rank), (self.scan, "B", n),
                                                 (self.scan, "C", n)))
         delta = self.dt_step(dt)  # (B, di), or dt_proj's GEMV inputs for the scan's update
-        y = self.scan.step(cache.ssm_state, u, delta, self.A_log, B, C, self.D, z)
-        return linear_step(self.out_proj, y)
+        return linear_step(self.out_proj, self.scan_step(cache.ssm_state, u, delta, B, C, z))
 
     def in_proj_conv_step(self, hidden, conv_state):
         """in_proj then the conv update on one token: (the conv's outputs for x_proj and the scan's u, z). In int8 mode,
@@ -93,6 +92,15 @@ class Mamba1Mixer(nn.Module):
         x, z = linear_step(self.in_proj, hidden, in_consumers)
         x, u = self.conv1d.step(x, conv_state, consumers=conv_consumers)
         return x, u, z
+
+    def scan_step(self, ssm_state, u, delta, B, C, z):
+        """The scan's update on one token, for out_proj: in int8 mode, where the twins allow it
+        (``QuantSelectiveScan.rotates_for``), the update also rotates and quantizes out_proj's input and hands it the
+        codes, bit for bit those of out_proj's own Hadamard + quantize, one kernel fewer a layer; else y."""
+        output_for = getattr(self.scan, "step_output_for", None)  # the int8 twin's (qmamba.qnn.QuantSelectiveScan)
+        if output_for is not None:
+            return output_for(self.out_proj, ssm_state, u, delta, self.A_log, B, C, self.D, z)
+        return self.scan.step(ssm_state, u, delta, self.A_log, B, C, self.D, z)
 
     def dt_step(self, dt):
         """dt_proj on one token, for the scan: in int8 mode, where the twins allow it (``QuantLinear.step_projection``:

@@ -33,6 +33,13 @@ or None) the delta codes are those of the W8A8 GEMV with its requant epilogue in
 (``qmamba.ops.int8_linear``: the GEMV's bit-exact twin; out_dtype, the activation dtype, is the dtype the GEMV
 rounds its output through before requantizing), and the step runs on them unchanged: bit for bit the unfused pair.
 
+out_proj's rotated input made by the update (``rotated``, a ``RotatedOutput``): Mamba1's y feeds out_proj, whose int8
+input is ``hadamard_quantize(y, scale, bits)`` (``qmamba.ops.int8_hadamard``). Given ``rotated``, the update returns
+(y, those codes): on a GPU one kernel (the last block of each Hadamard block of channels rotates it, with the Hadamard
+kernel's own device code), one kernel fewer per layer and decode step, bit for bit the unfused pair. ``counters``: an
+int32 tensor of ``rotated_counters_size(batch, D)`` zeros the caller keeps (the kernel counts blocks in it and leaves it
+zero); unused by the reference.
+
 ``selective_scan_int8`` / ``selective_scan_int8_update`` dispatch to the CUDA kernels (csrc/selective_scan/) where
 ``backend`` allows (``qmamba.ops.backend.use_kernels``), else to the references here.
 """
@@ -45,6 +52,8 @@ import torch
 import torch.nn.functional as F
 
 from qmamba.ops.backend import use_kernels
+from qmamba.ops.hadamard import hadamard_block
+from qmamba.ops.int8_hadamard import hadamard_quantize, hadamard_quantize_ref
 from qmamba.ops.int8_linear import w8a8_linear_ref
 from qmamba.ops.selective_scan import _finish, selective_scan_ref
 from qmamba.quant.dual_scale import DualScale, check_dual_mask, dequantize_codes
@@ -64,6 +73,31 @@ class DtProjection(NamedTuple):
     weight: torch.Tensor
     weight_scale: torch.Tensor
     bias: torch.Tensor | None = None
+
+
+class RotatedOutput(NamedTuple):
+    """out_proj's rotated input, made by the update (see the module docstring): ``scale`` its per-tensor scale,
+    ``bits`` its bits, ``counters`` int32 zeros (``rotated_counters_size``) kept by the caller for the kernel."""
+    scale: torch.Tensor
+    bits: int
+    counters: torch.Tensor
+
+
+UPDATE_THREADS = 128  # the CUDA update's block (csrc/selective_scan: kUpdateThreads)
+
+
+def rotated_counters_size(batch: int, dim: int) -> int:
+    """Elements of a ``RotatedOutput.counters``: one per (sequence, Hadamard block of channels)."""
+    return batch * (dim // hadamard_block(dim))
+
+
+def kernel_rotates(dim: int, nstate: int) -> bool:
+    """Whether the CUDA update rotates y itself at this width and state size: one of its blocks (128 threads,
+    next_pow2(N) lanes a channel, at most 32) lies in one Hadamard block of 8 .. 1024 channels. Else
+    ``selective_scan_int8_update`` runs the update, then the Hadamard kernel."""
+    lanes = min(32, 1 << max(nstate - 1, 0).bit_length())
+    b = hadamard_block(dim)
+    return 8 <= b <= 8 * UPDATE_THREADS and b >= UPDATE_THREADS // lanes
 
 
 def check_delta_source(op: str, qdelta, dt_proj) -> None:
@@ -189,12 +223,13 @@ def selective_scan_int8_ref(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC
 def selective_scan_int8_update_ref(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz=None,
                                    z_scale=None, delta_bias=None, delta_softplus=True, out_dtype=torch.float32,
                                    u_dual: DualScale | None = None, u_mask: torch.Tensor | None = None,
-                                   dt_proj: DtProjection | None = None):
+                                   dt_proj: DtProjection | None = None, rotated: RotatedOutput | None = None):
     """One step of the recurrence (decode): ``state`` (batch, D, N) fp32 becomes ``exp(delta A) state +
     (delta u) B`` in place; returns y (batch, D) in ``out_dtype``. The module's int8 step (``QuantSelectiveScan.step``:
     dequantize to the activation dtype, then the float part's ``step``) op for op. Prefill with the last state then
     this step equals the prefill of the longer sequence (up to fp32 summation order). ``dt_proj`` (qdelta None): the
-    delta codes made from dt_proj's inputs first (``dt_proj_codes``), then the same step."""
+    delta codes made from dt_proj's inputs first (``dt_proj_codes``), then the same step. ``rotated``: returns (y,
+    ``hadamard_quantize_ref(y, rotated.scale, rotated.bits)``)."""
     _check_common(out_dtype, qz, z_scale)
     check_delta_source("selective_scan_int8_update", qdelta, dt_proj)
     if state.dtype != torch.float32:
@@ -221,8 +256,9 @@ def selective_scan_int8_update_ref(state, qu, u_scale, qdelta, delta_scale, A, q
     dA = torch.exp(delta[..., None] * A)  # (b, d, n)
     state.mul_(dA).add_((delta * u)[..., None] * B[:, None, :])  # SelectiveScan.step's ops, in its order
     y = (state * C[:, None, :]).sum(-1)  # (b, d)
-    return _finish(y[..., None], u[..., None], D.float() if D is not None else None,
-                   z[..., None] if z is not None else None, out_dtype)[..., 0]
+    y = _finish(y[..., None], u[..., None], D.float() if D is not None else None,
+                z[..., None] if z is not None else None, out_dtype)[..., 0]
+    return y if rotated is None else (y, hadamard_quantize_ref(y, rotated.scale, rotated.bits))
 
 
 def selective_scan_int8(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz=None, z_scale=None,
@@ -246,15 +282,22 @@ def selective_scan_int8(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_
 def selective_scan_int8_update(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz=None,
                                z_scale=None, delta_bias=None, delta_softplus=True, out_dtype=torch.float32,
                                backend: str = "auto", u_dual: DualScale | None = None,
-                               u_mask: torch.Tensor | None = None, dt_proj: DtProjection | None = None):
+                               u_mask: torch.Tensor | None = None, dt_proj: DtProjection | None = None,
+                               rotated: RotatedOutput | None = None):
     """One-token int8 scan step through the CUDA kernel where ``backend`` allows, else the reference; ``state``
-    is updated in place either way. ``dt_proj`` (qdelta None): dt_proj fused, see the module docstring."""
+    is updated in place either way. ``dt_proj`` (qdelta None): dt_proj fused; ``rotated``: (y, out_proj's rotated
+    input codes), made by the update kernel where ``kernel_rotates``, else by the Hadamard kernel after it (the same
+    codes); see the module docstring."""
     if use_kernels(backend, qu, "selective_scan_int8_update"):
         from qmamba.kernels import selective_scan as kernel
 
-        return kernel.selective_scan_int8_update(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale,
-                                                 D, qz, z_scale, delta_bias, delta_softplus, out_dtype,
-                                                 u_dual=u_dual, u_mask=u_mask, dt_proj=dt_proj)
+        fused = rotated if rotated is not None and kernel_rotates(qu.shape[1], qB.shape[1]) else None
+        out = kernel.selective_scan_int8_update(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale,
+                                                D, qz, z_scale, delta_bias, delta_softplus, out_dtype,
+                                                u_dual=u_dual, u_mask=u_mask, dt_proj=dt_proj, rotated=fused)
+        if rotated is None or fused is not None:
+            return out
+        return out, hadamard_quantize(out, rotated.scale, rotated.bits, backend=backend)
     return selective_scan_int8_update_ref(state, qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D,
                                           qz, z_scale, delta_bias, delta_softplus, out_dtype, u_dual=u_dual,
-                                          u_mask=u_mask, dt_proj=dt_proj)
+                                          u_mask=u_mask, dt_proj=dt_proj, rotated=rotated)

@@ -33,7 +33,8 @@ from qmamba.ops.int8_conv1d import conv1d_int8, conv1d_int8_update, w8a8_gemv_co
 from qmamba.ops.int8_gated_norm import gated_rms_norm_from_codes, gated_rms_norm_hadamard_quantize
 from qmamba.ops.int8_hadamard import hadamard_quantize
 from qmamba.ops.int8_linear import GemvInputs, out_scale_per_column, w8a8_linear
-from qmamba.ops.int8_selective_scan import DtProjection, selective_scan_int8, selective_scan_int8_update
+from qmamba.ops.int8_selective_scan import (DtProjection, RotatedOutput, rotated_counters_size, selective_scan_int8,
+                                           selective_scan_int8_update)
 from qmamba.ops.int8_ssd import (ssd_chunk_scan_int8, ssd_chunk_scan_int8_from_float, ssd_step_int8,
                                  ssd_step_int8_from_float)
 from qmamba.quant.dual_scale import DualScale
@@ -638,9 +639,42 @@ class QuantSelectiveScan(NegExpMemo, QuantTwin, SelectiveScan):
         ssm_state.copy_(out[1])
         return out[0]
 
-    def step(self, state, u, delta, A_log, B, C, D, z):  # one token: u, delta, z (B, D); B, C (B, N)
+    emit_rotated = True  # int8 decode: make out_proj's rotated input codes in the update; False: y, then out_proj
+
+    def rotates_for(self, consumer) -> bool:
+        """Whether ``step_output_for(consumer, ...)`` hands ``consumer`` (out_proj) its rotated input codes: int8 mode
+        with every input quantized, and a consumer that takes rotated codes (``QuantLinear.takes_rotated_codes``)."""
+        return (self.emit_rotated and self._integer() and isinstance(consumer, QuantLinear)
+                and consumer.takes_rotated_codes())
+
+    def step_output_for(self, consumer, state, u, delta, A_log, B, C, D, z):
+        """``step`` for the part that reads y (Mamba1's out_proj): where ``rotates_for(consumer)``, the update also
+        rotates and quantizes the consumer's input (``selective_scan_int8_update(rotated=...)``: on a GPU in the update
+        kernel, one kernel fewer a layer) and hands it ``Codes`` of the rotated y in the consumer's input scale, bit for
+        bit those of ``hadamard_quantize(y)``; else y."""
+        if not self.rotates_for(consumer):
+            return self.step(state, u, delta, A_log, B, C, D, z)
+        qi = consumer.q("input")
+        scale = consumer._step_scale(qi, u.q if isinstance(u, Codes) else u).detach().reshape(())
+        counters = self._rotation_counters(state.shape[0], state.shape[1], state.device)
+        y, codes = self.step(state, u, delta, A_log, B, C, D, z, rotated=RotatedOutput(scale, qi.spec.bits, counters))
+        return Codes(codes, scale, y.dtype)
+
+    def _rotation_counters(self, batch: int, dim: int, device) -> torch.Tensor:
+        """The update kernel's block counters for the rotation (``RotatedOutput.counters``): kept on the module, made
+        once per batch size and device (zeros; the kernel leaves them zero), so a captured decode step replays with
+        the same tensor."""
+        n = rotated_counters_size(batch, dim)
+        c = getattr(self, "_rot_counters", None)
+        if c is None or c.numel() != n or c.device != torch.device(device):
+            c = torch.zeros(n, dtype=torch.int32, device=device)
+            self._rot_counters = c
+        return c
+
+    def step(self, state, u, delta, A_log, B, C, D, z, rotated: RotatedOutput | None = None):
         """One token. ``delta`` may be a ``DtProjection`` where ``takes_projection("delta")``: dt_proj's GEMV
-        inputs, from which the update makes delta's codes in delta's scale itself."""
+        inputs, from which the update makes delta's codes in delta's scale itself. ``rotated`` (int8 mode, see
+        ``step_output_for``): returns (y, out_proj's rotated input codes)."""
         named = (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z))
         projected = isinstance(delta, DtProjection)
         if projected and not self.takes_projection("delta"):
@@ -656,21 +690,28 @@ class QuantSelectiveScan(NegExpMemo, QuantTwin, SelectiveScan):
             else:
                 qd, sd = self._step_codes("delta", delta, -1)
             return self._int8_step(state, qu, su, qd, sd, A_log, qB, sB, qC, sC, D, qz, sz, u.dtype, u_dual, u_mask,
-                                   delta if projected else None)
+                                   delta if projected else None, rotated)
+        if rotated is not None:
+            raise ValueError(f"{self.q('u').name if self.q('u') else 'scan'}: a rotated output needs int8 mode "
+                             "(step_output_for checks rotates_for first)")
         u, delta, B, C, z = (self._step_act(p, t, -1) for p, t in named)
         return super().step(state, u, delta, A_log, B, C, D, z)
 
     def _int8_step(self, state, qu, su, qdelta, sdelta, A_log, qB, sB, qC, sC, D, qz, sz, dtype, u_dual=None,
-                   u_mask=None, dt_proj: DtProjection | None = None):
+                   u_mask=None, dt_proj: DtProjection | None = None, rotated: RotatedOutput | None = None):
         """int8 step from codes and scales (scale None: that input is float; u_dual / u_mask: a dual-scale u;
-        dt_proj instead of qdelta: the update makes delta's codes). The torch backend dequantizes the codes to
-        ``dtype`` and runs the float step, as ``forward`` does."""
+        dt_proj instead of qdelta: the update makes delta's codes; rotated: (y, out_proj's rotated input codes)). The
+        torch backend dequantizes the codes to ``dtype`` and runs the float step, as ``forward`` does."""
         if all(s is not None for s in (su, sdelta, sB, sC, sz)):
             return selective_scan_int8_update(state, qu, su, qdelta, sdelta, self._neg_exp(A_log), qB, sB, qC, sC,
                                               D.float(), qz, sz, delta_softplus=True, out_dtype=dtype,
-                                              backend=self.backend, u_dual=u_dual, u_mask=u_mask, dt_proj=dt_proj)
+                                              backend=self.backend, u_dual=u_dual, u_mask=u_mask, dt_proj=dt_proj,
+                                              rotated=rotated)
         u, delta, B, C, z = (_deq(q, s, dtype) for q, s in ((qu, su), (qdelta, sdelta), (qB, sB), (qC, sC), (qz, sz)))
-        return super().step(state, u, delta, A_log, B, C, D, z)
+        y = super().step(state, u, delta, A_log, B, C, D, z)
+        if rotated is None:
+            return y
+        return y, hadamard_quantize(y, rotated.scale, rotated.bits, backend=self.backend)
 
 
 class QuantSSDScan(NegExpMemo, QuantTwin, SSDScan):

@@ -17,7 +17,7 @@ from qmamba import MambaLM, preset
 from qmamba.generation import DecodeGraph, generate
 from qmamba.qnn import calibrate, prepare, set_mode
 from qmamba.qnn.codes import Codes
-from qmamba.qnn.modules import QuantCausalConv1d, QuantLinear
+from qmamba.qnn.modules import QuantCausalConv1d, QuantLinear, QuantSelectiveScan
 from qmamba.quant.recipe import load_recipe
 
 pytestmark = pytest.mark.gpu
@@ -45,10 +45,13 @@ def _model(group: str, dtype: torch.dtype) -> MambaLM:
 def _emit(model, on: bool) -> None:
     """The conv and the decode step's linears (in_proj, x_proj, dt_proj: GEMV segment out_scales) hand codes, or
     not. The blocks' fused pre-norm stays on in both: its kernel's mean may round 1 LSB off the unfused norm's
-    (tests/gpu/test_gpu_kernel_norm.py), so it is not part of this bit-for-bit comparison."""
+    (tests/gpu/test_gpu_kernel_norm.py), so it is not part of this bit-for-bit comparison. The scan's update makes
+    out_proj's rotated input codes, or not (``emit_rotated``)."""
     for m in model.modules():
         if isinstance(m, (QuantCausalConv1d, QuantLinear)):
             m.emit_codes = on
+        if isinstance(m, QuantSelectiveScan):
+            m.emit_rotated = on
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

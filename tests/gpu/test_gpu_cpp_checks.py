@@ -35,8 +35,16 @@ CASES = {
         "torch.ops.qmamba.selective_scan_int8_update(torch.zeros(2, 32, 16, device='cuda'), i8(2, 32), one(), "
         "i8(2, 32), one(), -torch.ones(32, 16, device='cuda'), i8(3, 16), one(), i8(3, 16), one(), "
         "torch.ones(32, device='cuda'), None, None, None, True, torch.float16, 0, 0, None, None, None, None, None, "
-        "None, None)",
+        "None, None, None, 8, None)",
         "selective_scan_int8_update: B and C must be (batch, N) with batch 2, got [3, 16] and [3, 16]"),
+    # a rotated output with counters of the wrong size (D 32 is one Hadamard block: batch 2 -> 2 counters)
+    "selective_scan_int8_update rotated": (
+        "torch.ops.qmamba.selective_scan_int8_update(torch.zeros(2, 32, 16, device='cuda'), i8(2, 32), one(), "
+        "i8(2, 32), one(), -torch.ones(32, 16, device='cuda'), i8(2, 16), one(), i8(2, 16), one(), "
+        "torch.ones(32, device='cuda'), None, None, None, True, torch.float16, 0, 0, None, None, None, None, None, "
+        "None, None, one(), 8, torch.zeros(3, dtype=torch.int32, device='cuda'))",
+        "selective_scan_int8_update: out_counters must be a contiguous int32 tensor of batch * D / block = 2 zeros on "
+        "the device of u (the update leaves them zero), got Int [3]"),
 }
 
 

@@ -385,3 +385,85 @@ def test_fused_dt_proj_errors(kernel):
     with pytest.raises(RuntimeError, match="dt_proj.weight is on cpu"):
         kernel.selective_scan_int8_update(torch.zeros(2, 64, NSTATE, device="cuda"), **dict(step, qdelta=None),
                                           dt_proj=proj._replace(weight=proj.weight.cpu()))
+
+
+# ---- out_proj's rotated input made by the update (``rotated``): the kernel's codes vs the Hadamard kernel's of its own
+# y, bit for bit (the same device code on the same y), and vs the reference's within the y tolerance above
+
+
+def _rotated(batch, dim, scale=0.02):
+    from qmamba.ops.int8_selective_scan import RotatedOutput, rotated_counters_size
+
+    counters = torch.zeros(rotated_counters_size(batch, dim), dtype=torch.int32, device="cuda")
+    return RotatedOutput(torch.tensor(scale, device="cuda"), 8, counters)
+
+
+@pytest.mark.parametrize("with_dt_proj", [False, True], ids=["delta", "dt_proj"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_update_rotated_output_equals_the_hadamard_kernel(kernel, model, batch, out_dtype, with_dt_proj):
+    from qmamba.kernels.hadamard import hadamard_quantize
+    from qmamba.ops.hadamard import hadamard_transform
+    from qmamba.ops.int8_hadamard import hadamard_quantize_ref
+
+    dim, r = MODELS[model]
+    step = _step(_inputs(batch, dim, 1, r=r, seed=3), 0)
+    proj = None
+    if with_dt_proj:
+        proj = _dt_projection(batch, dim, r, per_channel=True, seed=3)
+        step = dict(step, qdelta=None, delta_scale=torch.tensor(0.05, device="cuda"))
+    state = 0.5 * torch.randn(batch, dim, NSTATE, device="cuda")
+    plain_state, rot_state = state.clone(), state.clone()
+    y_plain = kernel.selective_scan_int8_update(plain_state, **step, out_dtype=out_dtype, dt_proj=proj)
+    scale = float(hadamard_transform(y_plain).abs().max()) * 0.6 / 127  # some codes clamp
+    rotated = _rotated(batch, dim, scale)
+    for call in range(3):  # the counters come back zero: every call rotates again
+        s = state.clone()
+        y, codes = kernel.selective_scan_int8_update(s, **step, out_dtype=out_dtype, dt_proj=proj, rotated=rotated)
+        assert torch.equal(y, y_plain) and torch.equal(s, plain_state), f"call {call}: y or the state differ"
+        want = hadamard_quantize(y, rotated.scale, 8)
+        assert codes.dtype == torch.int8 and codes.shape == (batch, dim)
+        assert torch.equal(codes, want), f"call {call}: {int((codes != want).sum())} of {codes.numel()} codes differ"
+        assert not rotated.counters.any(), f"call {call}: counters not reset"
+    assert int((codes.int().abs() >= 127).sum()) > 0
+    ref = hadamard_quantize_ref(y, rotated.scale, 8)  # the Hadamard kernel is the reference's twin, bit for bit
+    assert torch.equal(codes, ref)
+
+
+def test_update_rotated_output_in_cuda_graph(kernel):
+    """Captured once and replayed: every replay rotates (the counters are left zero), the codes follow new inputs."""
+    from qmamba.kernels.hadamard import hadamard_quantize
+
+    batch, dim = 2, 5120
+    step = _step(_inputs(batch, dim, 1, r=160), 0)
+    state = torch.zeros(batch, dim, NSTATE, device="cuda")
+    rotated = _rotated(batch, dim)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        kernel.selective_scan_int8_update(state.clone(), **step, out_dtype=torch.float16, rotated=rotated)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static, codes_static = kernel.selective_scan_int8_update(state, **step, out_dtype=torch.float16,
+                                                                   rotated=rotated)
+    for seed in (1, 2, 3):
+        h = 0.5 * torch.randn(batch, dim, NSTATE, device="cuda")
+        state.copy_(h)
+        rotated.scale.fill_(0.01 * seed)
+        graph.replay()
+        want = kernel.selective_scan_int8_update(h, **step, out_dtype=torch.float16)
+        assert torch.equal(y_static, want) and torch.equal(codes_static, hadamard_quantize(want, rotated.scale, 8)), \
+            f"graph replay {seed}"
+        assert not rotated.counters.any()
+
+
+def test_update_rotated_output_errors(kernel):
+    from qmamba.ops.int8_selective_scan import RotatedOutput
+
+    step = _step(_inputs(2, 1536, 1), 0)
+    state = torch.zeros(2, 1536, NSTATE, device="cuda")
+    bad = RotatedOutput(torch.tensor(0.02, device="cuda"), 8, torch.zeros(5, dtype=torch.int32, device="cuda"))
+    with pytest.raises(ValueError, match="rotated.counters must be a contiguous int32 tensor of 6 zeros"):
+        kernel.selective_scan_int8_update(state, **step, rotated=bad)

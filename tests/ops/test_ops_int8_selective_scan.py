@@ -507,3 +507,64 @@ def test_dt_proj_errors_name_the_fix():
             selective_scan_int8_update_ref(state, **step, dt_proj=p)
         with pytest.raises(exc, match=check_match):
             check_selective_scan_update_args(state, **step, dt_proj=p)
+
+
+@pytest.mark.parametrize("dim, n, fused", [(64, 8, True), (1536, 16, True), (12, 8, False), (2048, 16, False)],
+                         ids=["64-fused", "130m-fused", "12-hadamard-after", "370m-hadamard-after"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("with_dt_proj", [False, True], ids=["delta", "dt_proj"])
+def test_update_rotated_output_is_the_hadamard_quantize_of_y(with_dt_proj, out_dtype, batch, dim, n, fused):
+    """``rotated``: (y, hadamard_quantize_ref(y, scale, bits)), bit for bit, through the reference, the dispatcher and
+    the kernel path (the csrc ops emulated on the CPU): where the kernel rotates (``kernel_rotates``: one Hadamard block
+    of 8..1024 channels holds whole update blocks) one update op, else the update op then the Hadamard op."""
+    from qmamba.ops.hadamard import hadamard_transform
+    from qmamba.ops.int8_hadamard import hadamard_quantize_ref
+    from qmamba.ops.int8_selective_scan import RotatedOutput, kernel_rotates, rotated_counters_size
+    from tests.kernel_emulation import emulated_kernels
+
+    assert kernel_rotates(dim, n) == fused
+    if with_dt_proj:
+        step, proj = _dt_proj_step(batch=batch, dim=dim, n=n, out_dtype=out_dtype, seed=4)
+    else:
+        step, proj = _step(_inputs(batch=batch, dim=dim, n=n, L=1, seed=4), 0), None
+    state = torch.randn(batch, dim, n, generator=torch.Generator().manual_seed(5))
+    want_state = state.clone()
+    y = selective_scan_int8_update_ref(want_state, **step, out_dtype=out_dtype, dt_proj=proj)
+    scale = hadamard_transform(y).abs().max() * 0.6 / 127  # some codes clamp
+    want = hadamard_quantize_ref(y, scale, 8)
+    assert int((want.int().abs() >= 127).sum()) > 0 and len(want.unique()) > min(20, want.numel() // 2)
+    counters = torch.zeros(rotated_counters_size(batch, dim), dtype=torch.int32)
+    rotated = RotatedOutput(scale, 8, counters)
+    for run in ("ref", "dispatch", "kernel"):
+        s, calls = state.clone(), {}
+        if run == "ref":
+            got = selective_scan_int8_update_ref(s, **step, out_dtype=out_dtype, dt_proj=proj, rotated=rotated)
+        elif run == "dispatch":
+            got = selective_scan_int8_update(s, **step, out_dtype=out_dtype, dt_proj=proj, rotated=rotated)
+        else:
+            with emulated_kernels(calls):
+                got = selective_scan_int8_update(s, **step, out_dtype=out_dtype, dt_proj=proj, rotated=rotated)
+            assert calls == ({"selective_scan_int8_update": 1} if fused else
+                             {"selective_scan_int8_update": 1, "hadamard_quantize": 1}), run
+        assert torch.equal(got[0], y) and torch.equal(got[1], want) and torch.equal(s, want_state), run
+    assert not counters.any()
+
+
+def test_rotated_output_errors_name_the_fix():
+    from qmamba.kernels.selective_scan import check_selective_scan_update_args
+    from qmamba.ops.int8_selective_scan import RotatedOutput
+
+    step = _step(_inputs(batch=2, dim=64, n=8, L=1), 0)
+    state = torch.zeros(2, 64, 8)
+    ok = RotatedOutput(torch.tensor(0.1), 8, torch.zeros(2, dtype=torch.int32))
+    check_selective_scan_update_args(state, **step, rotated=ok)
+    for bad, match in ((ok._replace(counters=torch.zeros(3, dtype=torch.int32)), r"int32 tensor of 2 zeros.*got"),
+                       (ok._replace(counters=torch.zeros(2)), "int32 tensor of 2 zeros"),
+                       (ok._replace(bits=9), r"bits must be in 2\.\.8"),
+                       (ok._replace(scale=torch.ones(3)), "rotated.scale")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            check_selective_scan_update_args(state, **step, rotated=bad)
+    narrow = _step(_inputs(batch=2, dim=12, n=8, L=1), 0)
+    with pytest.raises(ValueError, match="cannot rotate y at D=12.*hadamard_quantize y"):
+        check_selective_scan_update_args(torch.zeros(2, 12, 8), **narrow, rotated=ok)

@@ -13,7 +13,10 @@ import torch
 
 import qmamba
 from qmamba.models import MambaLM
+from qmamba.ops.int8_hadamard import hadamard_quantize_ref
+from qmamba.ops.int8_selective_scan import RotatedOutput
 from qmamba.qnn import calibrate, convert, prepare, set_mode
+from qmamba.qnn import modules as qmodules
 from qmamba.qnn.codes import Codes
 from qmamba.qnn.modules import QuantCausalConv1d, QuantSelectiveScan
 from qmamba.quant.recipe import load_recipe
@@ -321,7 +324,8 @@ def test_all_hand_offs_off_is_the_same_model(preset, recipe):
     x = _ids(seed=5)
 
     def hand_offs(on):
-        flags = [(m, f) for m in model.modules() for f in ("emit_codes", "float_inputs") if hasattr(m, f)]
+        flags = [(m, f) for m in model.modules() for f in ("emit_codes", "float_inputs", "emit_rotated")
+                 if hasattr(m, f)]
         assert flags
         for m, f in flags:
             setattr(m, f, on)
@@ -335,9 +339,12 @@ def test_all_hand_offs_off_is_the_same_model(preset, recipe):
     assert all(torch.equal(a, b) for a, b in zip(fused_dec, plain_dec))
 
 
-# Mamba1's decode fusions: (the switch's owner, the switch, the parts whose own step the fused op replaces)
-FUSIONS = {"dt_proj into the scan update": (lambda m: m.scan, "fuse_dt_proj", ("dt_proj",)),
-           "conv update into in_proj's GEMV": (lambda m: m.conv1d, "fuse_in_proj", ("in_proj", "conv1d"))}
+# Mamba1's decode fusions: (the switch's owner, the switch, the parts whose own step the fused op replaces, the
+# qmamba.qnn.modules functions it replaces)
+FUSIONS = {"dt_proj into the scan update": (lambda m: m.scan, "fuse_dt_proj", ("dt_proj",), ()),
+           "conv update into in_proj's GEMV": (lambda m: m.conv1d, "fuse_in_proj", ("in_proj", "conv1d"), ()),
+           "out_proj's Hadamard + quantize into the scan update": (lambda m: m.scan, "emit_rotated", (),
+                                                                    ("hadamard_quantize",))}
 
 
 @pytest.mark.parametrize("fusion", list(FUSIONS))
@@ -349,7 +356,7 @@ def test_decode_fusion_bit_for_bit(recipe, dtype, converted, fusion, monkeypatch
     """int8 Mamba1 decode on the torch backend: with a fusion on (dt_proj computed inside the scan's update; the
     conv update run in in_proj's GEMV epilogue) the prefill and step logits equal, bit for bit, those of the parts'
     own steps (the switch off); fused, the replaced parts' steps are never called."""
-    owner, switch, replaced = FUSIONS[fusion]
+    owner, switch, replaced, replaced_fns = FUSIONS[fusion]
     torch.manual_seed(0)
     spec = load_recipe(str(RECIPES / recipe)) if recipe.endswith(".yaml") else recipe
     model = prepare(MambaLM(qmamba.preset("tiny")).eval(), spec).to(dtype)
@@ -361,6 +368,7 @@ def test_decode_fusion_bit_for_bit(recipe, dtype, converted, fusion, monkeypatch
     mixers = [layer.mixer for layer in model.backbone.layers]
     assert all(isinstance(m.scan, QuantSelectiveScan) and m.scan.takes_projection("delta") for m in mixers)
     assert all(m.conv1d.takes_projected_input(m.conv_consumers()) for m in mixers)
+    assert all(m.scan.rotates_for(m.out_proj) for m in mixers)
 
     def fuse(on: bool):
         for m in mixers:
@@ -376,6 +384,13 @@ def test_decode_fusion_bit_for_bit(recipe, dtype, converted, fusion, monkeypatch
 
             for name in replaced:
                 monkeypatch.setattr(getattr(m, name), "step", refuse)
+        for name in replaced_fns:  # the prefill still calls them (3-D inputs); a step (2-D) must not
+            def refuse_in_step(x, *args, _fn=getattr(qmodules, name), **kw):
+                if x.dim() == 2:
+                    refuse()
+                return _fn(x, *args, **kw)
+
+            monkeypatch.setattr(qmodules, name, refuse_in_step)
         fused = _decode(model, x)
     assert fused[-1].dtype == dtype
     assert all(torch.equal(a, b) for a, b in zip(fused, unfused))
@@ -403,6 +418,40 @@ def test_dt_proj_fusion_only_where_the_scan_takes_delta_codes():
     with pytest.raises(ValueError, match="does not take delta as a DtProjection.*hand it dt_proj's output"):
         mixer.scan.step(torch.zeros(2, di, n), torch.randn(2, di), projection, mixer.A_log, torch.randn(2, n),
                         torch.randn(2, n), mixer.D, torch.randn(2, di))
+
+
+def test_rotation_in_the_scan_update_only_where_out_proj_takes_rotated_codes():
+    """The update makes out_proj's rotated input only in int8 mode, where out_proj takes rotated codes and
+    ``emit_rotated`` is on: else y, which out_proj rotates and quantizes itself, as before; a float step asked for a
+    rotated output says what to do. The codes it hands over are those of out_proj's own Hadamard + quantize."""
+    model = _model(RECIPES / "dual_scale_baseline_mamba1.yaml")
+    mixer = model.backbone.layers[0].mixer
+    di, n = mixer.d_inner, mixer.d_state
+    scan, out_proj = mixer.scan, mixer.out_proj
+    torch.manual_seed(3)
+    args = (torch.randn(2, di), torch.randn(2, di).abs(), mixer.A_log, torch.randn(2, n), torch.randn(2, n), mixer.D,
+            torch.randn(2, di))
+    assert scan.rotates_for(out_proj) and not scan.rotates_for(mixer.dt_proj) and not scan.rotates_for(None)
+    with torch.no_grad():
+        state, state2 = torch.randn(2, di, n), None
+        state2 = state.clone()
+        codes = scan.step_output_for(out_proj, state, *args)
+        y = scan.step(state2, *args)
+        assert isinstance(codes, Codes) and torch.equal(state, state2)
+        sx = out_proj.q("input").scale_for(y)
+        assert torch.equal(codes.q, hadamard_quantize_ref(y, sx, 8)) and torch.equal(codes.scale, sx.reshape(()))
+        assert torch.equal(out_proj.step(codes), out_proj.step(y))  # out_proj reads the codes as its own
+        assert scan._rot_counters.dtype == torch.int32 and not scan._rot_counters.any()
+        scan.emit_rotated = False
+        assert not scan.rotates_for(out_proj)
+        assert isinstance(scan.step_output_for(out_proj, state.clone(), *args), torch.Tensor)
+        scan.emit_rotated = True
+        set_mode(model, "fakequant")
+        assert not scan.rotates_for(out_proj)
+        assert isinstance(scan.step_output_for(out_proj, state.clone(), *args), torch.Tensor)
+        rotated = RotatedOutput(sx, 8, torch.zeros(2, dtype=torch.int32))
+        with pytest.raises(ValueError, match="a rotated output needs int8 mode"):
+            scan.step(state.clone(), *args, rotated=rotated)
 
 
 def test_in_proj_conv_fusion_only_where_both_take_codes():
