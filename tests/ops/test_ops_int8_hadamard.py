@@ -161,7 +161,7 @@ def test_kernel_limit_matches_the_dispatcher():
     from qmamba.ops import int8_hadamard
 
     assert int8_hadamard.MAX_KERNEL_BLOCK == khad.MAX_BLOCK == 8192
-    assert "constexpr int kMaxBlock = 8192;" in (CSRC / "hadamard" / "hadamard_quantize.cu").read_text()
+    assert "constexpr int kMaxBlock = 8192;" in (CSRC / "hadamard" / "hadamard_block.cuh").read_text()
 
 
 # ---- QuantLinear integration ---------------------------------------------------------------------------------------
