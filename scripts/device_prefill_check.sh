@@ -11,9 +11,9 @@
 #   bench    the int8 prefill's host work counted on the GPU, then benchmarks/latency.py: mamba_ssm fp16, qmamba int8
 #            and an ablation of it (ABLATION=serial|unfused, below), with the host syncs of one prefill per engine;
 #            WITH_CONV=1 first builds causal-conv1d (~3 min, its sdist in .whl) for the fp16 baseline at its fastest
-#   quick    the overlap test, the Mamba1 scan update (dt_proj fused) and conv update kernels (also fused into
-#            in_proj's GEMV), then latency.py on mamba-2.8b
-#            (fp16, int8, int8 serial; PROFILE_ROWS=n adds the decode profile): one call
+#   quick    the C++ checks, the Mamba1 scan update (dt_proj and the rotation fused), the conv update (also fused
+#            into in_proj's GEMV), norm, Hadamard and overlap tests, then latency.py on mamba-2.8b (fp16, int8, int8
+#            without the rotation in the scan update; PROFILE_ROWS=n adds the decode profile): one call
 #   decode   every decode kernel's GPU tests (GEMV, conv update and the GEMV that fuses it, scan update with its
 #            fused dt_proj and rotation, norm, Hadamard, overlapped launches, the C++ checks, the codes hand-offs);
 #            then, in the next call on the warm machine:
@@ -34,13 +34,16 @@ if [ "$stage" = tests ]; then
     $g/test_gpu_kernel_gated_norm.py::test_norm_hadamard_quantize_agrees_with_the_unfused_kernels \
     $g/test_gpu_kernel_ssd.py -k "not test_gpu_kernel_ssd or from_float" > "$out/prefill_gpu_tests.log" 2>&1
   tail -25 "$out/prefill_gpu_tests.log"
-elif [ "$stage" = quick ]; then  # one call when device time is short: overlap + Mamba1 checks, then 2.8b latency
-  timeout 200 python3 -m pytest -q -m gpu --tb=short -rf $g/test_gpu_cpp_checks.py $g/test_gpu_launch_overlap.py \
-    $g/test_gpu_kernel_selective_scan.py $g/test_gpu_kernel_conv1d.py -k "overlap or update or dispatcher or gemv" \
+elif [ "$stage" = quick ]; then  # one call when device time is short: the decode kernels' checks, then 2.8b latency
+  timeout $((400 - SECONDS > 60 ? 400 - SECONDS : 60)) python3 -m pytest -q -m gpu --tb=short -rf -x \
+    $g/test_gpu_cpp_checks.py $g/test_gpu_kernel_selective_scan.py $g/test_gpu_kernel_conv1d.py \
+    $g/test_gpu_kernel_norm.py $g/test_gpu_kernel_hadamard.py $g/test_gpu_launch_overlap.py \
+    -k "not test_gpu_kernel_selective_scan and not test_gpu_kernel_conv1d or update or gemv or rotated" \
     > "$out/quick_gpu_tests.log" 2>&1
   tail -15 "$out/quick_gpu_tests.log"
-  timeout 200 python3 benchmarks/latency.py --configs mamba-2.8b --reps 3 --profile-decode ${PROFILE_ROWS:-0} \
-    --engines "mamba_ssm fp16" "qmamba int8" "qmamba int8 serial" --json "$out/latency.json" > "$out/latency.log" 2>&1
+  timeout $((590 - SECONDS)) python3 benchmarks/latency.py --configs mamba-2.8b --reps 3 \
+    --profile-decode ${PROFILE_ROWS:-0} --engines "mamba_ssm fp16" "qmamba int8" "qmamba int8 unrotated" \
+    --json "$out/latency.json" > "$out/latency.log" 2>&1
   grep -E "TTFT|speedup|FAILED|copy bandwidth|^    " "$out/latency.log" | head -40
 elif [ "$stage" = decode ]; then
   timeout $((585 - SECONDS)) python3 -m pytest -q -m gpu --tb=short -rf $g/test_gpu_kernel_linear.py \
