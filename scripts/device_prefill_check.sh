@@ -13,11 +13,11 @@
 #            WITH_CONV=1 first builds causal-conv1d (~3 min, its sdist in .whl) for the fp16 baseline at its fastest
 #   quick    the C++ checks, the Mamba1 scan update (dt_proj and the rotation fused), the conv update (also fused
 #            into in_proj's GEMV), norm, Hadamard and overlap tests, then latency.py on mamba-2.8b (fp16, int8, int8
-#            without the rotation in the scan update; PROFILE_ROWS=n adds the decode profile): one call
+#            with the rotation in the scan update; PROFILE_ROWS=n adds the decode profile): one call
 #   decode   every decode kernel's GPU tests (GEMV, conv update and the GEMV that fuses it, scan update with its
 #            fused dt_proj and rotation, norm, Hadamard, overlapped launches, the C++ checks, the codes hand-offs);
 #            then, in the next call on the warm machine:
-#   latency  latency.py on mamba-2.8b (fp16, int8, int8 without the rotation in the scan update) with the decode
+#   latency  latency.py on mamba-2.8b (fp16, int8, int8 with the rotation in the scan update) with the decode
 #            profile, then mamba2-2.7b (fp16, int8)
 # Logs go to $OUT. Usage: bash scripts/device_prefill_check.sh tests|kernels|bench|quick|decode|latency  (the machine is given back ~30 s
 # after a call: start the next one at once to find it warm)
@@ -42,7 +42,7 @@ elif [ "$stage" = quick ]; then  # one call when device time is short: the decod
     > "$out/quick_gpu_tests.log" 2>&1
   tail -15 "$out/quick_gpu_tests.log"
   timeout $((590 - SECONDS)) python3 benchmarks/latency.py --configs mamba-2.8b --reps 3 \
-    --profile-decode ${PROFILE_ROWS:-0} --engines "mamba_ssm fp16" "qmamba int8" "qmamba int8 unrotated" \
+    --profile-decode ${PROFILE_ROWS:-0} --engines "mamba_ssm fp16" "qmamba int8" "qmamba int8 rotated" \
     --json "$out/latency.json" > "$out/latency.log" 2>&1
   grep -E "TTFT|speedup|FAILED|copy bandwidth|^    " "$out/latency.log" | head -40
 elif [ "$stage" = decode ]; then
@@ -54,7 +54,7 @@ elif [ "$stage" = decode ]; then
   tail -25 "$out/decode_gpu_tests.log"
 elif [ "$stage" = latency ]; then
   timeout 330 python3 benchmarks/latency.py --configs mamba-2.8b --reps 3 --profile-decode ${PROFILE_ROWS:-8} \
-    --engines "mamba_ssm fp16" "qmamba int8" "qmamba int8 unrotated" --json "$out/latency.json" > "$out/latency.log" 2>&1
+    --engines "mamba_ssm fp16" "qmamba int8" "qmamba int8 rotated" --json "$out/latency.json" > "$out/latency.log" 2>&1
   grep -E "TTFT|speedup|FAILED|copy bandwidth|^    " "$out/latency.log" | head -50
   timeout $((585 - SECONDS)) python3 benchmarks/latency.py --configs mamba2-2.7b --reps 3 \
     --engines "mamba_ssm fp16" "qmamba int8" --json "$out/latency_mamba2.json" > "$out/latency_mamba2.log" 2>&1

@@ -42,12 +42,13 @@ def test_dry_path_restores_everything():
 
 
 @pytest.mark.parametrize("preset_name, recipe, prefill_kernels, step_kernels",
-                         [("tiny", "quamba_w8a8", 8, 5), ("tiny-mamba2", "quamba2_w8a8", 9, 6)])
+                         [("tiny", "quamba_w8a8", 8, 6), ("tiny-mamba2", "quamba2_w8a8", 9, 6)])
 def test_int8_prefill_and_step_kernels_a_layer(preset_name, recipe, prefill_kernels, step_kernels):
     """The int8 model's host side with qmamba's kernels dry: no op reads a tensor on the host, and the kernels a
     layer launches (Mamba1: pre-norm, 4 linears, conv, scan, out_proj's rotation; no separate quantize: each
-    producer emits its consumers' codes; a decode step three fewer: dt_proj fused into the scan's update, the conv's
-    update into in_proj's GEMV, out_proj's rotation into the scan's update; Mamba2: the SSD kernels quantizing the conv's float x / B / C as they load them, and
+    producer emits its consumers' codes; a decode step two fewer: dt_proj fused into the scan's update, the conv's
+    update into in_proj's GEMV (out_proj's rotation in the scan's update, ``emit_rotated``, one more, is off by
+    default: ``test_int8_step_with_the_rotation_in_the_scan_update``); Mamba2: the SSD kernels quantizing the conv's float x / B / C as they load them, and
     the gated norm reading z's codes and making out_proj's rotated input codes, out_proj's rotation gone). Only the
     final norm is mamba_ssm's."""
     r = host_ops.int8_count(preset_name, recipe, prompt=64, device="cpu")
@@ -61,6 +62,17 @@ def test_int8_prefill_and_step_kernels_a_layer(preset_name, recipe, prefill_kern
         assert sum(launches.values()) - ours == 1, dict(launches)  # norm_f
     if preset_name == "tiny":
         assert "quantize_int8" not in r["prefill_launches"] and "quantize_int8" not in r["step_launches"]
+
+
+def test_int8_step_with_the_rotation_in_the_scan_update(monkeypatch):
+    """Mamba1 with ``emit_rotated`` on: 5 kernels a decode step a layer, no Hadamard kernel in the step."""
+    from qmamba.qnn.modules import QuantSelectiveScan
+
+    monkeypatch.setattr(QuantSelectiveScan, "emit_rotated", True)
+    r = host_ops.int8_count("tiny", "quamba_w8a8", prompt=64, device="cpu")
+    launches = r["step_launches"]
+    assert sum(v for k, v in launches.items() if not k.startswith("mamba_ssm")) == 5 * r["layers"], dict(launches)
+    assert "hadamard_quantize" not in launches and "hadamard_quantize" in r["prefill_launches"]
 
 
 def test_dry_int8_kernels_restore_everything():

@@ -95,8 +95,9 @@ class Mamba1Mixer(nn.Module):
 
     def scan_step(self, ssm_state, u, delta, B, C, z):
         """The scan's update on one token, for out_proj: in int8 mode, where the twins allow it
-        (``QuantSelectiveScan.rotates_for``), the update also rotates and quantizes out_proj's input and hands it the
-        codes, bit for bit those of out_proj's own Hadamard + quantize, one kernel fewer a layer; else y."""
+        (``QuantSelectiveScan.rotates_for``; its ``emit_rotated`` switch is off by default), the update also rotates
+        and quantizes out_proj's input and hands it the codes, bit for bit those of out_proj's own Hadamard +
+        quantize, one kernel fewer a layer; else y."""
         output_for = getattr(self.scan, "step_output_for", None)  # the int8 twin's (qmamba.qnn.QuantSelectiveScan)
         if output_for is not None:
             return output_for(self.out_proj, ssm_state, u, delta, self.A_log, B, C, self.D, z)

@@ -639,7 +639,10 @@ class QuantSelectiveScan(NegExpMemo, QuantTwin, SelectiveScan):
         ssm_state.copy_(out[1])
         return out[0]
 
-    emit_rotated = True  # int8 decode: make out_proj's rotated input codes in the update; False: y, then out_proj
+    # int8 decode: True makes out_proj's rotated input codes in the update (one kernel fewer a layer, bit for bit);
+    # off by default: measured no faster on an H100 (2026-12-06, benchmarks/RESULTS.md: the last block's rotation
+    # costs what the Hadamard kernel does), so y goes to out_proj, which rotates and quantizes it itself
+    emit_rotated = False
 
     def rotates_for(self, consumer) -> bool:
         """Whether ``step_output_for(consumer, ...)`` hands ``consumer`` (out_proj) its rotated input codes: int8 mode
