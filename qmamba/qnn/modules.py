@@ -664,15 +664,15 @@ class QuantSelectiveScan(NegExpMemo, QuantTwin, SelectiveScan):
         return Codes(codes, scale, y.dtype)
 
     def _rotation_counters(self, batch: int, dim: int, device) -> torch.Tensor:
-        """The update kernel's block counters for the rotation (``RotatedOutput.counters``): kept on the module, made
-        once per batch size and device (zeros; the kernel leaves them zero), so a captured decode step replays with
-        the same tensor."""
-        n = rotated_counters_size(batch, dim)
-        c = getattr(self, "_rot_counters", None)
-        if c is None or c.numel() != n or c.device != torch.device(device):
-            c = torch.zeros(n, dtype=torch.int32, device=device)
-            self._rot_counters = c
-        return c
+        """The update kernel's block counters for the rotation (``RotatedOutput.counters``): kept on the module, one
+        tensor per size and device, made once (zeros; the kernel leaves them zero) and never dropped, so a captured
+        decode step replays with a live tensor even after steps of another batch size."""
+        key = (rotated_counters_size(batch, dim), str(torch.device(device)))
+        if not hasattr(self, "_rot_counters"):
+            self._rot_counters = {}
+        if key not in self._rot_counters:
+            self._rot_counters[key] = torch.zeros(key[0], dtype=torch.int32, device=device)
+        return self._rot_counters[key]
 
     def step(self, state, u, delta, A_log, B, C, D, z, rotated: RotatedOutput | None = None):
         """One token. ``delta`` may be a ``DtProjection`` where ``takes_projection("delta")``: dt_proj's GEMV
