@@ -19,10 +19,15 @@
 #            then, in the next call on the warm machine:
 #   latency  latency.py on mamba-2.8b (fp16, int8, int8 with the rotation in the scan update) with the decode
 #            profile, then mamba2-2.7b (fp16, int8)
-# Logs go to $OUT. Usage: bash scripts/device_prefill_check.sh tests|kernels|bench|quick|decode|latency  (the machine is given back ~30 s
-# after a call: start the next one at once to find it warm)
+# Logs go to $OUT. Usage: bash scripts/device_prefill_check.sh tests|kernels|bench|quick|decode|latency|hash
+# (the machine is given back ~30 s after a call: start the next one at once to find it warm)
 set -uo pipefail
 stage=${1:-tests}
+source_hash() {
+  find csrc qmamba benchmarks -type f \( -name '*.py' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' \) |
+    LC_ALL=C sort | xargs cat | sha256sum | cut -c1-12
+}
+[ "$stage" = hash ] && { source_hash; exit 0; }
 out=${OUT:-runs}
 mkdir -p "$out"
 bash scripts/device_setup.sh 2>&1 | tail -3  # also builds qmamba's CUDA kernels (says so if they did not build)
@@ -78,4 +83,7 @@ else
     --engines "mamba_ssm fp16" "qmamba int8" "qmamba int8 ${ABLATION:-serial}" --json "$out/latency.json" > "$out/latency.log" 2>&1
   grep -E "TTFT|speedup|FAILED|copy bandwidth|host syncs|^    " "$out/latency.log" | head -60
 fi
-echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')  $(date -u +%F)"
+# the device's copy of .git may be older than the tree it was given (seen 2026-12-06: it named f0f8ad1 for fe0a0a9's
+# tree), so also print a hash of the sources: `bash scripts/device_prefill_check.sh hash` here, at a commit, gives the
+# same hash for the same tree
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') (sources $(source_hash))  $(date -u +%F)"

@@ -48,8 +48,8 @@ def test_int8_prefill_and_step_kernels_a_layer(preset_name, recipe, prefill_kern
     layer launches (Mamba1: pre-norm, 4 linears, conv, scan, out_proj's rotation; no separate quantize: each
     producer emits its consumers' codes; a decode step two fewer: dt_proj fused into the scan's update, the conv's
     update into in_proj's GEMV (out_proj's rotation in the scan's update, ``emit_rotated``, one more, is off by
-    default: ``test_int8_step_with_the_rotation_in_the_scan_update``); Mamba2: the SSD kernels quantizing the conv's float x / B / C as they load them, and
-    the gated norm reading z's codes and making out_proj's rotated input codes, out_proj's rotation gone). Only the
+    default: ``test_int8_step_with_the_rotation_in_the_scan_update``); Mamba2: the SSD kernels quantizing the conv's
+    float x / B / C as they load them, and the gated norm reading z's codes and making out_proj's rotated input codes, out_proj's rotation gone). Only the
     final norm is mamba_ssm's."""
     r = host_ops.int8_count(preset_name, recipe, prompt=64, device="cpu")
     assert r["dry"]

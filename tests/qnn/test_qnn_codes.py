@@ -446,7 +446,8 @@ def test_rotation_in_the_scan_update_only_where_out_proj_takes_rotated_codes():
         counters = scan._rotation_counters(2, di, "cpu")
         assert counters.dtype == torch.int32 and counters.numel() == 2 * (di // (di & -di)) and not counters.any()
         assert scan._rotation_counters(2, di, "cpu") is counters  # one tensor a size: a captured step keeps it live
-        assert scan._rotation_counters(1, di, "cpu") is not counters and scan._rotation_counters(2, di, "cpu") is counters
+        assert scan._rotation_counters(1, di, "cpu") is not counters
+        assert scan._rotation_counters(2, di, "cpu") is counters
         scan.emit_rotated = False
         assert not scan.rotates_for(out_proj)
         assert isinstance(scan.step_output_for(out_proj, state.clone(), *args), torch.Tensor)
