@@ -132,10 +132,11 @@ def qmamba_int8_engine(cfg, prompt_len: int, hand_offs: bool = True, rotated: bo
     convert(model)
     set_mode(model, "int8")
     fp16_float_leftovers_(model)
+    flags = {"emit_codes": hand_offs, "float_inputs": hand_offs, "emit_rotated": hand_offs and rotated}
     for module in model.modules():
-        for flag in ("emit_codes", "float_inputs", "emit_rotated"):
+        for flag, on in flags.items():
             if hasattr(module, flag):
-                setattr(module, flag, hand_offs and (rotated or flag != "emit_rotated"))
+                setattr(module, flag, on)
     cache = InferenceCache.allocate(model, batch=1, device="cuda", dtype=torch.float16)
     token = torch.zeros(1, dtype=torch.long, device="cuda")
 

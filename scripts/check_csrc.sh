@@ -4,12 +4,7 @@
 # header; a stub for it is made in a temporary folder). Usage: bash scripts/check_csrc.sh [file.cu ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v nvcc >/dev/null || { echo "check_csrc: nvcc not found (install the CUDA toolkit)"; exit 2; }
-shim=$(mktemp -d)
-trap 'rm -rf "$shim"' EXIT
-mkdir -p "$shim/c10/cuda/impl"
-printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$shim/c10/cuda/impl/cuda_cmake_macros.h"
-includes=$(python -c "import torch.utils.cpp_extension as c, sysconfig; print(' '.join('-I' + p for p in c.include_paths() + [sysconfig.get_paths()['include']]))")
+source scripts/nvcc_env.sh  # $shim, $includes
 files=("$@")
 [ ${#files[@]} -eq 0 ] && mapfile -t files < <(find csrc -name '*.cu' | sort)
 status=0

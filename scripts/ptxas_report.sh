@@ -5,13 +5,8 @@
 # Usage: bash scripts/ptxas_report.sh FILE.cu [FILTER]   (FILTER: a grep -E pattern on the kernel's mangled name)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v nvcc >/dev/null || { echo "ptxas_report: nvcc not found (install the CUDA toolkit)"; exit 2; }
 file=${1:?usage: bash scripts/ptxas_report.sh FILE.cu [FILTER]}
-shim=$(mktemp -d)
-trap 'rm -rf "$shim"' EXIT
-mkdir -p "$shim/c10/cuda/impl"
-printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$shim/c10/cuda/impl/cuda_cmake_macros.h"
-includes=$(python -c "import torch.utils.cpp_extension as c, sysconfig; print(' '.join('-I' + p for p in c.include_paths() + [sysconfig.get_paths()['include']]))")
+source scripts/nvcc_env.sh  # $shim, $includes
 nvcc -c -std=c++17 -arch="${ARCH:-sm_90}" -O3 -Xptxas -v -diag-suppress 3306 -I"$shim" -Icsrc $includes "$file" \
   -o "$shim/out.o" 2>&1 |
   awk '/Compiling entry function/ { name = $0; sub(/.*function .?/, "", name); sub(/.? for .*/, "", name) }

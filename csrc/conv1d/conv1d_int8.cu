@@ -279,7 +279,7 @@ __global__ void conv1d_int8_update_kernel(const int8_t* __restrict__ x, int64_t 
   const int b = static_cast<int>(idx / D), c = static_cast<int>(idx % D);
   int8_t* s = state + b * ssb + c * ssd;
   const ConvChannel ch = conv_channel_load(s, ssk, w + c * K, K, w_scale[w_per_channel ? c : 0], bias, c, outs);
-  conv_channel_run<T>(ch, x[b * sxb + c * sxd], s, ssk, K, *x_scale, bias != nullptr, silu_on, outs, idx);
+  conv_channel_run<T>(ch, x[b * sxb + c * sxd], s, ssk, K, *x_scale, silu_on, outs, idx);
 }
 
 // The prefill epilogue's SiLU (silu_fast, `silu` where it is out of range) on an fp32 tensor, elementwise: what its

@@ -56,7 +56,8 @@ struct ConvChannel {
   int win;    // the window's codes, right-aligned in bytes (byte j holds state code j - (kMaxTaps - K) + 1; byte
               // kMaxTaps - 1 the new input, filled by conv_channel_run), zero-padded on the left
   int taps;   // the taps, right-aligned the same way (byte j = w[c, j - (kMaxTaps - K)]), zero-padded
-  float w_scale, bias;
+  float w_scale, bias;               // bias: 0 where the conv has none (has_bias false)
+  bool has_bias;
   float out_inv[kMaxOuts];           // 1 / scale of each single-scale code output
   float dual_s_in, dual_in_inv, dual_out_inv;
 };
@@ -77,7 +78,8 @@ __device__ __forceinline__ ConvChannel conv_channel_load(const int8_t* s, int64_
   ch.win = static_cast<int>(win);
   ch.taps = static_cast<int>(taps);
   ch.w_scale = w_scale;
-  ch.bias = bias != nullptr ? bias[c] : 0.0f;
+  ch.has_bias = bias != nullptr;
+  ch.bias = ch.has_bias ? bias[c] : 0.0f;
 #pragma unroll
   for (int j = 0; j < kMaxOuts; ++j) ch.out_inv[j] = j < outs.n_codes ? 1.0f / *outs.scale[j] : 0.0f;
   if (outs.dual_out != nullptr) {
@@ -93,8 +95,7 @@ __device__ __forceinline__ int8_t win_byte(int packed, int j) { return static_ca
 
 template <typename T>
 __device__ __forceinline__ void conv_channel_run(const ConvChannel& ch, int8_t xnew, int8_t* s, int64_t ssk, int K,
-                                                 float x_scale, bool has_bias, bool silu_on, const Outputs& outs,
-                                                 int64_t idx) {
+                                                 float x_scale, bool silu_on, const Outputs& outs, int64_t idx) {
   const int win = (ch.win & 0x00ffffff) | (static_cast<int>(static_cast<uint8_t>(xnew)) << 24);
 #pragma unroll
   for (int j = 0; j < kMaxTaps; ++j) {
@@ -103,7 +104,7 @@ __device__ __forceinline__ void conv_channel_run(const ConvChannel& ch, int8_t x
   }
   const int acc = __dp4a(ch.taps, win, 0);  // zero taps on the left: the K-tap sum, exact in int32
   const float scale = __fmul_rn(x_scale, ch.w_scale);
-  const float v = epilogue<T>(acc, scale, ch.bias, has_bias, silu_on);
+  const float v = epilogue<T>(acc, scale, ch.bias, ch.has_bias, silu_on);
   if (outs.n_codes == 0 && outs.dual_out == nullptr) {
     static_cast<T*>(outs.out[0])[idx] = static_cast<T>(v);
     return;

@@ -5,6 +5,8 @@
 
 #include "common/qmamba_common.cuh"
 
+#include <cmath>
+
 namespace qmamba {
 namespace {
 
@@ -12,6 +14,19 @@ constexpr int kMaxBlock = 8192;  // b <= 32 * E * E with E = 16: the cross-warp 
 
 // Elements per thread for a Hadamard block of b elements (b a power of two <= kMaxBlock).
 inline int elems_per_thread(int64_t b) { return b <= 2048 ? static_cast<int>(b < 8 ? b : 8) : 16; }
+
+// log2 of a Hadamard block of b elements (b a power of two).
+inline int block_log2(int64_t b) {
+  int lg = 0;
+  while ((int64_t(1) << lg) < b) ++lg;
+  return lg;
+}
+
+// The rotation's scale 1 / sqrt(b) as torch applies it: the Python double 1/sqrt(b) converted to fp32 (IEEE sqrt and
+// division are correctly rounded in both languages, so the double is the same).
+inline float block_rsqrt(int64_t b) {
+  return static_cast<float>(1.0 / std::sqrt(static_cast<double>(b)));
+}
 
 // Load E consecutive elements upcast to fp32: 16-byte vector loads where the caller checked alignment. COHERENT:
 // through L2 only (ld.global.cg), for data other blocks of the same kernel wrote (the scan update's fused rotation).

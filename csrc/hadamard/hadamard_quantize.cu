@@ -18,8 +18,6 @@
 #include "common/qmamba_common.cuh"
 #include "hadamard/hadamard_block.cuh"
 
-#include <cmath>
-
 namespace qmamba {
 namespace {
 
@@ -55,11 +53,8 @@ void launch(const at::Tensor& x, const at::Tensor& scale, at::Tensor& out, int64
   const int64_t threads = tpb * per_cta;
   const int64_t grid = (total + per_cta - 1) / per_cta;
   QMAMBA_CHECK(grid < (int64_t(1) << 31), "hadamard_quantize: ", total, " Hadamard blocks exceed the grid limit");
-  int log_b = 0;
-  while ((int64_t(1) << log_b) < b) ++log_b;
-  // torch multiplies the fp32 tensor by the Python double 1/sqrt(b) converted to fp32 (IEEE sqrt and division are
-  // correctly rounded in both languages, so the double is the same)
-  const float rsqrt_b = static_cast<float>(1.0 / std::sqrt(static_cast<double>(b)));
+  const int log_b = block_log2(b);
+  const float rsqrt_b = block_rsqrt(b);  // as torch multiplies the fp32 tensor
   const int64_t row_stride = x.stride(0);
   const bool vec = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
                    (row_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&

@@ -200,7 +200,7 @@ w8a8_gemv_kernel(const int8_t* __restrict__ x, const int8_t* __restrict__ w, int
       // columns [0, conv.D) are segment 0 (checked on the host): q is in the scale the conv reads its input in
       if (en < conv.D) {
         conv_channel_run<T>(e_conv, q, conv.state + em * conv.ssb + en * conv.ssd, conv.ssk, conv.K, e_out_scale,
-                            conv.bias != nullptr, conv.silu, conv.outs, static_cast<int64_t>(em) * conv.D + en);
+                            conv.silu, conv.outs, static_cast<int64_t>(em) * conv.D + en);
       }
     }
   } else {

@@ -26,7 +26,6 @@
 #include "hadamard/hadamard_block.cuh"
 
 #include <algorithm>
-#include <cmath>
 #include <vector>
 
 namespace qmamba {
@@ -662,9 +661,7 @@ int rotated_block_log2(int64_t dim, int kp) {
                "rotated output) needs Hadamard blocks of 8..", 8 * kUpdateThreads, " channels and at least ", chans,
                " (the channels of one update block at this state size), got ", hb, " (D = ", dim, "); run "
                "hadamard_quantize on y instead");
-  int lg = 0;
-  while ((int64_t(1) << lg) < hb) ++lg;
-  return lg;
+  return block_log2(hb);
 }
 
 std::vector<at::Tensor> selective_scan_int8_update(at::Tensor& state, const at::Tensor& u, const at::Tensor& u_scale,
@@ -757,8 +754,7 @@ std::vector<at::Tensor> selective_scan_int8_update(at::Tensor& state, const at::
     p.hq_log_b = hq_log_b;
     p.hq_qmin = -(1 << (out_bits - 1));
     p.hq_qmax = (1 << (out_bits - 1)) - 1;
-    // as hadamard_quantize's launch: the Python double 1/sqrt(b) converted to fp32
-    p.hq_rsqrt_b = static_cast<float>(1.0 / std::sqrt(static_cast<double>(int64_t(1) << hq_log_b)));
+    p.hq_rsqrt_b = block_rsqrt(int64_t(1) << hq_log_b);  // as hadamard_quantize's launch
     p.hq_vec = ((int64_t(1) << hq_log_b) * static_cast<int64_t>(at::elementSize(out_dtype))) % 16 == 0;
   }
   if (batch == 0 || dim == 0) return results;
