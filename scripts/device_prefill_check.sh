@@ -19,8 +19,8 @@
 #            then, in the next call on the warm machine:
 #   latency  latency.py on mamba-2.8b (fp16, int8, int8 with the rotation in the scan update) with the decode
 #            profile, then mamba2-2.7b (fp16, int8)
-#   profile  the decode mends' tests, then one Mamba1-2.8b prefill profiled (GPU kernels, cProfile of the host) and
-#            the prefill scan kernel in ncu
+#   profile  the Mamba1 scan kernels' tests (and the decode mends'), the prefill scan timed against mamba_ssm's
+#            (benchmarks/scan_prefill.py), then one Mamba1-2.8b prefill profiled (GPU kernels, cProfile of the host)
 # Logs go to $OUT. Usage: bash scripts/device_prefill_check.sh tests|kernels|bench|quick|decode|latency|profile|hash
 # (the machine is given back ~30 s after a call: start the next one at once to find it warm)
 set -uo pipefail
@@ -66,22 +66,16 @@ elif [ "$stage" = latency ]; then
   timeout $((585 - SECONDS)) python3 benchmarks/latency.py --configs mamba2-2.7b --reps 3 \
     --engines "mamba_ssm fp16" "qmamba int8" --json "$out/latency_mamba2.json" > "$out/latency_mamba2.log" 2>&1
   grep -E "TTFT|speedup|FAILED|copy bandwidth" "$out/latency_mamba2.log" | head -20
-elif [ "$stage" = profile ]; then  # where a Mamba1 prefill's time goes: GPU kernels, host (cProfile), the scan in ncu
-  timeout 200 python3 -m pytest -q -m gpu --tb=short -rf $g/test_gpu_kernel_hadamard.py $g/test_gpu_cpp_checks.py \
-    $g/test_gpu_kernel_selective_scan.py $g/test_gpu_kernel_conv1d.py -k "update or gemv or rotated or hadamard or cpp" \
-    > "$out/profile_gpu_tests.log" 2>&1
-  tail -6 "$out/profile_gpu_tests.log"
-  timeout 200 python3 benchmarks/latency.py --configs mamba-2.8b --reps 3 --profile ${PROFILE_ROWS:-30} \
+elif [ "$stage" = profile ]; then  # the prefill scan rewrite's tests and timings, then where a prefill's time goes
+  timeout 230 python3 -m pytest -q -m gpu --tb=short -rf $g/test_gpu_kernel_selective_scan.py \
+    $g/test_gpu_kernel_hadamard.py $g/test_gpu_cpp_checks.py $g/test_gpu_kernel_conv1d.py \
+    -k "not test_gpu_kernel_conv1d or update or gemv" > "$out/profile_gpu_tests.log" 2>&1
+  tail -8 "$out/profile_gpu_tests.log"
+  timeout 90 python3 benchmarks/scan_prefill.py --batch 1 8 --lengths 1024 2048 --reps 10 \
+    --json "$out/scan_prefill.json" 2>&1 | tee "$out/scan_prefill.log" | grep -v USDT
+  timeout $((560 - SECONDS)) python3 benchmarks/latency.py --configs mamba-2.8b --reps 3 --profile ${PROFILE_ROWS:-25} \
     --engines "mamba_ssm fp16" "qmamba int8" > "$out/latency_profile.log" 2>&1
   grep -E "TTFT|speedup|FAILED" "$out/latency_profile.log" | head -20
-  if command -v ncu > /dev/null; then
-    timeout $((585 - SECONDS)) ncu --kernel-name regex:selective_scan_int8_kernel --launch-skip 0 --launch-count 1 \
-      --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
-      --section LaunchStats --section MemoryWorkloadAnalysis python3 benchmarks/dual_scale_kernels.py --batch 1 \
-      --lengths 1024 --reps 3 --skip-ssd > "$out/ncu_scan.log" 2>&1
-    grep -E "Duration|Throughput|Occupancy|Registers|Stall|Issue|Warp Cycles|Block Size|Grid Size" "$out/ncu_scan.log" \
-      | head -40
-  fi
 elif [ "$stage" = kernels ]; then
   timeout 480 python3 -m pytest -q -m gpu --tb=short -rf $g/test_gpu_kernel_gated_norm.py $g/test_gpu_kernel_ssd.py \
     $g/test_gpu_kernel_linear.py $g/test_gpu_kernel_norm.py > "$out/kernel_gpu_tests.log" 2>&1

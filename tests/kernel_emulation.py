@@ -116,7 +116,8 @@ def w8a8_gemv_conv_update(x, x_scale, w, w_scale, bias, out_dtype, out_scale, ou
 
 
 def selective_scan_int8(u, u_scale, delta, delta_scale, A, B, B_scale, C, C_scale, D, z, z_scale, delta_bias,
-                        delta_softplus, out_dtype, initial_state, u_encoding, u_knee, u_outlier_scale, u_mask):
+                        delta_softplus, out_dtype, initial_state, u_encoding, u_knee, u_outlier_scale, u_mask,
+                        states_per_lane):
     from qmamba.ops.int8_selective_scan import selective_scan_int8_ref
 
     y, last = selective_scan_int8_ref(u, u_scale, delta, delta_scale, A, B, B_scale, C, C_scale, D, z, z_scale,

@@ -16,16 +16,19 @@
 // per (batch, channel)), the piecewise encoding needs none. Everything after u's dequantization is unchanged.
 //
 // Prefill layout: one block = CH channels of one batch element; each channel's N states are split over KP lanes
-// (consecutive lanes of one warp), NPL states per lane held in registers, walked sequentially over time. Time goes
-// in tiles of TT steps: B / C of the tile (shared by all channels of the batch element) and each channel's delta,
-// delta*u, u and gate are computed once into shared memory, then every lane runs its NPL recurrences over the tile,
-// the KP partial sums of C h are reduced with warp shuffles, and an epilogue writes y channel-fastest (coalesced:
-// y is allocated channel-last). NPL is picked per launch: fewer states per lane when (batch x channels) is too small
-// to fill the GPU.
+// (consecutive lanes of one warp), NPL states per lane held in registers, walked sequentially over time with
+// exp(delta A) = exp2(delta A log2 e) on the SFU. Time goes in tiles of TT steps. A tile's codes are fetched into
+// registers while the recurrence runs on the tile before (one 32-bit load per 4 channels of u / delta / z or 4
+// states of B / C where the layout allows: the mixer's channel-last views do), then staged into shared memory,
+// dequantized, with the per-(channel, step) work (delta's bias and softplus, delta * u, u * D, the gate) done once,
+// not once per lane. Every lane runs its NPL recurrences over the tile, the KP partial sums of C h are reduced with
+// warp shuffles, and an epilogue writes y, 4 channels a vector store (y is allocated channel-last). NPL is picked
+// per launch (4 unless (batch x channels) is too small to fill the GPU), or given (states_per_lane).
 #include "common/qmamba_common.cuh"
 #include "hadamard/hadamard_block.cuh"
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace qmamba {
@@ -53,7 +56,76 @@ struct ScanParams {
   int lanes;  // KP: lanes per channel, a power of two <= 32
   int chans;  // CH: channels per block = kScanThreads / KP
   int tile;   // TT: time steps per shared-memory tile
+  // 4 consecutive codes along the channel (u, delta, z) / state (B, C) axis are one aligned 32-bit word, and 4
+  // consecutive outputs along the channel one aligned vector (stride 1, 4-aligned addresses): one load / store each
+  bool vec_u, vec_delta, vec_z, vec_bc, vec_y;
 };
+
+constexpr int kScanItems = 4;    // prefill: (4 channels, 1 step) words of u / delta / z a thread fetches a tile, at most
+constexpr int kScanBCWords = 2;  // prefill: (4 states, 1 step) words of B and of C a thread fetches a tile, at most
+constexpr float kLog2e = 1.4426950408889634f;
+
+// exp2 by the SFU (ex2.approx.ftz: relative error ~2^-22; arguments here are <= 0, results in [0, 1])
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Codes p[0], p[stride], p[2 stride], p[3 stride] packed little-endian in a word (count < 4: the rest 0): one 32-bit
+// load when vec (stride 1 and p 4-byte aligned, decided on the host for the whole launch), else byte loads.
+__device__ __forceinline__ uint32_t load_codes4(const int8_t* p, int64_t stride, int count, bool vec) {
+  if (vec) return __ldg(reinterpret_cast<const unsigned int*>(p));
+  uint32_t w = 0u;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    if (e < count) w |= static_cast<uint32_t>(static_cast<uint8_t>(__ldg(p + e * stride))) << (8 * e);
+  }
+  return w;
+}
+
+__device__ __forceinline__ int8_t code_at(uint32_t w, int e) { return static_cast<int8_t>((w >> (8 * e)) & 0xffu); }
+
+// NPL consecutive floats of shared memory (16-byte aligned for NPL >= 4, 8-byte for 2) in vector loads
+template <int NPL>
+__device__ __forceinline__ void load_smem(const float* p, float (&v)[NPL]) {
+  if constexpr (NPL % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < NPL / 4; ++i) {
+      const float4 q = reinterpret_cast<const float4*>(p)[i];
+      v[4 * i] = q.x, v[4 * i + 1] = q.y, v[4 * i + 2] = q.z, v[4 * i + 3] = q.w;
+    }
+  } else if constexpr (NPL == 2) {
+    const float2 q = *reinterpret_cast<const float2*>(p);
+    v[0] = q.x, v[1] = q.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) v[i] = p[i];
+  }
+}
+
+// y[0..count) to p[e * stride] in T (round to nearest); one vector store when vec (stride 1, p aligned to 4 T's)
+template <typename T>
+__device__ __forceinline__ void store4(T* p, int64_t stride, const float (&y)[4], int count, bool vec) {
+  if (vec) {
+    if constexpr (std::is_same_v<T, float>) {
+      *reinterpret_cast<float4*>(p) = make_float4(y[0], y[1], y[2], y[3]);
+    } else if constexpr (std::is_same_v<T, at::Half>) {
+      const __half2 lo = __floats2half2_rn(y[0], y[1]), hi = __floats2half2_rn(y[2], y[3]);
+      *reinterpret_cast<uint2*>(p) = make_uint2(*reinterpret_cast<const unsigned int*>(&lo),
+                                                *reinterpret_cast<const unsigned int*>(&hi));
+    } else {
+      const __nv_bfloat162 lo = __floats2bfloat162_rn(y[0], y[1]), hi = __floats2bfloat162_rn(y[2], y[3]);
+      *reinterpret_cast<uint2*>(p) = make_uint2(*reinterpret_cast<const unsigned int*>(&lo),
+                                                *reinterpret_cast<const unsigned int*>(&hi));
+    }
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    if (e < count) p[e * stride] = static_cast<T>(y[e]);
+  }
+}
 
 template <typename T>
 __device__ __forceinline__ float deq(int8_t q, float scale) {
@@ -79,34 +151,56 @@ __device__ __forceinline__ V group_sum(V v, int lanes) {
 template <typename T, int NPL, int ENC>
 __global__ void __launch_bounds__(kScanThreads) selective_scan_int8_kernel(const ScanParams p) {
   kernel_prologue();  // first: see launch_overlapped (common/qmamba_common.cuh)
-  extern __shared__ float smem[];
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
   const int KP = p.lanes, CH = p.chans, TT = p.tile, N = p.nstate, L = p.len;
   const int NP = KP * NPL;  // padded state count: states >= N have A = B = C = 0 and stay 0
-  float* sB = smem;               // [TT][NP]
-  float* sC = sB + TT * NP;       // [TT][NP]
-  float* sDelta = sC + TT * NP;   // [TT][CH]
-  float* sDu = sDelta + TT * CH;  // [TT][CH]  delta * u
-  float* sU = sDu + TT * CH;      // [TT][CH]
-  float* sG = sU + TT * CH;       // [TT][CH]  silu(z), or 1 without a gate
-  float* sY = sG + TT * CH;       // [TT][CH]  sum_n C h
+  const int G = CH / 4;     // 4-channel groups of the block
+  const int NW = (N + 3) / 4;  // 4-state words of B / C a step
+  float* sB = smem;                                          // [TT][NP]
+  float* sC = sB + TT * NP;                                  // [TT][NP]
+  float2* sDD = reinterpret_cast<float2*>(sC + TT * NP);     // [TT][CH]  (delta, delta * u)
+  float* sUD = reinterpret_cast<float*>(sDD + TT * CH);      // [TT][CH]  u * D
+  float* sG = sUD + TT * CH;                                 // [TT][CH]  silu(z), or 1 without a gate
+  float* sY = sG + TT * CH;                                  // [TT][CH]  sum_n C h
 
   const int b = blockIdx.y;
   const int d0 = blockIdx.x * CH;
   const int tid = threadIdx.x;
+  // the recurrence: lane k of channel c holds states k * NPL .. k * NPL + NPL - 1
   const int c = tid / KP, k = tid % KP;
   const int d = d0 + c;
   const bool d_ok = d < p.dim;
+  // the loads / epilogue: 4 channels (group gq) at steps trow, trow + RP, ...: the same channels every tile
+  const int gq = tid % G, trow = tid / G, RP = kScanThreads / G;
+  const int dq = d0 + 4 * gq;
+  const int cnt = min(4, p.dim - dq);  // channels of the group that exist (<= 0: none)
 
   const float su = *p.u_scale, sd = *p.delta_scale, sBs = *p.B_scale, sCs = *p.C_scale;
   const float sz = p.z != nullptr ? *p.z_scale : 0.0f;
+  const float s_out = ENC != kEncSingle ? *p.u_dual.s_out : 0.0f;
 
-  float A[NPL], h[NPL];
+  float A2[NPL], h[NPL];  // A2 = A log2(e): exp(delta A) = exp2(delta A2)
 #pragma unroll
   for (int j = 0; j < NPL; ++j) {
     const int s = k * NPL + j;
     const bool ok = d_ok && s < N;
-    A[j] = ok ? p.A[d * p.A_sd + s * p.A_sn] : 0.0f;
+    A2[j] = ok ? p.A[d * p.A_sd + s * p.A_sn] * kLog2e : 0.0f;
     h[j] = (ok && p.h0 != nullptr) ? p.h0[b * p.h0_sb + d * p.h0_sd + s * p.h0_sn] : 0.0f;
+  }
+  float Dv[4], bias[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    Dv[e] = e < cnt ? p.D[(dq + e) * p.D_s] : 0.0f;
+    bias[e] = (e < cnt && p.delta_bias != nullptr) ? p.delta_bias[(dq + e) * p.bias_s] : 0.0f;
+  }
+  // this thread's B / C words: step bt[j], states 4 * bs[j] .. + 3 (bt[j] >= TT: none)
+  int bt[kScanBCWords], bs[kScanBCWords];
+#pragma unroll
+  for (int j = 0; j < kScanBCWords; ++j) {
+    const int v = tid + j * kScanThreads;
+    bt[j] = v / NW;
+    bs[j] = v % NW;
   }
 
   const int8_t* Bb = p.B + b * p.B_sb;
@@ -114,78 +208,133 @@ __global__ void __launch_bounds__(kScanThreads) selective_scan_int8_kernel(const
   const int8_t* ub = p.u + b * p.u_sb;
   const int8_t* dlb = p.delta + b * p.dl_sb;
   const int8_t* zb = p.z != nullptr ? p.z + b * p.z_sb : nullptr;
+  const uint8_t* mb = ENC == kEncMask ? p.u_mask + b * p.um_sb : nullptr;
   T* yb = static_cast<T*>(p.y) + b * p.y_sb;
 
-  for (int t0 = 0; t0 < L; t0 += TT) {
-    __syncthreads();  // the previous tile's epilogue has read shared memory
-    // B / C of the tile, state index fastest (B, C are views of the x_proj output: stride 1 along n).
-    for (int i = tid; i < TT * NP; i += kScanThreads) {
-      const int t = i / NP, s = i % NP, tg = t0 + t;
-      float vb = 0.0f, vc = 0.0f;
-      if (tg < L && s < N) {
-        vb = deq<T>(Bb[s * p.B_sn + tg * p.B_sl], sBs);
-        vc = deq<T>(Cb[s * p.C_sn + tg * p.C_sl], sCs);
-      }
-      sB[i] = vb;
-      sC[i] = vc;
-    }
-    // Per (channel, step) work done once, not once per lane; channel fastest (u, delta, z are channel-last views).
-    // Steps past L get delta = 0: exp(0) = 1 and no input, so the state carries through unchanged.
-    for (int i = tid; i < TT * CH; i += kScanThreads) {
-      const int t = i / CH, cc = i % CH, tg = t0 + t, dd = d0 + cc;
-      float dl = 0.0f, du = 0.0f, uu = 0.0f, g = 1.0f;
-      if (tg < L && dd < p.dim) {
-        const int8_t qu = ub[dd * p.u_sd + tg * p.u_sl];
-        if constexpr (ENC != kEncSingle) {  // s_out and the mask byte are loaded here (cached), not held across
-          bool flag = false;                 // the recurrence in registers
-          if constexpr (ENC == kEncMask) {
-            flag = (p.u_mask[b * p.um_sb + dd * p.um_sd + (tg >> 3) * p.um_sl] >> (tg & 7)) & 1;
+  // A tile's codes, fetched into registers one tile ahead (in flight while the recurrence runs on the tile before)
+  uint32_t ru[kScanItems], rd[kScanItems], rz[kScanItems], rm[kScanItems], rb[kScanBCWords], rc[kScanBCWords];
+  auto fetch = [&](int t0) {
+#pragma unroll
+    for (int j = 0; j < kScanItems; ++j) {
+      const int tg = t0 + trow + j * RP;
+      ru[j] = rd[j] = rz[j] = rm[j] = 0u;
+      if (trow + j * RP < TT && tg < L && cnt > 0) {
+        ru[j] = load_codes4(ub + dq * p.u_sd + tg * p.u_sl, p.u_sd, cnt, p.vec_u);
+        rd[j] = load_codes4(dlb + dq * p.dl_sd + tg * p.dl_sl, p.dl_sd, cnt, p.vec_delta);
+        if (zb != nullptr) rz[j] = load_codes4(zb + dq * p.z_sd + tg * p.z_sl, p.z_sd, cnt, p.vec_z);
+        if constexpr (ENC == kEncMask) {  // bit e: channel dq + e's outlier flag at step tg
+          for (int e = 0; e < cnt; ++e) {
+            rm[j] |= ((mb[(dq + e) * p.um_sd + (tg >> 3) * p.um_sl] >> (tg & 7)) & 1u) << e;
           }
-          uu = deq_u<T>(qu, flag, su, *p.u_dual.s_out, ENC, p.u_dual.knee);
-        } else {
-          uu = deq<T>(qu, su);
         }
-        dl = deq<T>(dlb[dd * p.dl_sd + tg * p.dl_sl], sd);
-        if (p.delta_bias != nullptr) dl = dl + p.delta_bias[dd * p.bias_s];
-        if (p.softplus) dl = softplus(dl);
-        du = dl * uu;
-        if (zb != nullptr) g = silu(deq<T>(zb[dd * p.z_sd + tg * p.z_sl], sz));
       }
-      sDelta[i] = dl;
-      sDu[i] = du;
-      sU[i] = uu;
-      sG[i] = g;
     }
-    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kScanBCWords; ++j) {
+      const int tg = t0 + bt[j];
+      rb[j] = rc[j] = 0u;
+      if (bt[j] < TT && tg < L) {
+        const int s = 4 * bs[j], n = min(4, N - s);
+        rb[j] = load_codes4(Bb + s * p.B_sn + tg * p.B_sl, p.B_sn, n, p.vec_bc);
+        rc[j] = load_codes4(Cb + s * p.C_sn + tg * p.C_sl, p.C_sn, n, p.vec_bc);
+      }
+    }
+  };
+  // The fetched codes dequantized into shared memory, with the per-(channel, step) work done once, not once per
+  // lane. Steps past L get delta = 0: exp(0) = 1 and no input, so the state carries through unchanged.
+  auto stage = [&](int t0) {
+#pragma unroll
+    for (int j = 0; j < kScanItems; ++j) {
+      const int t = trow + j * RP, tg = t0 + t;
+      if (t < TT) {  // channels past dim get zeros too (their lanes run on them; nothing of theirs is written)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float dl = 0.0f, du = 0.0f, ud = 0.0f, g = 1.0f;
+          if (e < cnt && tg < L) {
+            const int8_t qu = code_at(ru[j], e);
+            float uu;
+            if constexpr (ENC != kEncSingle) {
+              uu = deq_u<T>(qu, (rm[j] >> e) & 1u, su, s_out, ENC, p.u_dual.knee);
+            } else {
+              uu = deq<T>(qu, su);
+            }
+            dl = deq<T>(code_at(rd[j], e), sd);
+            if (p.delta_bias != nullptr) dl = dl + bias[e];
+            if (p.softplus) dl = softplus(dl);
+            du = dl * uu;
+            ud = uu * Dv[e];
+            if (zb != nullptr) g = silu(deq<T>(code_at(rz[j], e), sz));
+          }
+          const int i = t * CH + 4 * gq + e;
+          sDD[i] = make_float2(dl, du);
+          sUD[i] = ud;
+          sG[i] = g;
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kScanBCWords; ++j) {
+      if (bt[j] < TT) {
+        const int tg = t0 + bt[j];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int s = 4 * bs[j] + e;
+          if (s < NP) {
+            const bool ok = s < N && tg < L;
+            sB[bt[j] * NP + s] = ok ? deq<T>(code_at(rb[j], e), sBs) : 0.0f;
+            sC[bt[j] * NP + s] = ok ? deq<T>(code_at(rc[j], e), sCs) : 0.0f;
+          }
+        }
+      }
+    }
+  };
+
+  // padded states (s >= 4 NW) are never staged: zero once
+  for (int i = tid; i < 2 * TT * NP; i += kScanThreads) smem[i] = 0.0f;
+  fetch(0);
+  __syncthreads();
+  stage(0);
+  for (int t0 = 0; t0 < L; t0 += TT) {
+    const bool more = t0 + TT < L;
+    if (more) fetch(t0 + TT);
+    __syncthreads();  // the tile is staged
 
     // The recurrence. `steps` is the same for every thread, so all lanes reach every shuffle.
     const int steps = min(TT, L - t0);
-#pragma unroll 2
+#pragma unroll 4
     for (int t = 0; t < steps; ++t) {
-      const float dl = sDelta[t * CH + c], du = sDu[t * CH + c];
-      const float* Bt = sB + t * NP + k * NPL;
-      const float* Ct = sC + t * NP + k * NPL;
+      const float2 dd = sDD[t * CH + c];
+      float Bt[NPL], Ct[NPL];
+      load_smem<NPL>(sB + t * NP + k * NPL, Bt);
+      load_smem<NPL>(sC + t * NP + k * NPL, Ct);
       float part = 0.0f;
 #pragma unroll
       for (int j = 0; j < NPL; ++j) {
-        const float dA = expf(dl * A[j]);
-        h[j] = dA * h[j] + du * Bt[j];
+        const float dA = exp2_approx(dd.x * A2[j]);
+        h[j] = dA * h[j] + dd.y * Bt[j];
         part += Ct[j] * h[j];
       }
       part = group_sum(part, KP);
       if (k == 0) sY[t * CH + c] = part;
     }
-    __syncthreads();
+    __syncthreads();  // sY is complete; every lane is done with the tile's sB / sC / sDD
 
-    // Epilogue: y = (sum_n C h + u * D) * gate, channel fastest into the channel-last output.
-    for (int i = tid; i < steps * CH; i += kScanThreads) {
-      const int t = i / CH, cc = i % CH, dd = d0 + cc;
-      if (dd < p.dim) {
-        float y = sY[i] + sU[i] * p.D[dd * p.D_s];
-        y = y * sG[i];
-        yb[(t0 + t) * p.y_sl + dd * p.y_sd] = static_cast<T>(y);
+    // Epilogue: y = (sum_n C h + u * D) * gate for this thread's 4 channels, then the next tile staged in their place
+    // (the same thread reads sUD / sG here and writes them in stage: no barrier between).
+#pragma unroll
+    for (int j = 0; j < kScanItems; ++j) {
+      const int t = trow + j * RP;
+      if (t < steps && cnt > 0) {
+        float y[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = t * CH + 4 * gq + e;
+          y[e] = (sY[i] + sUD[i]) * sG[i];
+        }
+        store4<T>(yb + (t0 + t) * p.y_sl + dq * p.y_sd, p.y_sd, y, cnt, p.vec_y);
       }
     }
+    if (more) stage(t0 + TT);
   }
 
 #pragma unroll
@@ -398,14 +547,41 @@ int sm_count(int device) {
 }
 
 // States per lane: 4 (8 when N > 128, so a channel fits in one warp) unless that leaves the GPU short of threads
-// (fewer than ~512 per SM), then halve down to 1: more lanes per channel, more parallel recurrences.
-int choose_states_per_lane(int nstate, int64_t batch, int64_t dim, int sms) {
+// (fewer than ~256 per SM: each lane's NPL recurrences are independent chains, so fewer, fuller lanes hide the
+// SFU's latency as well as more lanes would), then halve down to 1. `wanted` (1, 2, 4 or 8) overrides the choice
+// where it fits (states_per_lane of the op: benchmarks and tests of every variant at any shape).
+int choose_states_per_lane(int nstate, int64_t batch, int64_t dim, int sms, int wanted = 0) {
+  if (wanted > 0) {
+    int npl = std::min(wanted, next_pow2(nstate));
+    while (lanes_for(nstate, npl) > 32) npl *= 2;
+    return npl;
+  }
   int npl = nstate > 128 ? 8 : 4;
   npl = std::min(npl, next_pow2(nstate));
-  const int64_t target = static_cast<int64_t>(sms) * 512;
+  const int64_t target = static_cast<int64_t>(sms) * 256;
   while (npl > 1 && batch * dim * lanes_for(nstate, npl) < target && lanes_for(nstate, npl / 2) <= 32) npl /= 2;
   return npl;
 }
+
+// Shared memory of a prefill block: sB, sC [TT][NP], sDD [TT][CH] float2, sUD, sG, sY [TT][CH]
+size_t scan_smem(const ScanParams& p, int npl) {
+  return static_cast<size_t>(p.tile) * (2 * p.lanes * npl + 5 * p.chans) * sizeof(float);
+}
+
+// The largest tile (<= 64 steps) whose codes a thread can fetch in its registers (kScanItems words of u / delta /
+// z, kScanBCWords of B and C) and whose staged values fit 48 KiB of shared memory.
+int scan_tile(const ScanParams& p, int npl) {
+  const int groups = p.chans / 4, words = (p.nstate + 3) / 4;
+  ScanParams q = p;
+  q.tile = 64;
+  while (q.tile > 2 && (q.tile * groups > kScanThreads * kScanItems || q.tile * words > kScanThreads * kScanBCWords ||
+                        scan_smem(q, npl) > 48 * 1024)) {
+    q.tile /= 2;
+  }
+  return q.tile;
+}
+
+bool aligned4(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 4 == 0; }
 
 void check_code(const at::Tensor& t, const char* name, int64_t dim) {
   QMAMBA_CHECK(t.is_cuda(), "selective_scan_int8: ", name, " must be a CUDA tensor");
@@ -435,7 +611,7 @@ void check_out_dtype(at::ScalarType out_dtype) {
 template <typename T, int ENC>
 void launch_scan_npl(const ScanParams& p, int npl, cudaStream_t stream) {
   const dim3 grid((p.dim + p.chans - 1) / p.chans, p.batch);
-  const size_t smem = static_cast<size_t>(p.tile) * (2 * p.lanes * npl + 5 * p.chans) * sizeof(float);
+  const size_t smem = scan_smem(p, npl);
   switch (npl) {
     case 1: launch_overlapped(selective_scan_int8_kernel<T, 1, ENC>, grid, dim3(kScanThreads), smem, stream, p); break;
     case 2: launch_overlapped(selective_scan_int8_kernel<T, 2, ENC>, grid, dim3(kScanThreads), smem, stream, p); break;
@@ -485,7 +661,7 @@ std::vector<at::Tensor> selective_scan_int8(const at::Tensor& u, const at::Tenso
                                             at::ScalarType out_dtype, const std::optional<at::Tensor>& initial_state,
                                             int64_t u_encoding, int64_t u_knee,
                                             const std::optional<at::Tensor>& u_outlier_scale,
-                                            const std::optional<at::Tensor>& u_mask) {
+                                            const std::optional<at::Tensor>& u_mask, int64_t states_per_lane) {
   check_code(u, "u", 3);
   const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2);
   check_code(delta, "delta", 3);
@@ -569,14 +745,29 @@ std::vector<at::Tensor> selective_scan_int8(const at::Tensor& u, const at::Tenso
   p.y_sb = y.stride(0), p.y_sd = y.stride(1), p.y_sl = y.stride(2);
   p.softplus = delta_softplus;
 
-  const int npl = choose_states_per_lane(p.nstate, batch, dim, sm_count(u.get_device()));
+  // word loads / vector stores where the layout allows them (the mixer's channel-last views do: u, delta, z with
+  // channel stride 1 and 4-aligned rows, B / C with state stride 1, y as allocated above), bytes otherwise
+  const bool dim4 = dim % 4 == 0;
+  auto chan_vec = [&](const at::Tensor& t) {
+    return dim4 && t.stride(1) == 1 && t.stride(0) % 4 == 0 && t.stride(2) % 4 == 0 && aligned4(t.data_ptr());
+  };
+  p.vec_u = chan_vec(u);
+  p.vec_delta = chan_vec(delta);
+  p.vec_z = z.has_value() && chan_vec(*z);
+  p.vec_bc = nstate % 4 == 0 && B.stride(1) == 1 && C.stride(1) == 1 && B.stride(0) % 4 == 0 &&
+             B.stride(2) % 4 == 0 && C.stride(0) % 4 == 0 && C.stride(2) % 4 == 0 && aligned4(B.data_ptr()) &&
+             aligned4(C.data_ptr());
+  p.vec_y = dim4 && p.y_sd == 1;  // y: channel-last, allocated here (aligned)
+
+  QMAMBA_CHECK(states_per_lane == 0 || states_per_lane == 1 || states_per_lane == 2 || states_per_lane == 4 ||
+                   states_per_lane == 8,
+               "selective_scan_int8: states_per_lane must be 0 (the kernel picks) or 1, 2, 4, 8, got ",
+               states_per_lane);
+  const int npl = choose_states_per_lane(p.nstate, batch, dim, sm_count(u.get_device()),
+                                         static_cast<int>(states_per_lane));
   p.lanes = lanes_for(p.nstate, npl);
   p.chans = kScanThreads / p.lanes;
-  // The largest tile (<= 64 steps) within 32 KiB of shared memory; 8 steps always fit in 48 KiB.
-  p.tile = 64;
-  while (p.tile > 8 && static_cast<size_t>(p.tile) * (2 * p.lanes * npl + 5 * p.chans) * sizeof(float) > 32 * 1024) {
-    p.tile /= 2;
-  }
+  p.tile = scan_tile(p, npl);
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   switch (out_dtype) {
@@ -813,7 +1004,7 @@ TORCH_LIBRARY_FRAGMENT(qmamba, m) {
   m.def("selective_scan_int8(Tensor u, Tensor u_scale, Tensor delta, Tensor delta_scale, Tensor A, Tensor B, "
         "Tensor B_scale, Tensor C, Tensor C_scale, Tensor D, Tensor? z, Tensor? z_scale, Tensor? delta_bias, "
         "bool delta_softplus, ScalarType out_dtype, Tensor? initial_state, int u_encoding, int u_knee, "
-        "Tensor? u_outlier_scale, Tensor? u_mask) -> Tensor[]");
+        "Tensor? u_outlier_scale, Tensor? u_mask, int states_per_lane) -> Tensor[]");
   // delta: the delta codes, or None with dt (and dt_scale, dt_weight, dt_weight_scale, dt_bias): dt_proj fused;
   // out_scale (with out_bits, out_counters): also out_proj's rotated input codes -> [y, codes], else [y]
   m.def("selective_scan_int8_update(Tensor(a!) state, Tensor u, Tensor u_scale, Tensor? delta, Tensor delta_scale, "

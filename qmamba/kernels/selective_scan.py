@@ -189,11 +189,12 @@ def check_selective_scan_update_args(state, qu, u_scale, qdelta, delta_scale, A,
 
 def selective_scan_int8(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D=None, qz=None, z_scale=None,
                         delta_bias=None, delta_softplus=True, out_dtype=torch.float32, initial_state=None,
-                        u_dual: DualScale | None = None, u_mask: torch.Tensor | None = None):
+                        u_dual: DualScale | None = None, u_mask: torch.Tensor | None = None, states_per_lane: int = 0):
     """Prefill. qu, qdelta, qz (batch, D, L) int8; qB, qC (batch, N, L) int8; A (D, N); D, delta_bias (D,);
     initial_state (batch, D, N) or None; a dual-scale u: u_dual and (mask encoding) u_mask (batch, D, ceil(L / 8))
     uint8, any strides. Returns (y (batch, D, L) in out_dtype, stored channel-last, i.e. a transposed contiguous
-    (batch, L, D); last_state (batch, D, N) fp32)."""
+    (batch, L, D); last_state (batch, D, N) fp32). ``states_per_lane`` (1, 2, 4 or 8; 0: the kernel picks by the
+    GPU's size): how many of a channel's states each thread walks, to test or time each variant at any shape."""
     check_selective_scan_args(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz, z_scale,
                               delta_bias, out_dtype, initial_state, u_dual, u_mask)
     load()
@@ -205,7 +206,7 @@ def selective_scan_int8(qu, u_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_
     y, last = torch.ops.qmamba.selective_scan_int8(
         qu, _scale(u_scale, qu), qdelta, _scale(delta_scale, qu), A, qB, _scale(B_scale, qu), qC,
         _scale(C_scale, qu), D, qz, _scale(z_scale, qu) if qz is not None else None, _f32(delta_bias),
-        bool(delta_softplus), out_dtype, _f32(initial_state), *_dual_op_args(u_dual, u_mask, qu))
+        bool(delta_softplus), out_dtype, _f32(initial_state), *_dual_op_args(u_dual, u_mask, qu), int(states_per_lane))
     return y, last
 
 

@@ -4,11 +4,13 @@ mamba-2.8b (d_inner 5120, dt_rank 160), d_state 16, L in (1, 33, 1024, 2048), ba
 (all 32 combinations: the reference of the largest, batch 8 x 5120 x 2048 x 16, peaks near 30 GB), inputs laid out
 as the mixer passes them (transposed channel-last views); the one-token update; initial states; options (no gate,
 delta_bias, softplus off, bf16, contiguous inputs); other state sizes (1..256, which pick every states-per-lane
-variant); the update inside a CUDA graph; argument errors; the update with dt_proj fused (``dt_proj``) against the
-same kernel fed dt_proj's GEMV codes, bit for bit.
+variant) and every variant forced on the model shapes; layouts that take byte loads; the update inside a CUDA graph;
+argument errors; the update with dt_proj fused (``dt_proj``) against the same kernel fed dt_proj's GEMV codes, bit
+for bit.
 
-Tolerances: both sides compute in fp32, but the kernel walks time step by step with CUDA's expf while the reference
-is torch's chunked scan with torch.exp, so rounding and summation order differ. Elementwise,
+Tolerances: both sides compute in fp32, but the kernels walk time step by step (the prefill with the SFU's exp2 of
+delta A log2(e), the update with CUDA's expf) while the reference is torch's chunked scan with torch.exp, so rounding
+and summation order differ. Elementwise,
     |got - want| <= RTOL * |want| + ATOL_FRAC * max|want|
 with ATOL_FRAC = 1e-4 and RTOL = 1e-3 for fp32 y and the fp32 states, 4e-3 for fp16 y (about 2 fp16 ulps: one output
 rounding each side), 1.6e-2 for bf16 y.
@@ -103,10 +105,10 @@ def _piece(inp, start, stop):
     return out
 
 
-def _check_prefill(kernel, inp, out_dtype, what, **kw):
+def _check_prefill(kernel, inp, out_dtype, what, states_per_lane=0, **kw):
     with torch.no_grad():
         want, want_last = selective_scan_int8_ref(**inp, out_dtype=out_dtype, return_last_state=True, **kw)
-    y, last = kernel.selective_scan_int8(**inp, out_dtype=out_dtype, **kw)
+    y, last = kernel.selective_scan_int8(**inp, out_dtype=out_dtype, states_per_lane=states_per_lane, **kw)
     b, d, L = inp["qu"].shape
     assert y.shape == (b, d, L) and y.dtype == out_dtype
     assert y.transpose(1, 2).is_contiguous()  # channel-last, as out_proj reads it
@@ -149,6 +151,46 @@ def test_other_state_sizes(kernel, n, batch, dim):
     # channel counts that do not fill the last block, and sizes that pick 1, 2, 4 or 8 states per lane
     inp = _inputs(batch, dim, 77, n=n, r=7)
     _check_prefill(kernel, inp, torch.float16, f"N={n} b={batch} D={dim}")
+
+
+@pytest.mark.parametrize("states_per_lane", [1, 2, 4, 8])
+@pytest.mark.parametrize("batch, L", [(1, 1024), (8, 33)])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_prefill_every_states_per_lane(kernel, model, batch, L, states_per_lane):
+    # each variant of the prefill kernel on the model shapes (the GPU's size picks one of them by default)
+    dim, r = MODELS[model]
+    inp = _inputs(batch, dim, L, r=r)
+    _check_prefill(kernel, inp, torch.float16, f"{model} b={batch} L={L} NPL={states_per_lane}",
+                   states_per_lane=states_per_lane)
+
+
+@pytest.mark.parametrize("layout", ["odd_width", "odd_offset", "odd_row_stride"])
+def test_prefill_byte_loads(kernel, layout):
+    # layouts the word loads / vector stores do not take (channels not a multiple of 4, views whose rows start off a
+    # 4-byte boundary, row strides not a multiple of 4): the kernel falls back to byte loads, with the same results
+    dim, L, n = (1538 if layout == "odd_width" else 1536), 70, NSTATE
+    inp = _inputs(2, dim, L, r=48)
+    if layout != "odd_width":
+        pad = 1 if layout == "odd_offset" else 0
+        extra = 1 if layout == "odd_row_stride" else 0
+        for key in ("qu", "qdelta", "qz"):
+            t = inp[key].transpose(1, 2)  # (b, L, D) view
+            big = torch.zeros(2, L, dim + pad + extra, dtype=torch.int8, device="cuda")
+            big[..., pad:pad + dim] = t
+            inp[key] = big[..., pad:pad + dim].transpose(1, 2)
+        for key in ("qB", "qC"):
+            t = inp[key].transpose(1, 2)
+            big = torch.zeros(2, L, n + pad + extra, dtype=torch.int8, device="cuda")
+            big[..., pad:pad + n] = t
+            inp[key] = big[..., pad:pad + n].transpose(1, 2)
+    for states_per_lane in (0, 1, 4):
+        _check_prefill(kernel, inp, torch.float16, f"{layout} NPL={states_per_lane}", states_per_lane=states_per_lane)
+
+
+def test_prefill_states_per_lane_error(kernel):
+    inp = _inputs(1, 64, 8, r=4)
+    with pytest.raises(RuntimeError, match="states_per_lane must be 0"):
+        kernel.selective_scan_int8(**inp, states_per_lane=3)
 
 
 @pytest.mark.parametrize("L", [33, 300])
